@@ -1,0 +1,37 @@
+"""Row softmax / log-softmax over the last axis (vocabulary) in float32 with float64 sums."""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def _softmax_forward(out, x, log):
+    # x, out (N, V); rows of all -inf give NaN like torch does
+    N, V = x.shape
+    for i in prange(N):
+        m = -np.inf
+        for j in range(V):
+            if x[i, j] > m:
+                m = x[i, j]
+        s = 0.0
+        for j in range(V):
+            s += math.exp(x[i, j] - m)
+        if log:
+            lse = m + math.log(s)
+            for j in range(V):
+                out[i, j] = x[i, j] - lse
+        else:
+            inv = 1.0 / s
+            for j in range(V):
+                out[i, j] = math.exp(x[i, j] - m) * inv
+
+
+def softmax_forward(out, x):
+    V = x.shape[-1]
+    _softmax_forward(out.reshape(-1, V), x.reshape(-1, V), False)
+
+
+def log_softmax_forward(out, x):
+    V = x.shape[-1]
+    _softmax_forward(out.reshape(-1, V), x.reshape(-1, V), True)

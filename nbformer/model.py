@@ -1,0 +1,176 @@
+"""Model: a loaded checkpoint plus cached executors, one per input shape.
+
+All numerics go through graphs run by the executor; this file validates user input (Numba
+does no bounds checks, so every id, mask and length is checked here first) and shapes it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from . import ops
+from .config import ModelConfig
+from .errors import InputError
+from .executor import Executor
+from .graph.build import build_forward
+from .graph.plan import plan_memory
+from .kernels.cpu.embedding import sinusoidal_table
+from .weights import Checkpoint
+from .weights.params import count_params
+
+DEVICES = ("cpu",)
+_MAX_CACHED_EXECUTORS = 6
+
+
+def _as_id_matrix(x, name) -> np.ndarray:
+    """Array-like of integers, (T,) or (B, T) -> contiguous int64 (B, T)."""
+    try:
+        a = np.asarray(x)
+    except ValueError:
+        raise InputError(f"{name}: rows have different lengths; pad them and pass attention_mask") from None
+    if a.dtype == object:
+        raise InputError(f"{name}: rows have different lengths; pad them and pass attention_mask")
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise InputError(f"{name}: expected shape (T,) or (B, T), got {a.shape}")
+    if a.size and a.dtype.kind not in "iub":
+        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+            pass
+        else:
+            raise InputError(f"{name}: expected integer ids, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+class Model:
+    def __init__(self, ckpt: Checkpoint, device: str = "cpu"):
+        if device not in DEVICES:
+            raise InputError(f"device: {device!r} is not supported here (expected one of {DEVICES})")
+        self.ckpt, self.config, self.device = ckpt, ckpt.config, device
+        cfg = self.config
+        self.bound = dict(ckpt.params)
+        if cfg.positions == "sinusoidal":
+            self.bound["pos_emb"] = sinusoidal_table(cfg.max_positions, cfg.d_model)
+        self._executors: OrderedDict = OrderedDict()
+        self._tokenizer = None
+
+    # ------------------------------------------------------------ plumbing
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            if self.ckpt.tokenizer_file is None:
+                raise InputError(f"{self.ckpt.path}: no tokenizer.json beside the model, so text input is "
+                                 f"not possible; pass token ids instead")
+            self._tokenizer = Tokenizer(self.ckpt.tokenizer_file)
+        return self._tokenizer
+
+    @property
+    def num_parameters(self) -> int:
+        return count_params(self.config)
+
+    def executor(self, key: tuple, build):
+        ex = self._executors.get(key)
+        if ex is None:
+            ex = Executor(build(), self.bound, self.device)
+            self._executors[key] = ex
+            while len(self._executors) > _MAX_CACHED_EXECUTORS:
+                self._executors.popitem(last=False)
+        else:
+            self._executors.move_to_end(key)
+        return ex
+
+    def plan(self, batch: int, seq: int):
+        """The memory plan of the forward graph at (batch, seq), without allocating the arena."""
+        return plan_memory(build_forward(self.config, batch, seq))
+
+    # ------------------------------------------------------------ inputs
+    def prepare_inputs(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> dict:
+        cfg = self.config
+        ids = _as_id_matrix(input_ids, "input_ids")
+        B, T = ids.shape
+        if T == 0:
+            raise InputError("input_ids: empty sequence (T = 0); pass at least one token")
+        if B == 0:
+            raise InputError("input_ids: empty batch (B = 0)")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"input_ids: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+        if T > cfg.max_positions and cfg.positions != "none":
+            raise InputError(f"input_ids: sequence length {T} exceeds the model's {cfg.max_positions} positions")
+        if attention_mask is None:
+            mask = np.ones((B, T), dtype=np.uint8)
+        else:
+            m = np.asarray(attention_mask)
+            if m.ndim == 1:
+                m = m[None, :]
+            if m.shape != (B, T):
+                raise InputError(f"attention_mask: shape {m.shape} does not match input_ids {(B, T)}")
+            if m.size and not np.isin(m, (0, 1)).all():
+                raise InputError("attention_mask: expected only 0 (padding) and 1 (token)")
+            mask = np.ascontiguousarray(m, dtype=np.uint8)
+        inputs = {"input_ids": ids, "key_mask": mask}
+        if cfg.positions != "none":
+            if position_ids is None:
+                pos = np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)))
+            else:
+                pos = _as_id_matrix(position_ids, "position_ids")
+                if pos.shape != (B, T):
+                    raise InputError(f"position_ids: shape {pos.shape} does not match input_ids {(B, T)}")
+                if pos.min() < 0 or pos.max() >= cfg.max_positions:
+                    raise InputError(f"position_ids: values must lie in [0, {cfg.max_positions})")
+            inputs["position_ids"] = pos
+        if cfg.type_vocab_size:
+            if token_type_ids is None:
+                tt = np.zeros((B, T), dtype=np.int64)
+            else:
+                tt = _as_id_matrix(token_type_ids, "token_type_ids")
+                if tt.shape != (B, T):
+                    raise InputError(f"token_type_ids: shape {tt.shape} does not match input_ids {(B, T)}")
+                if tt.min() < 0 or tt.max() >= cfg.type_vocab_size:
+                    raise InputError(f"token_type_ids: values must lie in [0, {cfg.type_vocab_size})")
+            inputs["token_type_ids"] = tt
+        elif token_type_ids is not None:
+            raise InputError("token_type_ids: this model has no token-type embeddings")
+        return inputs
+
+    # ------------------------------------------------------------ public API
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, token_type_ids=None,
+                position_ids=None) -> np.ndarray:
+        """Encoder: last hidden state (B, T, C); decoder: logits (B, T, V). float32."""
+        cfg = self.config
+        if decoder_input_ids is not None and cfg.arch != "encoder_decoder":
+            raise InputError(f"decoder_input_ids: only encoder_decoder models take them (this one is {cfg.arch})")
+        inputs = self.prepare_inputs(input_ids, attention_mask, token_type_ids, position_ids)
+        B, T = inputs["input_ids"].shape
+        ex = self.executor(("forward", B, T), lambda: build_forward(cfg, B, T, "all"))
+        return ex.run(inputs)[ex.graph.outputs[0]]
+
+    __call__ = forward
+
+    def last_logits(self, inputs: dict, last_idx: np.ndarray) -> np.ndarray:
+        """Logits (B, V) of one position per row (last_idx), skipping the vocab GEMM elsewhere."""
+        cfg = self.config
+        B, T = inputs["input_ids"].shape
+        ex = self.executor(("last", B, T), lambda: build_forward(cfg, B, T, "last"))
+        return ex.run({**inputs, "last_idx": np.ascontiguousarray(last_idx, dtype=np.int64)})["logits"]
+
+    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                 seed: int = 0, stop_at_eos: bool = True):
+        """Text in -> text out (prompt + continuation); ids (B, T) in -> ids (B, T + new) out."""
+        from .generate import generate
+
+        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+
+    def sample(self, logits_row, temperature, top_k, top_p, u) -> int:
+        return ops.get("sample", self.device)(logits=logits_row, temperature=temperature, top_k=top_k,
+                                              top_p=top_p, u=u)
+
+    def __repr__(self):
+        c: ModelConfig = self.config
+        return (f"Model({c.family} {c.arch}, layers={c.n_layers}, d_model={c.d_model}, heads={c.n_heads}, "
+                f"params={self.num_parameters:,}, device={self.device!r})")

@@ -1,0 +1,133 @@
+"""Float64 NumPy oracle for every kernel and for whole-model forwards.
+
+Written for clarity, not speed: each function follows the textbook formula so that the
+Numba kernels (float32, tiled, fused) can be checked against it. Shapes use B, T, C, NH, HS.
+"""
+import math
+
+import numpy as np
+
+
+def f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- activations
+def gelu_erf(x):
+    x = f64(x)
+    erf = np.vectorize(math.erf)
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_tanh(x):
+    x = f64(x)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def relu(x):
+    return np.maximum(f64(x), 0.0)
+
+
+ACTIVATIONS = {"none": lambda x: f64(x), "relu": relu, "gelu": gelu_erf, "gelu_tanh": gelu_tanh}
+
+
+# ---------------------------------------------------------------- basic kernels
+def embedding(ids, wte, wpe=None, pos_ids=None, wtt=None, type_ids=None, scale=1.0):
+    """ids (B, T) -> (B, T, C) = scale * wte[ids] + wpe[pos] + wtt[type]."""
+    out = f64(wte)[ids] * scale
+    if wpe is not None:
+        out = out + f64(wpe)[pos_ids]
+    if wtt is not None:
+        out = out + f64(wtt)[type_ids]
+    return out
+
+
+def sinusoidal_table(n_pos, C):
+    """The seeds' formula: PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(...)."""
+    pe = np.zeros((n_pos, C))
+    pos = np.arange(n_pos)[:, None]
+    i2 = np.arange(0, C, 2)[None, :]
+    angle = pos / np.power(10000.0, i2 / C)
+    pe[:, 0::2] = np.sin(angle)
+    pe[:, 1::2] = np.cos(angle[:, : C // 2])
+    return pe
+
+
+def layernorm(x, w, b, eps):
+    """x (..., C) -> (out, mean, rstd) with mean/rstd of shape x.shape[:-1]."""
+    x = f64(x)
+    mean = x.mean(-1)
+    var = ((x - mean[..., None]) ** 2).mean(-1)
+    rstd = 1.0 / np.sqrt(var + eps)
+    out = (x - mean[..., None]) * rstd[..., None] * f64(w) + f64(b)
+    return out, mean, rstd
+
+
+def linear(x, w, b=None, act="none", residual=None):
+    """x (..., K), w (N, K) in nn.Linear layout -> act(x @ w.T + b) [+ residual]."""
+    y = f64(x) @ f64(w).T
+    if b is not None:
+        y = y + f64(b)
+    y = ACTIVATIONS[act](y)
+    if residual is not None:
+        y = y + f64(residual)
+    return y
+
+
+def softmax(x, axis=-1):
+    x = f64(x)
+    m = x.max(axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(axis, keepdims=True)
+
+
+def log_softmax(x, axis=-1):
+    x = f64(x)
+    m = x.max(axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis, keepdims=True))
+
+
+def attention(q, k, v, key_mask=None, causal=False, scale=None):
+    """Scaled dot-product attention, one (B, NH) slice set at a time.
+
+    q (B, NH, Tq, HS), k/v (B, NH, Tk, HS), key_mask (B, Tk) with 1 = attend.
+    Causal is bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq).
+    Rows with no visible key give out = 0 and lse = -inf (FlashAttention convention).
+    Returns out (B, NH, Tq, HS) and lse (B, NH, Tq) of the scaled scores.
+    """
+    q, k, v = f64(q), f64(k), f64(v)
+    B, NH, Tq, HS = q.shape
+    Tk = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(HS)
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    allowed = np.ones((B, 1, Tq, Tk), dtype=bool)
+    if key_mask is not None:
+        allowed &= np.asarray(key_mask, dtype=bool)[:, None, None, :]
+    if causal:
+        qi = np.arange(Tq)[:, None] + (Tk - Tq)
+        kj = np.arange(Tk)[None, :]
+        allowed &= (kj <= qi)[None, None]
+    allowed = np.broadcast_to(allowed, s.shape)
+    s = np.where(allowed, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    any_row = np.isfinite(m)
+    m_safe = np.where(any_row, m, 0.0)
+    e = np.where(allowed, np.exp(s - m_safe), 0.0)
+    denom = e.sum(-1, keepdims=True)
+    p = np.where(any_row, e / np.where(denom > 0, denom, 1.0), 0.0)
+    out = np.einsum("bhqk,bhkd->bhqd", p, v)
+    lse = np.where(any_row[..., 0], m_safe[..., 0] + np.log(np.where(denom[..., 0] > 0, denom[..., 0], 1.0)), -np.inf)
+    return out, lse
+
+
+def split_heads(x, NH):
+    """(B, T, NH*HS) -> (B, NH, T, HS)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, NH, T, HS) -> (B, T, NH*HS)."""
+    B, NH, T, HS = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
