@@ -131,3 +131,73 @@ def merge_heads(x):
     """(B, NH, T, HS) -> (B, T, NH*HS)."""
     B, NH, T, HS = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
+
+
+def pool(x, mask, mode="mean"):
+    """sentence-transformers pooling of x (B, T, C) over tokens with mask (B, T) == 1."""
+    x, m = f64(x), f64(mask)[..., None]
+    if mode == "cls":
+        return x[:, 0]
+    if mode == "max":
+        return np.where(m > 0, x, -np.inf).max(1)
+    if mode == "lasttoken":
+        last = np.asarray(mask).shape[1] - 1 - np.argmax(np.asarray(mask)[:, ::-1], axis=1)
+        return x[np.arange(x.shape[0]), last]
+    s = (x * m).sum(1)
+    n = np.maximum(m.sum(1), 1e-9)
+    return s / (np.sqrt(n) if mode == "mean_sqrt_len" else n)
+
+
+# ---------------------------------------------------------------- whole models
+def model_forward(cfg, params, ids, mask=None, type_ids=None, pos_ids=None):
+    """Whole encoder-only / decoder-only forward over nbformer's canonical parameter names.
+
+    Returns the last hidden state (B, T, C) for encoders, logits (B, T, V) for decoders.
+    """
+    p = {k: f64(v) for k, v in params.items()}
+    ids = np.asarray(ids)
+    B, T = ids.shape
+    C, NH = cfg.d_model, cfg.n_heads
+    mask = np.ones((B, T)) if mask is None else np.asarray(mask)
+    if pos_ids is None:
+        pos_ids = np.broadcast_to(np.arange(T), (B, T))
+    wpe = None
+    if cfg.positions == "learned":
+        wpe = p["pos_emb"]
+    elif cfg.positions == "sinusoidal":
+        wpe = sinusoidal_table(cfg.max_positions, C)
+    wtt = p.get("type_emb") if cfg.type_vocab_size else None
+    if type_ids is None:
+        type_ids = np.zeros((B, T), dtype=np.int64)
+    x = embedding(ids, p["tok_emb"], wpe, pos_ids, wtt, type_ids, cfg.embedding_scale)
+    eps = cfg.layer_norm_eps
+
+    def ln(v, name):
+        return layernorm(v, p[name + ".w"], p[name + ".b"], eps)[0]
+
+    def attn(v, h):
+        qkv = linear(v, p[h + "attn.qkv.w"], p.get(h + "attn.qkv.b"))
+        q, k, vv = (split_heads(qkv[..., i * C:(i + 1) * C], NH) for i in range(3))
+        o, _ = attention(q, k, vv, mask, causal=cfg.arch == "decoder")
+        return linear(merge_heads(o), p[h + "attn.out.w"], p[h + "attn.out.b"])
+
+    def ffn(v, h):
+        u = linear(v, p[h + "ffn.up.w"], p[h + "ffn.up.b"], act=cfg.activation)
+        return linear(u, p[h + "ffn.down.w"], p[h + "ffn.down.b"])
+
+    if cfg.embedding_layernorm:
+        x = ln(x, "emb_ln")
+    for i in range(cfg.n_layers):
+        h = f"h{i}."
+        if cfg.norm == "pre":
+            x = x + attn(ln(x, h + "ln1"), h)
+            x = x + ffn(ln(x, h + "ln2"), h)
+        else:
+            x = ln(x + attn(x, h), h + "ln1")
+            x = ln(x + ffn(x, h), h + "ln2")
+    if cfg.final_layernorm:
+        x = ln(x, "final_ln")
+    if not cfg.lm_head:
+        return x
+    w = p["tok_emb"] if cfg.tie_word_embeddings else p["lm_head.w"]
+    return linear(x, w, p.get("lm_head.b"))

@@ -1,0 +1,169 @@
+"""CPU kernels (except attention, see test_attention_cpu.py) against the float64 reference."""
+import numpy as np
+import pytest
+
+import reference as ref
+from conftest import assert_close
+from nbformer.errors import GraphError
+from nbformer.kernels.cpu.elementwise import add_forward, take_rows
+from nbformer.kernels.cpu.embedding import embedding_forward, sinusoidal_table
+from nbformer.kernels.cpu.layernorm import layernorm_forward
+from nbformer.kernels.cpu.linear import linear_forward
+from nbformer.kernels.cpu.pooling import l2_normalize, pool
+from nbformer.kernels.cpu.sampling import sample_token
+from nbformer.kernels.cpu.softmax import log_softmax_forward, softmax_forward
+
+SHAPES = [(1, 1), (2, 7), (1, 33), (3, 130), (1, 257)]
+
+
+def f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+@pytest.mark.parametrize("B,T", SHAPES)
+@pytest.mark.parametrize("variant", ["tok", "tok+pos", "tok+pos+type", "scaled"])
+def test_embedding(rng, B, T, variant):
+    V, P, C = 50, 300, 24
+    wte, wpe, wtt = f32(rng.normal(size=(V, C))), f32(rng.normal(size=(P, C))), f32(rng.normal(size=(3, C)))
+    ids = rng.integers(0, V, (B, T))
+    pos = rng.integers(0, P, (B, T))
+    typ = rng.integers(0, 3, (B, T))
+    out = np.empty((B, T, C), np.float32)
+    use_pos, use_type = "pos" in variant, "type" in variant
+    scale = 4.0 if variant == "scaled" else 1.0
+    embedding_forward(out, ids, wte, pos if use_pos else None, wpe if use_pos else None,
+                      typ if use_type else None, wtt if use_type else None, scale)
+    want = ref.embedding(ids, wte, wpe if use_pos else None, pos, wtt if use_type else None, typ, scale)
+    assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+def test_embedding_rejects_out_of_range_ids(rng):
+    wte = f32(rng.normal(size=(10, 4)))
+    out = np.empty((1, 3, 4), np.float32)
+    with pytest.raises(GraphError, match="ids"):
+        embedding_forward(out, np.array([[1, 10, 2]]), wte)
+    with pytest.raises(GraphError, match="pos_ids"):
+        embedding_forward(out, np.array([[1, 2, 3]]), wte, np.array([[0, 1, 5]]), f32(np.zeros((5, 4))))
+
+
+def test_sinusoidal_table_matches_seed_formula():
+    assert_close(sinusoidal_table(257, 64), ref.sinusoidal_table(257, 64), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (1, 16), (7, 80), (130, 384), (33, 768)])
+def test_layernorm(rng, N, C):
+    x = f32(rng.normal(3.0, 2.0, size=(N, C)))
+    w, b = f32(rng.normal(size=C)), f32(rng.normal(size=C))
+    out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+    layernorm_forward(out, mean, rstd, x, w, b, 1e-5)
+    o, m, r = ref.layernorm(x, w, b, 1e-5)
+    assert_close(out, o, atol=1e-5, rtol=1e-5, what="out")
+    assert_close(mean, m, atol=1e-6, rtol=1e-6, what="mean")
+    assert_close(rstd, r, atol=1e-6, rtol=1e-5, what="rstd")
+
+
+def test_layernorm_3d_and_tiny_eps(rng):
+    x = f32(rng.normal(size=(2, 5, 12)))
+    w, b = f32(np.ones(12)), f32(np.zeros(12))
+    out, mean, rstd = np.empty_like(x), np.empty((2, 5), np.float32), np.empty((2, 5), np.float32)
+    layernorm_forward(out, mean, rstd, x, w, b, 1e-12)
+    assert_close(out, ref.layernorm(x, w, b, 1e-12)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("N,K,M", [(1, 1, 1), (7, 33, 5), (130, 64, 257), (3, 80, 96)])
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True)])
+def test_linear(rng, act, N, K, M, bias, residual):
+    x, w = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K)) / np.sqrt(K))
+    b = f32(rng.normal(size=M)) if bias else None
+    r = f32(rng.normal(size=(N, M))) if residual else None
+    out = np.empty((N, M), np.float32)
+    linear_forward(out, x, w, b, act, r)
+    assert_close(out, ref.linear(x, w, b, act, r), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_batched_shape(rng):
+    x, w, b = f32(rng.normal(size=(2, 9, 16))), f32(rng.normal(size=(48, 16))), f32(rng.normal(size=48))
+    out = np.empty((2, 9, 48), np.float32)
+    linear_forward(out, x, w, b, "gelu")
+    assert_close(out, ref.linear(x, w, b, "gelu"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N,V", [(1, 1), (3, 7), (5, 1000), (2, 50257)])
+def test_softmax_and_log_softmax(rng, N, V):
+    x = f32(rng.normal(0, 5, size=(N, V)))
+    out = np.empty_like(x)
+    softmax_forward(out, x)
+    assert_close(out, ref.softmax(x), atol=1e-7, rtol=1e-5)
+    log_softmax_forward(out, x)
+    assert_close(out, ref.log_softmax(x), atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_with_masked_entries():
+    x = f32([[0.0, -np.inf, 1.0, -np.inf], [-np.inf, 2.0, -np.inf, -np.inf]])
+    out = np.empty_like(x)
+    softmax_forward(out, x)
+    assert_close(out, ref.softmax(x), atol=1e-7, rtol=1e-6)
+    log_softmax_forward(out, x)
+    assert np.isneginf(out[0, 1]) and np.isneginf(out[1, 0]) and abs(out[1, 1]) < 1e-7
+
+
+def test_add_in_place(rng):
+    a, b = f32(rng.normal(size=(3, 5, 7))), f32(rng.normal(size=(3, 5, 7)))
+    want = ref.f64(a) + b
+    add_forward(a, a, b)
+    assert_close(a, want, atol=1e-6, rtol=1e-6)
+
+
+def test_take_rows(rng):
+    x = f32(rng.normal(size=(3, 6, 4)))
+    idx = np.array([5, 0, 2])
+    out = np.empty((3, 4), np.float32)
+    take_rows(out, x, idx)
+    assert_close(out, x[np.arange(3), idx], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max", "mean_sqrt_len", "lasttoken"])
+def test_pooling(rng, mode):
+    B, T, C = 4, 9, 16
+    x = f32(rng.normal(size=(B, T, C)))
+    mask = np.ones((B, T), np.uint8)
+    mask[1, 1:] = 0  # a row padded down to one real token
+    mask[2, 5:] = 0
+    out = np.empty((B, C), np.float32)
+    pool(out, x, mask, mode)
+    assert_close(out, ref.pool(x, mask, mode), atol=1e-6, rtol=1e-6)
+
+
+def test_l2_normalize(rng):
+    x = f32(rng.normal(size=(5, 33)))
+    x[3] = 0.0  # the zero vector stays zero (eps like torch.nn.functional.normalize)
+    want = ref.f64(x) / np.maximum(np.linalg.norm(ref.f64(x), axis=1, keepdims=True), 1e-12)
+    l2_normalize(x)
+    assert_close(x, want, atol=1e-7, rtol=1e-6)
+
+
+class TestSampling:
+    logits = np.array([1.0, 3.0, 2.0, 3.0, -1.0], np.float32)
+
+    def test_greedy_takes_first_max(self):
+        assert sample_token(self.logits, 0.0) == 1
+
+    def test_top_k_1_is_greedy(self):
+        assert all(sample_token(self.logits, 1.0, top_k=1, u=u) == 1 for u in (0.0, 0.5, 0.999))
+
+    def test_distribution_matches_softmax(self):
+        probs = ref.softmax(self.logits / 0.7)
+        us = (np.arange(20000) + 0.5) / 20000  # a uniform grid gives the inverse-CDF exactly
+        counts = np.bincount([sample_token(self.logits, 0.7, u=u) for u in us], minlength=5) / len(us)
+        assert_close(counts, probs, atol=2e-4, rtol=0)
+
+    def test_top_k_and_top_p_truncate(self):
+        us = (np.arange(5000) + 0.5) / 5000
+        got_k = {sample_token(self.logits, 1.0, top_k=3, u=u) for u in us}
+        assert got_k == {1, 3, 2}
+        # probs sorted: ids 1 and 3 (~0.39 each) then 2 (~0.14): top_p=0.5 keeps {1, 3}
+        got_p = {sample_token(self.logits, 1.0, top_p=0.5, u=u) for u in us}
+        assert got_p == {1, 3}
+        # a tiny top_p keeps exactly the most likely token
+        assert {sample_token(self.logits, 1.0, top_p=1e-6, u=u) for u in us} == {1}
