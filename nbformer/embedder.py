@@ -50,12 +50,15 @@ class Embedder:
                     self.pooling = _pooling_mode(_read(pc), pc)
                 elif kind.endswith("Normalize"):
                     self.normalize_module = True
-        for name in ("sentence_bert_config.json",):
-            if (root / name).exists():
-                st_max = _read(root / name).get("max_seq_length")
+        # the encoder may sit in a sub-folder (0_Transformer/) that holds its own configs
+        tdir = self.model.ckpt.model_dir or root
+        cfg_dirs = [tdir, root] if tdir != root else [root]
         tok_max = None
-        if (root / "tokenizer_config.json").exists():
-            tok_max = _read(root / "tokenizer_config.json").get("model_max_length")
+        for r in reversed(cfg_dirs):  # the encoder's own folder wins
+            if (r / "sentence_bert_config.json").exists():
+                st_max = _read(r / "sentence_bert_config.json").get("max_seq_length")
+            if (r / "tokenizer_config.json").exists():
+                tok_max = _read(r / "tokenizer_config.json").get("model_max_length")
         if max_seq_length is not None:
             if not isinstance(max_seq_length, int) or max_seq_length < 1:
                 raise InputError(f"max_seq_length: expected a positive integer, got {max_seq_length!r}")

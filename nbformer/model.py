@@ -35,11 +35,8 @@ def _as_id_matrix(x, name) -> np.ndarray:
         a = a[None, :]
     if a.ndim != 2:
         raise InputError(f"{name}: expected shape (T,) or (B, T), got {a.shape}")
-    if a.size and a.dtype.kind not in "iub":
-        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            pass
-        else:
-            raise InputError(f"{name}: expected integer ids, got dtype {a.dtype}")
+    if a.size and a.dtype.kind not in "iu":
+        raise InputError(f"{name}: expected integer ids, got dtype {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.int64)
 
 

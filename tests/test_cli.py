@@ -59,8 +59,7 @@ def _ok(result):
 def _one_line_error(result, *parts):
     """Exit status != 0; stderr is exactly one line, starting with 'error:'; no traceback anywhere."""
     assert result.exit_code != 0, result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
-        repr(result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     err = result.stderr
     lines = err.strip("\n").split("\n")
     assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -100,7 +99,7 @@ def test_embed_no_normalize(runner):
 def test_inspect_default_minilm(runner):
     out = _ok(runner.invoke(main, ["inspect"]))
     assert "parameters: 22,565,376" in out
-    assert "planned activation arena:" in out and "KiB" in out or "MiB" in out
+    assert "planned activation arena:" in out and ("KiB" in out or "MiB" in out)
     assert "layers: 6" in out and "d_model: 384" in out
 
 

@@ -313,6 +313,14 @@ def test_forward_at_limits_works(bert):
     assert out.shape == (1, 40, 32) and out.dtype == np.float32 and np.isfinite(out).all()
 
 
+def test_integer_dtypes_agree(bert):
+    ids = np.array([[1, 2, 3, 99]])
+    ref = bert.forward(ids.astype(np.int64))
+    for dt in (np.int32, np.uint8, np.int16):
+        np.testing.assert_array_equal(bert.forward(ids.astype(dt)), ref)
+    np.testing.assert_array_equal(bert.forward([1, 2, 3, 99]), ref)  # (T,) is a batch of one
+
+
 def test_unsupported_device(bert_dir):
     for dev in ("tpu", "cuda:99", ""):
         _raises(InputError, lambda: nbformer.load(bert_dir, device=dev), "device", repr(dev))
