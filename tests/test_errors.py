@@ -273,6 +273,7 @@ def test_forward_id_out_of_vocab(bert, bad):
 def test_forward_float_ids(bert):
     _raises(InputError, lambda: bert.forward(np.array([[1.0, 2.5, 3.0]])), "input_ids", "integer")
     _raises(InputError, lambda: bert.forward(np.array([[1.0, np.nan]])), "input_ids", "integer")
+    _raises(InputError, lambda: bert.forward(np.array([[1.0, 2.0]])), "input_ids", "integer")
 
 
 def test_forward_non_numeric_ids(bert):
