@@ -127,8 +127,9 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, seed
 @click.argument("model_path", required=False)
 @click.option("--batch", "-b", default=1, show_default=True, type=int)
 @click.option("--seq", "-s", default=128, show_default=True, type=int)
+@click.option("--train", "train_plan", is_flag=True, help="also print the training memory plan (Adam)")
 @_friendly
-def inspect(model_path, batch, seq):
+def inspect(model_path, batch, seq, train_plan):
     """Print a model's config, parameter count and planned forward arena at (--batch, --seq)."""
     import nbformer
     from nbformer.errors import InputError
@@ -154,6 +155,128 @@ def inspect(model_path, batch, seq):
     click.echo(f"forward graph at batch {batch} x seq {seq}: {len(plan.schedule)} nodes")
     click.echo(f"planned activation arena: {_fmt_bytes(plan.arena_bytes)} "
                f"(one buffer per tensor would need {_fmt_bytes(plan.naive_bytes)})")
+    if train_plan:
+        from nbformer.graph.build import build_train
+        from nbformer.graph.plan import plan_memory
+
+        loss = "lm" if cfg.lm_head else "vjp"
+        g, grads = build_train(cfg, batch, seq, loss=loss)
+        tp = plan_memory(g)
+        n_grad = sum(g.tensors[t].size for t in grads.values())
+        click.echo(f"training step at batch {batch} x seq {seq} ({'LM loss' if loss == 'lm' else 'output VJP'}, "
+                   f"Adam): {len(tp.schedule)} nodes")
+        click.echo(f"  parameters:        {_fmt_bytes(4 * n)}")
+        click.echo(f"  gradients:         {_fmt_bytes(4 * n_grad)}")
+        click.echo(f"  optimizer state:   {_fmt_bytes(8 * n)} (Adam m and v)")
+        click.echo(f"  activations arena: {_fmt_bytes(tp.arena_bytes)} (saved for backward + transient; one "
+                   f"buffer per tensor would need {_fmt_bytes(tp.naive_bytes)})")
+        click.echo(f"  total:             {_fmt_bytes(4 * n + 4 * n_grad + 8 * n + tp.arena_bytes)}")
+
+
+PRESETS = {  # d_model, layers, heads, d_ff
+    "tiny": (128, 4, 4, 512),
+    "small": (256, 4, 4, 1024),
+    "base": (512, 6, 8, 2048),
+}
+
+
+@main.command()
+@click.argument("text_file", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="folder for checkpoints, tokenizer.json and train_log.jsonl")
+@click.option("--model", "-m", "model_path", default=None, help="fine-tune this decoder (HF dir or .safetensors)")
+@click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(dir_okay=False),
+              help="use this tokenizer.json instead of training a byte-level BPE on the text")
+@click.option("--vocab-size", default=4096, show_default=True, type=int, help="BPE vocabulary when training one")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
+@click.option("--d-model", type=int, default=None)
+@click.option("--layers", type=int, default=None)
+@click.option("--heads", type=int, default=None)
+@click.option("--d-ff", type=int, default=None)
+@click.option("--norm", type=click.Choice(["pre", "post"]), default="pre", show_default=True)
+@click.option("--activation", type=click.Choice(["gelu", "gelu_tanh", "relu"]), default="gelu_tanh",
+              show_default=True)
+@click.option("--positions", type=click.Choice(["learned", "sinusoidal"]), default="learned", show_default=True)
+@click.option("--batch", "batch_size", default=16, show_default=True, type=int)
+@click.option("--seq-len", default=128, show_default=True, type=int)
+@click.option("--steps", default=1000, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="peak lr (noam: the scale factor)")
+@click.option("--schedule", type=click.Choice(["cosine", "noam", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup", default=100, show_default=True, type=int)
+@click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--clip", default=1.0, show_default=True, type=float, help="max global grad norm (0: off)")
+@click.option("--dropout", default=0.0, show_default=True, type=float)
+@click.option("--label-smoothing", default=0.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-every", default=100, show_default=True, type=int)
+@click.option("--save-every", default=200, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.safetensors (bit-identical)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@_friendly
+def train(text_file, out_dir, model_path, tokenizer_path, vocab_size, preset, d_model, layers, heads, d_ff, norm,
+          activation, positions, batch_size, seq_len, steps, lr, schedule, warmup, optimizer, weight_decay, clip,
+          dropout, label_smoothing, seed, eval_every, save_every, resume, quiet):
+    """Train a decoder language model on TEXT_FILE (UTF-8), from scratch or from --model."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import nbformer
+    from nbformer.config import ModelConfig
+    from nbformer.errors import InputError
+    from nbformer.tokenizer import Tokenizer, train_bpe
+    from nbformer.training.checkpoint import load_training
+    from nbformer.training.data import TokenData, read_text
+    from nbformer.training.trainer import TrainOptions, Trainer, init_params
+
+    text = read_text(text_file)
+    out = Path(out_dir)
+    ckpt_file = out / "checkpoint.safetensors"
+    if resume and not ckpt_file.exists():
+        raise InputError(f"--resume: {ckpt_file} does not exist")
+    if not resume and ckpt_file.exists():
+        raise InputError(f"{ckpt_file} exists: pass --resume to continue it, or choose another --out")
+    params = None
+    if resume:
+        cfg, params, _, _, tok_json, _ = load_training(ckpt_file)
+        tok = Tokenizer(json_text=tok_json, where=str(ckpt_file))
+    elif model_path is not None:
+        m = nbformer.load(model_path)
+        cfg, params = m.config, dict(m.ckpt.params)
+        tok = m.tokenizer
+    else:
+        tok = Tokenizer(tokenizer_path) if tokenizer_path else train_bpe(text.splitlines(), vocab_size)
+        d, L, H, F = PRESETS[preset]
+        d, L, H = d_model or d, layers or L, heads or H
+        F = d_ff or (F if d_model is None else 4 * d)
+        eos = tok.token_to_id("<|endoftext|>")
+        cfg = ModelConfig(arch="decoder", vocab_size=tok.vocab_size, d_model=d, n_heads=H, n_layers=L, d_ff=F,
+                          max_positions=max(seq_len, 128), norm=norm, activation=activation, positions=positions,
+                          final_layernorm=norm == "pre", embedding_layernorm=False, tie_word_embeddings=True,
+                          eos_token_id=eos, bos_token_id=eos, embedding_scale=1.0)
+    ids = np.asarray(tok.encode(text, add_special_tokens=False), dtype=np.int32)
+    if ids.size and int(ids.max()) >= cfg.vocab_size:
+        raise InputError(f"the tokenizer produces id {int(ids.max())} but the model has {cfg.vocab_size} tokens")
+    data = TokenData(ids, where=str(text_file))
+    opts = TrainOptions(batch_size=batch_size, seq_len=seq_len, steps=steps, lr=lr, schedule=schedule,
+                        warmup=warmup, optimizer=optimizer, weight_decay=weight_decay, clip=clip, dropout=dropout,
+                        label_smoothing=label_smoothing, seed=seed, eval_every=eval_every, save_every=save_every)
+    if params is None:
+        params = init_params(cfg, seed)
+    trainer = Trainer(cfg, params, data, opts, out, tok.to_json(), progress=not quiet)
+    if resume:
+        trainer.resume(ckpt_file)
+    click.echo(f"model: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, vocab {cfg.vocab_size}, "
+               f"{trainer.flat.num_parameters:,} parameters; data: {data.train.size:,} train / {data.eval.size:,} "
+               f"eval tokens; unigram baseline {data.unigram_entropy():.3f} nats/token", err=True)
+    summary = trainer.fit()
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    click.echo(f"{'interrupted at' if summary['interrupted'] else 'finished'} step {summary['step']}: "
+               f"train loss {fmt(summary['final_loss'])}, eval loss {fmt(summary['eval_loss'])}, "
+               f"{summary['tokens_per_s']:,.0f} tokens/s; checkpoint in {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

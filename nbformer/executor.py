@@ -11,13 +11,14 @@ from .graph.plan import Plan, plan_memory
 
 class Executor:
     def __init__(self, graph: Graph, bound: dict, device: str = "cpu", plan: Plan | None = None):
-        """bound: name -> array for every param/const tensor of the graph (float32, C-contiguous)."""
+        """bound: name -> array for every param/const/grad tensor of the graph (float32, C-contiguous);
+        grad arrays are written by the run (parameter gradients of a training graph)."""
         self.graph, self.device = graph, device
         self.plan = plan or plan_memory(graph)
         self.arena = np.empty(self.plan.arena_floats, dtype=np.float32)
         self.views = {}
         for name, t in graph.tensors.items():
-            if t.kind in ("param", "const"):
+            if t.kind in ("param", "const", "grad"):
                 arr = bound.get(name)
                 if arr is None:
                     raise GraphError(f"executor: no array bound for {t.kind} '{name}'")
@@ -30,7 +31,7 @@ class Executor:
                 self.views[name] = self.arena[off: off + t.size].reshape(t.shape)
         self.steps = []
         for node in self.plan.schedule:
-            fn = ops.get(node.op, device)
+            fn = ops.get(node.op, device, node.direction)
             self.steps.append((fn, node))
 
     def run(self, inputs: dict, copy_outputs: bool = True) -> dict:

@@ -58,10 +58,14 @@ class Model:
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
 
-            if self.ckpt.tokenizer_file is None:
+            embedded = self.ckpt.metadata.get("nbformer_tokenizer")
+            if self.ckpt.tokenizer_file is not None:
+                self._tokenizer = Tokenizer(self.ckpt.tokenizer_file)
+            elif embedded:
+                self._tokenizer = Tokenizer(json_text=embedded, where=f"{self.ckpt.path} (embedded tokenizer)")
+            else:
                 raise InputError(f"{self.ckpt.path}: no tokenizer.json beside the model, so text input is "
                                  f"not possible; pass token ids instead")
-            self._tokenizer = Tokenizer(self.ckpt.tokenizer_file)
         return self._tokenizer
 
     @property
@@ -162,6 +166,78 @@ class Model:
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+
+    # ------------------------------------------------------------ gradients
+    def flat_buffers(self):
+        """The model's parameters moved into one flat buffer (done once; inference then reads it too)."""
+        if getattr(self, "_flat", None) is None:
+            from .training.state import FlatBuffers
+
+            self._flat = FlatBuffers(self.config, self.ckpt.params)
+            self.bound.update(self._flat.views)
+            self._executors.clear()
+            self._runners = OrderedDict()
+        return self._flat
+
+    def _runner(self, key, B, T, **kw):
+        from .training.state import StepRunner
+
+        flat = self.flat_buffers()
+        r = self._runners.get(key + (B, T))
+        if r is None:
+            r = StepRunner(flat, B, T, **kw)
+            self._runners[key + (B, T)] = r
+            while len(self._runners) > 2:
+                self._runners.popitem(last=False)
+        return r
+
+    def _grads_by_checkpoint_name(self) -> dict:
+        flat = self._flat
+        return self.ckpt.to_checkpoint_names({k: v.copy() for k, v in flat.grad_views.items()})
+
+    def loss_and_grads(self, input_ids, labels, attention_mask=None, label_smoothing: float = 0.0):
+        """Decoder: mean next-token cross-entropy, transformers semantics (labels are shifted inside;
+        -100 is ignored). Encoder: labels (B, T, C) float, mean squared error of the last hidden state.
+        Returns (loss, grads) with grads keyed by the checkpoint's own tensor names (float32)."""
+        cfg = self.config
+        inputs = self.prepare_inputs(input_ids, attention_mask)
+        ids, mask = inputs["input_ids"], inputs["key_mask"]
+        B, T = ids.shape
+        if cfg.lm_head:
+            lab = np.asarray(labels)
+            if lab.ndim == 1:
+                lab = lab[None, :]
+            if lab.shape != (B, T) or (lab.size and lab.dtype.kind not in "iu"):
+                raise InputError(f"labels: expected integer ids of shape {(B, T)}, got {lab.dtype}{lab.shape}")
+            if not (0.0 <= label_smoothing < 1.0):
+                raise InputError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
+            targets = np.full((B, T), -100, dtype=np.int64)
+            targets[:, :-1] = lab[:, 1:]
+            r = self._runner(("lm", label_smoothing), B, T, loss="lm", label_smoothing=label_smoothing)
+            loss, _ = r.run_lm(ids, targets, mask)
+            return loss, self._grads_by_checkpoint_name()
+        target = np.asarray(labels, dtype=np.float32)
+        if target.shape != (B, T, cfg.d_model):
+            raise InputError(f"labels: an encoder's loss is the mean squared error of its hidden state, so "
+                             f"labels must be float (B, T, C) = {(B, T, cfg.d_model)}, got {target.shape}")
+        h = self.forward(ids, mask, token_type_ids=inputs.get("token_type_ids"))
+        diff = h.astype(np.float64) - target
+        loss = float(np.mean(diff * diff))
+        _, grads = self.vjp(ids, (2.0 / diff.size) * diff, mask, inputs.get("token_type_ids"))
+        return loss, grads
+
+    def vjp(self, input_ids, grad_output, attention_mask=None, token_type_ids=None):
+        """(output, grads of sum(output * grad_output)) for any model: the backward pass on its own."""
+        inputs = self.prepare_inputs(input_ids, attention_mask, token_type_ids)
+        ids = inputs["input_ids"]
+        B, T = ids.shape
+        r = self._runner(("vjp",), B, T, loss="vjp")
+        want = r.graph.tensors["grad_output"].shape
+        go = np.asarray(grad_output, dtype=np.float32)
+        if go.shape != want:
+            raise InputError(f"grad_output: expected shape {want}, got {go.shape}")
+        out = r.run_vjp(ids, go, inputs["key_mask"], inputs.get("token_type_ids"))
+        return out, self._grads_by_checkpoint_name()
 
     def sample(self, logits_row, temperature, top_k, top_p, u) -> int:
         return ops.get("sample", self.device)(logits=logits_row, temperature=temperature, top_k=top_k,

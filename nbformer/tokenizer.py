@@ -11,14 +11,15 @@ from .errors import InputError, WeightsError
 
 
 class Tokenizer:
-    def __init__(self, path):
+    def __init__(self, path=None, json_text: str | None = None, where: str | None = None):
         from tokenizers import Tokenizer as _Tok
 
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
+        where = where or str(self.path)
         try:
-            self._tok = _Tok.from_file(str(self.path))
+            self._tok = _Tok.from_str(json_text) if json_text is not None else _Tok.from_file(str(self.path))
         except Exception as e:  # tokenizers raises plain Exception subclasses with Rust messages
-            raise WeightsError(f"{self.path}: cannot read tokenizer ({str(e).splitlines()[0][:200]})") from None
+            raise WeightsError(f"{where}: cannot read tokenizer ({str(e).splitlines()[0][:200]})") from None
         self._tok.no_padding()
         self._tok.no_truncation()
         self._max_len = None
@@ -53,5 +54,26 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (padding/truncation switched off)."""
+        return self._tok.to_str()
+
     def id_to_token(self, i: int):
         return self._tok.id_to_token(int(i))
+
+
+def train_bpe(texts, vocab_size: int, special_tokens=("<|endoftext|>",)) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style) trained on an iterable of strings with the `tokenizers` library."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if not isinstance(vocab_size, int) or vocab_size < 257 + len(special_tokens):
+        raise InputError(f"vocab_size: expected an integer >= {257 + len(special_tokens)} for a byte-level BPE, "
+                         f"got {vocab_size!r}")
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer(json_text=tok.to_str(), where="trained tokenizer")

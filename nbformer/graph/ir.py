@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import GraphError
 
 DTYPES = {"f32": np.float32, "i64": np.int64, "u8": np.uint8}
-KINDS = ("input", "param", "const", "act")
+KINDS = ("input", "param", "const", "act", "grad")
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Tensor:
     name: str
     shape: tuple
     dtype: str = "f32"
-    kind: str = "act"  # input: bound per call; param/const: bound from weights; act: lives in the arena
+    kind: str = "act"  # input: bound per call; param/const/grad: bound from outside; act: lives in the arena
 
     @property
     def size(self) -> int:
@@ -41,6 +41,7 @@ class Node:
     outputs: dict  # role -> tensor name
     attrs: dict = field(default_factory=dict)
     inplace: dict = field(default_factory=dict)  # output role -> input role it may overwrite
+    direction: str = "forward"  # which launcher of the op runs it: forward | backward
 
 
 class Graph:
@@ -60,11 +61,11 @@ class Graph:
             self.inputs.append(name)
         return name
 
-    def node(self, op, inputs, outputs, attrs=None, inplace=None) -> Node:
+    def node(self, op, inputs, outputs, attrs=None, inplace=None, direction="forward") -> Node:
         for role, t in {**inputs, **outputs}.items():
             if t not in self.tensors:
                 raise GraphError(f"graph: node {op} role '{role}' names unknown tensor '{t}'")
-        n = Node(op, dict(inputs), dict(outputs), dict(attrs or {}), dict(inplace or {}))
+        n = Node(op, dict(inputs), dict(outputs), dict(attrs or {}), dict(inplace or {}), direction)
         self.nodes.append(n)
         return n
 

@@ -57,3 +57,79 @@ def sinusoidal_table(n_pos: int, C: int) -> np.ndarray:
     pe[:, 0::2] = np.sin(angle)
     pe[:, 1::2] = np.cos(angle)
     return pe.astype(np.float32)
+
+
+# ---------------------------------------------------------------- backward
+COLS_PER_ITEM = 128  # work item = (distinct id, block of columns): parallel even for tiny tables
+
+
+@njit(parallel=True, cache=True)
+def _embedding_backward_table(dtab, dout, order, starts, uniq, scale, cb):
+    # dtab (V, C) written; dout (N, C); order (N,) positions sorted by id (stable);
+    # positions of uniq[k] are order[starts[k]:starts[k+1]], summed in that fixed order
+    V, C = dtab.shape
+    for r in prange(V):
+        for c in range(C):
+            dtab[r, c] = 0.0
+    nu = uniq.shape[0]
+    ncb = (C + cb - 1) // cb
+    for item in prange(nu * ncb):
+        k = item // ncb
+        c0 = (item - k * ncb) * cb
+        c1 = min(C, c0 + cb)
+        acc = np.zeros(c1 - c0)  # float64
+        for s in range(starts[k], starts[k + 1]):
+            row = order[s]
+            for c in range(c0, c1):
+                acc[c - c0] += dout[row, c]
+        r = uniq[k]
+        for c in range(c0, c1):
+            dtab[r, c] = acc[c - c0] * scale
+
+
+def _check_grad(name, a, ncols):
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2 or a.shape[1] != ncols:
+        got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise GraphError(f"embedding_backward: '{name}' is {got}, expected float32 (rows, {ncols})")
+    if not a.flags.c_contiguous:
+        raise GraphError(f"embedding_backward: '{name}' must be C-contiguous")
+
+
+def _scatter_rows(dtab, dout2, ids, scale):
+    flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    keys = flat[order]
+    if keys.size:
+        starts = np.concatenate(([0], np.flatnonzero(keys[1:] != keys[:-1]) + 1, [keys.size]))
+    else:
+        starts = np.zeros(1, np.int64)
+    uniq = np.ascontiguousarray(keys[starts[:-1]])
+    _embedding_backward_table(dtab, dout2, order, starts.astype(np.int64), uniq, np.float64(scale), COLS_PER_ITEM)
+
+
+def embedding_backward(dwte, dwpe, dwtt, dout, ids, pos_ids=None, type_ids=None, scale=1.0):
+    """Exact adjoint of embedding_forward: dwte (V, C) = scale * scatter-add of dout (..., C) rows by
+    ids (...); dwpe by pos_ids, dwtt by type_ids (unscaled). Any table gradient may be None (skipped).
+    Written, not accumulated: rows whose id never occurs are zero. Deterministic: each row sums its
+    positions in increasing position order, whatever the thread count."""
+    if not isinstance(dout, np.ndarray) or dout.dtype != np.float32 or dout.ndim < 1:
+        raise GraphError("embedding_backward: 'dout' must be a float32 array (..., C)")
+    if not dout.flags.c_contiguous:
+        raise GraphError("embedding_backward: 'dout' must be C-contiguous")
+    C = dout.shape[-1]
+    lead = dout.shape[:-1]
+    dout2 = dout.reshape(-1, C)
+    # forward scales wte rows by float32(scale); the adjoint uses the same float32 value
+    for tab, name, idx, idx_name, s in ((dwte, "dwte", ids, "ids", np.float32(scale)),
+                                         (dwpe, "dwpe", pos_ids, "pos_ids", 1.0),
+                                         (dwtt, "dwtt", type_ids, "type_ids", 1.0)):
+        if tab is None:
+            continue
+        _check_grad(name, tab, C)
+        if idx is None:
+            raise GraphError(f"embedding_backward: '{idx_name}' is required when '{name}' is given")
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu":
+            raise GraphError(f"embedding_backward: '{idx_name}' must hold integers, got {idx.dtype}")
+        _check_ids(idx_name, idx, lead, tab.shape[0])
+        _scatter_rows(tab, dout2, idx, s)

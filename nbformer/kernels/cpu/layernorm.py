@@ -4,6 +4,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ...errors import GraphError
+
 
 @njit(parallel=True, cache=True)
 def _layernorm_forward(out, mean, rstd, x, w, b, eps):
@@ -31,3 +33,74 @@ def layernorm_forward(out, mean, rstd, x, w, b, eps):
     """out (..., C) = (x - mean) * rstd * w + b; mean, rstd (...) written for backward."""
     C = x.shape[-1]
     _layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), w, b, float(eps))
+
+
+# ---------------------------------------------------------------- backward
+ROWS_PER_CHUNK = 64  # fixed row chunk for the dw/db partial sums: never depends on the thread count
+
+
+@njit(parallel=True, cache=True)
+def _layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows):
+    # x, dout, dx (N, C); w, dw, db (C,); mean, rstd (N,) from the forward
+    N, C = x.shape
+    nchunk = (N + rows - 1) // rows
+    part = np.zeros((nchunk, 2, C))  # float64 per-chunk partial sums of dout*norm and dout
+    for k in prange(nchunk):
+        for i in range(k * rows, min(N, (k + 1) * rows)):
+            m = mean[i]
+            r = rstd[i]
+            s1 = 0.0
+            s2 = 0.0
+            for c in range(C):  # row reductions (sequential, float64)
+                n = (x[i, c] - m) * r  # float32, as in the forward
+                dn = dout[i, c] * w[c]
+                s1 += dn
+                s2 += dn * n
+            a = np.float32(s1 / C)
+            bb = np.float32(s2 / C)
+            for c in range(C):  # elementwise, vectorizable
+                n = (x[i, c] - m) * r
+                g = dout[i, c]
+                dx[i, c] = r * (g * w[c] - a - n * bb)
+                part[k, 0, c] += g * n
+                part[k, 1, c] += g
+    for c in prange(C):
+        sw = 0.0
+        sb = 0.0
+        for k in range(nchunk):  # fixed order over chunks: deterministic
+            sw += part[k, 0, c]
+            sb += part[k, 1, c]
+        dw[c] = sw
+        db[c] = sb
+
+
+def _check(op, name, a, shape, dtype=np.float32):
+    if not isinstance(a, np.ndarray):
+        raise GraphError(f"{op}: '{name}' must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise GraphError(f"{op}: '{name}' has dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise GraphError(f"{op}: '{name}' has shape {a.shape}, expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        raise GraphError(f"{op}: '{name}' must be C-contiguous")
+
+
+def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd):
+    """Adjoint of layernorm_forward. x, dout, dx (..., C); w, dw, db (C,); mean, rstd (...).
+
+    dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) with dnorm = dout * w;
+    dw = sum_rows(dout * norm), db = sum_rows(dout). All three are written, not accumulated;
+    dw/db are reduced over fixed 64-row chunks in a fixed order (bit-identical for any thread count).
+    """
+    op = "layernorm_backward"
+    _check(op, "x", x, None)
+    C = x.shape[-1]
+    lead = x.shape[:-1]
+    _check(op, "dout", dout, x.shape)
+    _check(op, "dx", dx, x.shape)
+    for name, a in (("w", w), ("dw", dw), ("db", db)):
+        _check(op, name, a, (C,))
+    _check(op, "mean", mean, lead)
+    _check(op, "rstd", rstd, lead)
+    _layernorm_backward(dx.reshape(-1, C), dw, db, dout.reshape(-1, C), x.reshape(-1, C), w,
+                        mean.reshape(-1), rstd.reshape(-1), ROWS_PER_CHUNK)

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ...errors import GraphError
+
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2, 3
 ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
 
@@ -49,3 +51,154 @@ def linear_forward(out, x, w, b=None, act="none", residual=None):
     use_bias, use_res = b is not None, residual is not None
     _linear_forward(out2, x2, w, b if use_bias else w[0], ACT_CODES[act],
                     residual.reshape(-1, M) if use_res else out2, use_bias, use_res)
+
+
+# ---------------------------------------------------------------- training: forward that saves pre, backward
+ROWS_PER_CHUNK = 64  # fixed row chunk for the db partial sums: never depends on the thread count
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_K = 0.044715
+
+
+@njit(inline="always")
+def activate_grad(v, act):
+    """d act(v) / dv in float64 (gelu_tanh matches torch's approximate='tanh' backward)."""
+    v = np.float64(v)
+    if act == ACT_RELU:
+        return 1.0 if v > 0.0 else 0.0
+    if act == ACT_GELU:
+        return 0.5 * (1.0 + math.erf(v * _SQRT_HALF)) + v * math.exp(-0.5 * v * v) * _INV_SQRT_2PI
+    if act == ACT_GELU_TANH:
+        x2 = v * v
+        t = math.tanh(_SQRT_2_OVER_PI * (v + _GELU_K * x2 * v))
+        return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_K * x2)
+    return 1.0
+
+
+@njit(parallel=True, cache=True)
+def _linear_forward_train(out, pre, x, w, b, act, residual, use_bias, use_residual):
+    np.dot(x, w.T, pre)  # (N, K) @ (K, M) -> (N, M), sgemm
+    N, M = pre.shape
+    for i in prange(N):
+        for j in range(M):
+            v = pre[i, j]
+            if use_bias:
+                v += b[j]
+                pre[i, j] = v
+            a = activate(v, act)
+            if use_residual:
+                a += residual[i, j]
+            out[i, j] = a
+
+
+@njit(parallel=True, cache=True)
+def _linear_backward(dx, dw, db, dout, x, w, pre, g, act, use_dx, use_dw, use_db, rows):
+    # dout, pre, g (N, M); x, dx (N, K); w, dw (M, K); db (M,)
+    N, M = dout.shape
+    nchunk = (N + rows - 1) // rows
+    if act != ACT_NONE or use_db:
+        part = np.zeros((nchunk if use_db else 0, M))  # float64 per-chunk column sums of g
+        for k in prange(nchunk):
+            for i in range(k * rows, min(N, (k + 1) * rows)):
+                for j in range(M):
+                    v = dout[i, j]
+                    if act != ACT_NONE:
+                        v = np.float32(v * activate_grad(pre[i, j], act))
+                        g[i, j] = v
+                    if use_db:
+                        part[k, j] += v
+        if use_db:
+            for j in prange(M):
+                s = 0.0
+                for k in range(nchunk):  # fixed order over chunks: deterministic
+                    s += part[k, j]
+                db[j] = s
+    if use_dx:
+        np.dot(g, w, dx)  # (N, M) @ (M, K) -> (N, K)
+    if use_dw:
+        np.dot(g.T, x, dw)  # (M, N) @ (N, K) -> (M, K)
+
+
+def _check(op, name, a, shape, dtype=np.float32):
+    if not isinstance(a, np.ndarray):
+        raise GraphError(f"{op}: '{name}' must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise GraphError(f"{op}: '{name}' has dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise GraphError(f"{op}: '{name}' has shape {a.shape}, expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        raise GraphError(f"{op}: '{name}' must be C-contiguous")
+
+
+def _act_code(op, act):
+    if act not in ACT_CODES:
+        raise GraphError(f"{op}: 'act' is {act!r}, expected one of {sorted(ACT_CODES)}")
+    return ACT_CODES[act]
+
+
+def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
+    """As linear_forward, and also writes pre (..., M) = x @ w.T + b (before the activation) for backward.
+
+    out (..., M) = act(pre) [+ residual]; out may alias residual or pre, pre must not alias x.
+    """
+    op = "linear_forward_train"
+    _check(op, "x", x, None)
+    _check(op, "w", w, None)
+    if w.ndim != 2 or w.shape[1] != x.shape[-1]:
+        raise GraphError(f"{op}: 'w' has shape {w.shape}, expected (M, {x.shape[-1]})")
+    M, K = w.shape
+    oshape = x.shape[:-1] + (M,)
+    _check(op, "out", out, oshape)
+    _check(op, "pre", pre, oshape)
+    use_bias, use_res = b is not None, residual is not None
+    if use_bias:
+        _check(op, "b", b, (M,))
+    if use_res:
+        _check(op, "residual", residual, oshape)
+    code = _act_code(op, act)
+    pre2 = pre.reshape(-1, M)
+    _linear_forward_train(out.reshape(-1, M), pre2, x.reshape(-1, K), w, b if use_bias else w[0], code,
+                          residual.reshape(-1, M) if use_res else pre2, use_bias, use_res)
+
+
+def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
+    """Backward of out = act(pre), pre = x @ w.T + b (w (M, K) in nn.Linear layout).
+
+    g = dout * act'(pre) (fused; pre (..., M) is the saved pre-activation, unused for act='none');
+    dx (..., K) = g @ w, dw (M, K) = g.T @ x, db (M,) = column sums of g (fixed 64-row chunks,
+    fixed-order reduction). All written, not accumulated; dx, dw and db may each be None (skipped).
+    scratch (..., M) float32 holds g when act != 'none' (allocated if None); dout is left intact.
+    """
+    op = "linear_backward"
+    _check(op, "x", x, None)
+    _check(op, "w", w, None)
+    if w.ndim != 2 or w.shape[1] != x.shape[-1]:
+        raise GraphError(f"{op}: 'w' has shape {w.shape}, expected (M, {x.shape[-1]})")
+    M, K = w.shape
+    oshape = x.shape[:-1] + (M,)
+    _check(op, "dout", dout, oshape)
+    code = _act_code(op, act)
+    use_dx, use_dw, use_db = dx is not None, dw is not None, db is not None
+    if use_dx:
+        _check(op, "dx", dx, x.shape)
+    if use_dw:
+        _check(op, "dw", dw, (M, K))
+    if use_db:
+        _check(op, "db", db, (M,))
+    x2, dout2 = x.reshape(-1, K), dout.reshape(-1, M)
+    N = x2.shape[0]
+    if code != ACT_NONE:
+        if pre is None:
+            raise GraphError(f"{op}: 'pre' (the saved pre-activation) is required for act={act!r}")
+        _check(op, "pre", pre, oshape)
+        if scratch is None:
+            g2 = np.empty((N, M), np.float32)
+        else:
+            _check(op, "scratch", scratch, None)
+            if scratch.size != N * M:
+                raise GraphError(f"{op}: 'scratch' has {scratch.size} elements, expected {N * M} ({oshape})")
+            g2 = scratch.reshape(N, M)
+        pre2 = pre.reshape(-1, M)
+    else:
+        g2 = pre2 = dout2
+    _linear_backward(dx.reshape(-1, K) if use_dx else x2, dw if use_dw else w, db if use_db else w[0],
+                     dout2, x2, w, pre2, g2, code, use_dx, use_dw, use_db, ROWS_PER_CHUNK)

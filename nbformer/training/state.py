@@ -1,0 +1,121 @@
+"""Flat parameter and gradient buffers (llm.c style) and the executor of one training step.
+
+All parameters live in one float32 vector, gradients in another of the same layout, so the
+optimizer is a single fused kernel over contiguous memory and checkpoints are one copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import InputError
+from ..executor import Executor
+from ..graph.build import build_train
+from ..kernels.cpu.embedding import sinusoidal_table
+from ..weights.params import param_shapes
+
+
+class FlatBuffers:
+    """params / grads: (n,) float32; views[name] and grad_views[name] are shaped windows into them."""
+
+    def __init__(self, cfg: ModelConfig, params: dict | None = None):
+        self.cfg = cfg
+        self.shapes = param_shapes(cfg)
+        self.offsets, n = {}, 0
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape))
+            self.offsets[name] = (n, size)
+            n = (n + size + 15) // 16 * 16  # 64-byte aligned tensors
+        self.n = n
+        self.params = np.zeros(n, dtype=np.float32)
+        self.grads = np.zeros(n, dtype=np.float32)
+        self.views = {k: self._view(self.params, k) for k in self.shapes}
+        self.grad_views = {k: self._view(self.grads, k) for k in self.shapes}
+        if params is not None:
+            self.load(params)
+        self.consts = {}
+        if cfg.positions == "sinusoidal":
+            self.consts["pos_emb"] = sinusoidal_table(cfg.max_positions, cfg.d_model)
+
+    def _view(self, buf, name):
+        off, size = self.offsets[name]
+        return buf[off: off + size].reshape(self.shapes[name])
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(size for _, size in self.offsets.values())
+
+    def load(self, params: dict):
+        for k, v in self.views.items():
+            v[...] = params[k]
+
+    def state_dict(self) -> dict:
+        return {k: v.copy() for k, v in self.views.items()}
+
+
+class StepRunner:
+    """Forward + loss + backward executors for one (B, T), bound to FlatBuffers.
+
+    run_lm(ids, targets, mask) -> mean loss; gradients land in flat.grads.
+    """
+
+    def __init__(self, flat: FlatBuffers, B: int, T: int, loss: str = "lm", dropout: float = 0.0,
+                 attn_dropout: float | None = None, label_smoothing: float = 0.0, ignore_index: int = -100,
+                 backward: bool = True):
+        self.flat, self.B, self.T, self.loss = flat, B, T, loss
+        self.ignore_index = ignore_index
+        self.graph, self.grad_names = build_train(flat.cfg, B, T, loss=loss, dropout=dropout,
+                                                  attn_dropout=attn_dropout, label_smoothing=label_smoothing,
+                                                  ignore_index=ignore_index, backward=backward)
+        bound = dict(flat.views)
+        bound.update(flat.consts)
+        for p, gname in self.grad_names.items():
+            bound[gname] = flat.grad_views[p]
+        self.untouched = [p for p in flat.shapes if p not in self.grad_names]  # get zero gradients
+        self.executor = Executor(self.graph, bound)
+        self.needs_seed = "dropout_seed" in self.graph.inputs
+
+    def _inputs(self, ids, mask, type_ids=None, seed: int = 0) -> dict:
+        B, T = ids.shape
+        inputs = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+                  "key_mask": np.ascontiguousarray(mask, dtype=np.uint8)}
+        cfg = self.flat.cfg
+        if cfg.positions != "none":
+            inputs["position_ids"] = np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)))
+        if cfg.type_vocab_size:
+            inputs["token_type_ids"] = (np.zeros((B, T), np.int64) if type_ids is None
+                                        else np.ascontiguousarray(type_ids, dtype=np.int64))
+        if self.needs_seed:
+            inputs["dropout_seed"] = np.array([seed], dtype=np.int64)
+        return inputs
+
+    def run_lm(self, ids, targets, mask=None, seed: int = 0) -> tuple:
+        """-> (mean loss over non-ignored targets, number of those targets)."""
+        if mask is None:
+            mask = np.ones(ids.shape, np.uint8)
+        targets = np.ascontiguousarray(targets, dtype=np.int64)
+        valid = targets != self.ignore_index
+        n_valid = int(valid.sum())
+        bad = valid & ((targets < 0) | (targets >= self.flat.cfg.vocab_size))
+        if bad.any():
+            raise InputError(f"labels: value {int(targets[bad][0])} is outside [0, {self.flat.cfg.vocab_size}) "
+                             f"and is not the ignore index {self.ignore_index}")
+        inputs = self._inputs(ids, mask, seed=seed)
+        inputs["targets"] = targets
+        inputs["loss_scale"] = np.array([1.0 / max(n_valid, 1)], dtype=np.float32)
+        for p in self.untouched:
+            self.flat.grad_views[p][...] = 0.0
+        out = self.executor.run(inputs, copy_outputs=False)
+        losses = out["losses"]
+        loss = float(np.sum(losses, dtype=np.float64) / max(n_valid, 1))
+        return loss, n_valid
+
+    def run_vjp(self, ids, grad_output, mask=None, type_ids=None) -> np.ndarray:
+        """Gradients of sum(output * grad_output) w.r.t. the parameters; returns the output."""
+        if mask is None:
+            mask = np.ones(ids.shape, np.uint8)
+        inputs = self._inputs(ids, mask, type_ids)
+        inputs["grad_output"] = np.ascontiguousarray(grad_output, dtype=np.float32)
+        for p in self.untouched:
+            self.flat.grad_views[p][...] = 0.0
+        return self.executor.run(inputs)[self.graph.outputs[0]]

@@ -1,0 +1,288 @@
+"""The training loop: Adam/AdamW, warmup schedules, global-norm clipping, held-out eval,
+atomic checkpoints, bit-identical resume, and a clean stop on Ctrl-C.
+
+Determinism: every kernel is deterministic, batches and dropout masks are pure functions of
+(seed, step), so a run resumed from step s continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import ops
+from ..config import ModelConfig
+from ..errors import InputError, NbformerError
+from .checkpoint import load_training, save_training
+from .data import TokenData
+from .state import FlatBuffers, StepRunner
+
+SCHEDULES = ("cosine", "noam", "constant")
+OPTIMIZERS = ("adam", "adamw")
+
+
+class TrainingDiverged(NbformerError):
+    pass
+
+
+@dataclass
+class TrainOptions:
+    batch_size: int = 16
+    seq_len: int = 128
+    steps: int = 1000
+    lr: float = 1e-3  # peak learning rate (cosine/constant) or the scale factor of the noam schedule
+    schedule: str = "cosine"
+    warmup: int = 100
+    min_lr: float = 0.0
+    optimizer: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    dropout: float = 0.0
+    attn_dropout: float | None = None
+    label_smoothing: float = 0.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_windows: int = 16
+    save_every: int = 200
+    log_every: int = 10
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, cfg: ModelConfig):
+        def bad(name, expected):
+            raise InputError(f"--{name.replace('_', '-')}: got {getattr(self, name)!r}, expected {expected}")
+
+        for name in ("batch_size", "seq_len", "steps", "eval_every", "save_every", "log_every", "eval_windows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                bad(name, "a positive integer")
+        if self.seq_len > cfg.max_positions:
+            raise InputError(f"--seq-len {self.seq_len} is larger than the model's {cfg.max_positions} positions")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "a positive number")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", " | ".join(SCHEDULES))
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", " | ".join(OPTIMIZERS))
+        if self.warmup < 0 or (self.schedule == "noam" and self.warmup < 1):
+            bad("warmup", "a non-negative integer (>= 1 for noam)")
+        for name in ("dropout", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "a number in [0, 1)")
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            bad("attn_dropout", "a number in [0, 1)")
+        if self.clip < 0 or self.weight_decay < 0:
+            bad("clip" if self.clip < 0 else "weight_decay", "a number >= 0")
+
+    def lr_at(self, step: int, d_model: int) -> float:
+        from ..kernels.cpu.optim import cosine_lr, noam_lr
+
+        if self.schedule == "noam":
+            return noam_lr(step, d_model, self.warmup, self.lr)
+        if self.schedule == "cosine":
+            return cosine_lr(step, self.lr, self.warmup, self.steps, self.min_lr)
+        return self.lr * min(1.0, step / self.warmup) if self.warmup else self.lr
+
+
+class Progress:
+    """One-line progress bar on stderr: step, loss, eval loss, tokens/s, ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.last_len = 0
+
+    def update(self, step, loss, eval_loss, tok_s, eta_s):
+        if not self.enabled:
+            return
+        width = 24
+        done = int(width * step / self.total)
+        ev = f" | eval {eval_loss:.3f}" if eval_loss is not None else ""
+        eta = f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
+        line = (f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} | loss {loss:.3f}{ev} | "
+                f"{tok_s:,.0f} tok/s | ETA {eta}")
+        sys.stderr.write(line + " " * max(0, self.last_len - len(line)))
+        sys.stderr.flush()
+        self.last_len = len(line)
+
+    def close(self):
+        if self.enabled and self.last_len:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Trainer:
+    """Trains a decoder language model on a TokenData stream.
+
+    params: canonical name -> array to start from (a fresh init or a loaded checkpoint).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: dict, data: TokenData, opts: TrainOptions, out_dir,
+                 tokenizer_json: str, device: str = "cpu", progress: bool = True, log=print):
+        if cfg.arch != "decoder" or not cfg.lm_head:
+            raise InputError(f"train: only decoder language models are trained on text here (got {cfg.arch})")
+        opts.validate(cfg)
+        data.check(opts.batch_size, opts.seq_len)
+        self.cfg, self.data, self.opts, self.device = cfg, data, opts, device
+        self.out_dir = Path(out_dir)
+        self.tokenizer_json = tokenizer_json
+        self.flat = FlatBuffers(cfg, params)
+        self.m = np.zeros_like(self.flat.params)
+        self.v = np.zeros_like(self.flat.params)
+        self.step = 0
+        self.progress = progress
+        self.log = log
+        B, T = opts.batch_size, opts.seq_len
+        self.runner = StepRunner(self.flat, B, T, loss="lm", dropout=opts.dropout, attn_dropout=opts.attn_dropout,
+                                 label_smoothing=opts.label_smoothing)
+        self.eval_set = data.eval_windows(T, opts.eval_windows)
+        self.eval_runner = None
+        if self.eval_set is not None:
+            self.eval_runner = StepRunner(self.flat, self.eval_set[0].shape[0], T, loss="lm", backward=False)
+        self._adam = ops.get("adam", device)
+        self._grad_norm = ops.get("grad_norm", device)
+        self._scale = ops.get("scale", device)
+        self._stop = False
+        self.history = []
+
+    # ------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"step": self.step, "seed": self.opts.seed, "data_fingerprint": self.data.fingerprint,
+                "options": {k: v for k, v in asdict(self.opts).items() if k != "extra"}}
+
+    def save(self):
+        save_training(self.out_dir, self.cfg, self.flat.state_dict(), self.m, self.v, self.tokenizer_json,
+                      self.state())
+        (self.out_dir / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
+
+    def resume(self, path):
+        cfg, params, m, v, _, state = load_training(path)
+        if cfg != self.cfg:
+            raise InputError(f"{path}: the checkpoint's model config does not match this run's model")
+        if state.get("data_fingerprint") != self.data.fingerprint:
+            raise InputError(f"{path}: the checkpoint was trained on different data (fingerprint "
+                             f"{state.get('data_fingerprint')} != {self.data.fingerprint})")
+        if m.shape != self.m.shape or v.shape != self.v.shape:
+            raise InputError(f"{path}: optimizer state has {m.shape[0]} entries, expected {self.m.shape[0]}")
+        saved = state.get("options", {})
+        for key in ("batch_size", "seq_len", "seed", "dropout", "label_smoothing"):
+            if key in saved and saved[key] != getattr(self.opts, key):
+                raise InputError(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
+                                 f"{getattr(self.opts, key)!r} now; resume needs the same value")
+        self.flat.load(params)
+        self.m[...] = m
+        self.v[...] = v
+        self.step = int(state["step"])
+        self._trim_log()
+
+    def _trim_log(self):
+        """Drop log lines past the resumed step so the log reads like an uninterrupted run's."""
+        p = self.out_dir / "train_log.jsonl"
+        if not p.exists():
+            return
+        keep = [ln for ln in p.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        p.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+    # ------------------------------------------------------------ steps
+    def evaluate(self) -> float | None:
+        if self.eval_runner is None:
+            return None
+        x, y = self.eval_set
+        loss, _ = self.eval_runner.run_lm(x, y)
+        return loss
+
+    def train_step(self) -> dict:
+        o = self.opts
+        step = self.step + 1
+        x, y = self.data.batch(o.seed, step, o.batch_size, o.seq_len)
+        loss, n = self.runner.run_lm(x, y, seed=o.seed * 1_000_003 + step)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: loss is {loss}; stopping (the last checkpoint in "
+                                   f"{self.out_dir} is kept)")
+        gnorm = float(self._grad_norm(grads=self.flat.grads))
+        if not math.isfinite(gnorm):
+            raise TrainingDiverged(f"step {step}: gradient norm is {gnorm}; stopping (the last checkpoint in "
+                                   f"{self.out_dir} is kept)")
+        if o.clip > 0 and gnorm > o.clip:
+            self._scale(x=self.flat.grads, factor=o.clip / (gnorm + 1e-6))
+        lr = o.lr_at(step, self.cfg.d_model)
+        self._adam(params=self.flat.params, grads=self.flat.grads, m=self.m, v=self.v, lr=lr, beta1=o.beta1,
+                   beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay, step=step,
+                   decoupled=o.optimizer == "adamw")
+        self.step = step
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": n}
+
+    def _on_sigint(self, signum, frame):
+        if self._stop:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def fit(self) -> dict:
+        """Run until opts.steps. Returns a summary (final losses, tokens/s, whether it was interrupted)."""
+        o = self.opts
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / "train_log.jsonl"
+        bar = Progress(o.steps, self.progress)
+        old = None
+        try:
+            old = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread
+            pass
+        t0, tokens0, step0 = time.perf_counter(), 0, self.step
+        last_eval, rec = None, None
+        try:
+            with open(log_path, "a", encoding="utf-8") as logf:
+                while self.step < o.steps and not self._stop:
+                    rec = self.train_step()
+                    tokens0 += o.batch_size * o.seq_len
+                    dt = time.perf_counter() - t0
+                    tok_s = tokens0 / dt if dt > 0 else 0.0
+                    if self.step % o.eval_every == 0 or self.step == o.steps:
+                        last_eval = self.evaluate()
+                        rec["eval_loss"] = last_eval
+                    rec["tokens_per_s"] = round(tok_s, 1)
+                    if self.step % o.log_every == 0 or "eval_loss" in rec or self.step == o.steps:
+                        logf.write(json.dumps(rec) + "\n")
+                        logf.flush()
+                    self.history.append(rec)
+                    eta = (o.steps - self.step) * dt / max(self.step - step0, 1)
+                    bar.update(self.step, rec["loss"], last_eval, tok_s, eta)
+                    if self.step % o.save_every == 0 or self.step == o.steps:
+                        self.save()
+                if self._stop and self.step < o.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        elapsed = time.perf_counter() - t0
+        return {"step": self.step, "interrupted": self._stop and self.step < o.steps,
+                "final_loss": rec["loss"] if rec else None, "eval_loss": last_eval,
+                "tokens_per_s": tokens0 / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> dict:
+    """GPT-2 style init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * layers),
+    zero biases, unit LayerNorm gains."""
+    from ..weights.params import param_shapes
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith("ln.w") or name.endswith(("ln1.w", "ln2.w")) or name == "emb_ln.w":
+            a = np.ones(shape)
+        elif name.endswith(".b") or name.endswith(("ln.b", "ln1.b", "ln2.b")):
+            a = np.zeros(shape)
+        else:
+            s = std / math.sqrt(2 * max(cfg.n_layers, 1)) if name.endswith(("attn.out.w", "ffn.down.w")) else std
+            a = rng.normal(0.0, s, size=shape)
+        out[name] = a.astype(np.float32)
+    return out

@@ -1,0 +1,188 @@
+"""Float64 NumPy oracle for the backward kernels, loss, dropout and optimizer.
+
+Textbook formulas, no fusion; the forwards come from reference.py. numerical_grad checks these
+references themselves against central differences of the float64 forward.
+"""
+import math
+
+import numpy as np
+
+from reference import ACTIVATIONS, f64, layernorm, linear  # noqa: F401  (re-exported for tests)
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ---------------------------------------------------------------- finite differences
+def numerical_grad(f, x, h=1e-6):
+    """Central differences of the scalar f at float64 array x (x is perturbed in place and restored)."""
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + h
+        fp = f()
+        x[i] = old - h
+        fm = f()
+        x[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g
+
+
+# ---------------------------------------------------------------- layernorm
+def layernorm_backward(dout, x, w, eps):
+    """dx (..., C), dw (C,), db (C,) of out = layernorm(x, w, b, eps) for upstream dout."""
+    x, dout, w = f64(x), f64(dout), f64(w)
+    mean = x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+    norm = (x - mean) * rstd
+    dnorm = dout * w
+    dx = rstd * (dnorm - dnorm.mean(-1, keepdims=True) - norm * (dnorm * norm).mean(-1, keepdims=True))
+    C = x.shape[-1]
+    dw = (dout * norm).reshape(-1, C).sum(0)
+    db = dout.reshape(-1, C).sum(0)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------- activations / linear
+def activation_grad(pre, act):
+    """d act(pre) / d pre, elementwise, float64."""
+    v = f64(pre)
+    if act == "none":
+        return np.ones_like(v)
+    if act == "relu":
+        return (v > 0).astype(np.float64)
+    if act == "gelu":
+        erf = np.vectorize(math.erf)
+        return 0.5 * (1.0 + erf(v / math.sqrt(2.0))) + v * np.exp(-0.5 * v * v) / math.sqrt(2.0 * math.pi)
+    if act == "gelu_tanh":
+        t = np.tanh(SQRT_2_OVER_PI * (v + 0.044715 * v ** 3))
+        return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * v * v)
+    raise ValueError(act)
+
+
+def linear_pre(x, w, b=None):
+    """pre (..., M) = x @ w.T + b."""
+    y = f64(x) @ f64(w).T
+    return y if b is None else y + f64(b)
+
+
+def linear_backward(dout, x, w, b=None, act="none"):
+    """dx (..., K), dw (M, K), db (M,) of out = act(x @ w.T + b) for upstream dout (..., M)."""
+    x, w, dout = f64(x), f64(w), f64(dout)
+    g = dout * activation_grad(linear_pre(x, w, b), act)
+    K, M = x.shape[-1], w.shape[0]
+    g2, x2 = g.reshape(-1, M), x.reshape(-1, K)
+    return (g @ w), g2.T @ x2, g2.sum(0)
+
+
+# ---------------------------------------------------------------- embedding
+def embedding_backward(dout, ids, V, pos_ids=None, P=None, type_ids=None, TT=None, scale=1.0):
+    """(dwte (V, C), dwpe (P, C) or None, dwtt (TT, C) or None): scatter-adds of dout rows."""
+    dout = f64(dout)
+    C = dout.shape[-1]
+    d2 = dout.reshape(-1, C)
+
+    def scatter(idx, n, s):
+        out = np.zeros((n, C))
+        np.add.at(out, np.asarray(idx).reshape(-1), d2 * s)
+        return out
+
+    return (scatter(ids, V, scale),
+            scatter(pos_ids, P, 1.0) if P is not None else None,
+            scatter(type_ids, TT, 1.0) if TT is not None else None)
+
+
+# ---------------------------------------------------------------- cross-entropy
+def cross_entropy(logits, targets, label_smoothing=0.0, ignore_index=-100):
+    """Per-row losses (N,) (0 where ignored) and lse (N,), torch semantics (reduction='none')."""
+    x = f64(logits)
+    t = np.asarray(targets)
+    V = x.shape[-1]
+    m = x.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
+    logp = x - lse[..., None]
+    valid = t != ignore_index
+    tt = np.where(valid, t, 0)
+    nll = -np.take_along_axis(logp, tt[..., None], -1)[..., 0]
+    smooth = -logp.sum(-1) / V
+    loss = (1 - label_smoothing) * nll + label_smoothing * smooth
+    return np.where(valid, loss, 0.0), lse
+
+
+def cross_entropy_mean(logits, targets, label_smoothing=0.0, ignore_index=-100):
+    losses, _ = cross_entropy(logits, targets, label_smoothing, ignore_index)
+    n = int((np.asarray(targets) != ignore_index).sum())
+    return (losses.sum() / n if n else 0.0), n
+
+
+def cross_entropy_backward(logits, targets, label_smoothing=0.0, ignore_index=-100, dloss=1.0):
+    """dlogits (N, V) for upstream dloss (scalar or (N,)) on the per-row losses."""
+    x = f64(logits)
+    t = np.asarray(targets)
+    V = x.shape[-1]
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    valid = t != ignore_index
+    onehot = np.zeros_like(p)
+    np.put_along_axis(onehot, np.where(valid, t, 0)[..., None], 1.0, -1)
+    d = p - (1 - label_smoothing) * onehot - label_smoothing / V
+    scale = np.broadcast_to(f64(dloss), t.shape)
+    return np.where(valid[..., None], d * scale[..., None], 0.0)
+
+
+# ---------------------------------------------------------------- dropout
+_GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def uniform(seed, counters):
+    """rng.uniform(seed, counter) for an array of counters: SplitMix64 finaliser, 24 bits -> [0, 1)."""
+    u = np.uint64
+    with np.errstate(over="ignore"):
+        z = u(seed) + (np.asarray(counters, dtype=np.uint64) + u(1)) * u(_GOLDEN)
+        z = (z ^ (z >> u(30))) * u(_M1)
+        z = (z ^ (z >> u(27))) * u(_M2)
+        z = z ^ (z >> u(31))
+    return (z >> u(40)).astype(np.float64) / 16777216.0
+
+
+def dropout(x, p, seed, offset=0):
+    """x * keep / (1 - p) over the flattened array, keep = uniform(seed, offset + i) >= p."""
+    x = f64(x)
+    if p == 0:
+        return x.copy()
+    keep = uniform(seed, offset + np.arange(x.size, dtype=np.uint64)) >= np.float32(p)
+    return np.where(keep.reshape(x.shape), x / (1 - p), 0.0)
+
+
+# ---------------------------------------------------------------- optimizer and schedules
+def adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """One Adam / AdamW step in float64, returns new (p, m, v)."""
+    p, g, m, v = f64(p).copy(), f64(g).copy(), f64(m).copy(), f64(v).copy()
+    if weight_decay:
+        if decoupled:
+            p *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    mhat = m / (1 - beta1 ** step)
+    vhat = v / (1 - beta2 ** step)
+    return p - lr * mhat / (np.sqrt(vhat) + eps), m, v
+
+
+def global_grad_norm(grads):
+    if not isinstance(grads, (list, tuple)):
+        grads = [grads]
+    return math.sqrt(sum(float((f64(a) ** 2).sum()) for a in grads))
+
+
+def noam_lr(step, d_model, warmup, factor=1.0):
+    return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+def cosine_lr(step, base_lr, warmup, total, min_lr=0.0):
+    if step < warmup:
+        return base_lr * step / warmup
+    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))

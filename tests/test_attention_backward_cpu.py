@@ -1,0 +1,162 @@
+"""Attention backward (FlashAttention-2 style, two deterministic passes) vs float64 references."""
+import math
+
+import numpy as np
+import pytest
+from numba import njit
+
+import reference as ref
+from conftest import assert_close
+from nbformer.kernels.cpu.attention import attention_forward
+from nbformer.kernels.cpu.attention_backward import attention_backward
+from nbformer.kernels.cpu.rng import keep
+
+
+@njit(cache=True)
+def _keep_mask(B, NH, Tq, Tk, seed, p):
+    m = np.zeros((B, NH, Tq, Tk), np.float64)
+    for b in range(B):
+        for h in range(NH):
+            for i in range(Tq):
+                for j in range(Tk):
+                    if keep(np.uint64(seed), np.uint64(((b * NH + h) * Tq + i) * Tk + j), p):
+                        m[b, h, i, j] = 1.0
+    return m
+
+
+def ref_attention_backward(q, k, v, dout, key_mask, causal, scale, drop=None):
+    """float64: returns (out, dq, dk, dv) in (B, NH, T, HS) layout; drop = keep-mask / (1-p)."""
+    q, k, v, dout = (ref.f64(a) for a in (q, k, v, dout))
+    B, NH, Tq, HS = q.shape
+    Tk = k.shape[2]
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    allowed = np.ones((B, 1, Tq, Tk), bool) & np.asarray(key_mask, bool)[:, None, None, :]
+    if causal:
+        allowed &= (np.arange(Tk)[None, :] <= np.arange(Tq)[:, None] + (Tk - Tq))[None, None]
+    allowed = np.broadcast_to(allowed, s.shape)
+    s = np.where(allowed, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    has = np.isfinite(m)
+    e = np.where(allowed, np.exp(s - np.where(has, m, 0)), 0.0)
+    p = np.where(has, e / np.where(e.sum(-1, keepdims=True) > 0, e.sum(-1, keepdims=True), 1), 0.0)
+    M = np.ones_like(p) if drop is None else drop
+    pt = p * M
+    out = np.einsum("bhqk,bhkd->bhqd", pt, v)
+    dv = np.einsum("bhqk,bhqd->bhkd", pt, dout)
+    dp = np.einsum("bhqd,bhkd->bhqk", dout, v) * M
+    D = (p * dp).sum(-1, keepdims=True)
+    ds = p * (dp - D)
+    dq = np.einsum("bhqk,bhkd->bhqd", ds, k) * scale
+    dk = np.einsum("bhqk,bhqd->bhkd", ds, q) * scale
+    return out, dq, dk, dv
+
+
+def run_pair(rng, B, NH, HS, Tq, Tk, causal, key_mask, fused, p_drop=0.0, seed=5, blocks=(32, 32)):
+    C = NH * HS
+    scale = 1.0 / math.sqrt(HS)
+    if fused:
+        assert Tq == Tk
+        qkv = rng.normal(size=(B, Tq, 3 * C)).astype(np.float32)
+        q_buf, kv_buf, q_off, k_off, v_off = qkv, qkv, 0, C, 2 * C
+    else:
+        q_buf = rng.normal(size=(B, Tq, C)).astype(np.float32)
+        kv_buf = rng.normal(size=(B, Tk, 2 * C)).astype(np.float32)
+        q_off, k_off, v_off = 0, 0, C
+    out = np.empty((B, Tq, C), np.float32)
+    lse = np.empty((B, NH, Tq), np.float32)
+    attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, causal, scale)
+    dout = rng.normal(size=(B, Tq, C)).astype(np.float32)
+    if p_drop > 0:  # the forward with dropout is the reference's (the kernel's forward is checked elsewhere)
+        drop = _keep_mask(B, NH, Tq, Tk, seed, p_drop) / (1 - p_drop)
+    else:
+        drop = None
+    q = ref.split_heads(q_buf[..., q_off:q_off + C], NH)
+    k = ref.split_heads(kv_buf[..., k_off:k_off + C], NH)
+    v = ref.split_heads(kv_buf[..., v_off:v_off + C], NH)
+    o64, dq64, dk64, dv64 = ref_attention_backward(q, k, v, ref.split_heads(dout, NH), key_mask, causal, scale, drop)
+    out = ref.merge_heads(o64).astype(np.float32) if p_drop > 0 else out
+    dq_buf = np.full_like(q_buf, np.nan)
+    dkv_buf = dq_buf if fused else np.full_like(kv_buf, np.nan)
+    delta = np.empty((B, NH, Tq), np.float32)
+    attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
+                       NH, HS, causal, scale, dropout_p=p_drop, seed=seed, block_q=blocks[0], block_k=blocks[1])
+    for name, got, want in (("dq", dq_buf[..., q_off:q_off + C], dq64), ("dk", dkv_buf[..., k_off:k_off + C], dk64),
+                            ("dv", dkv_buf[..., v_off:v_off + C], dv64)):
+        want = ref.merge_heads(want)
+        assert_close(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0, what=name)
+    return dq_buf, dkv_buf
+
+
+def padded_mask(B, Tk, kind):
+    mask = np.ones((B, Tk), np.uint8)
+    if kind == "right" and B > 1:
+        mask[-1, 1:] = 0  # a row padded down to a single token
+    if kind == "left" and B > 1:
+        mask[0, : Tk // 2] = 0
+    if kind == "hole" and Tk > 8:
+        mask[:, 3:8] = 0  # a fully masked key block with tiny tiles
+    return mask
+
+
+@pytest.mark.parametrize("T", [1, 7, 33, 130])
+@pytest.mark.parametrize("HS,NH", [(16, 3), (32, 1), (64, 2), (80, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_backward(rng, T, HS, NH, causal):
+    B = 2
+    run_pair(rng, B, NH, HS, T, T, causal, padded_mask(B, T, "right"), fused=True)
+
+
+@pytest.mark.parametrize("kind", ["left", "hole", "all"])
+@pytest.mark.parametrize("blocks", [(4, 3), (32, 32)])
+def test_padding_and_tiny_tiles(rng, kind, blocks):
+    B, T = 3, 19
+    mask = padded_mask(B, T, kind) if kind != "all" else np.ones((B, T), np.uint8)
+    if kind == "all":
+        mask[1] = 0  # a batch row with no key at all: its gradients are 0
+    dq, _ = run_pair(rng, B, 2, 16, T, T, True, mask, fused=True, blocks=blocks)
+    if kind == "all":
+        assert not np.isnan(dq).any() and np.all(dq[1] == 0)
+
+
+@pytest.mark.parametrize("Tq,Tk,causal", [(5, 33, False), (5, 33, True), (1, 17, True), (257, 9, False)])
+def test_cross_attention_backward(rng, Tq, Tk, causal):
+    run_pair(rng, 2, 2, 32, Tq, Tk, causal, padded_mask(2, Tk, "left"), fused=False, blocks=(8, 5))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_is_regenerated(rng, p):
+    run_pair(rng, 2, 2, 16, 21, 21, True, padded_mask(2, 21, "right"), fused=True, p_drop=p, blocks=(8, 4))
+
+
+def test_finite_differences_of_the_reference(rng):
+    """The analytic float64 reference agrees with central differences of the float64 forward."""
+    B, NH, T, HS = 1, 2, 5, 3
+    q, k, v = (rng.normal(size=(B, NH, T, HS)) for _ in range(3))
+    dout = rng.normal(size=(B, NH, T, HS))
+    mask = np.array([[1, 1, 0, 1, 1]], np.uint8)
+    _, dq, dk, dv = ref_attention_backward(q, k, v, dout, mask, True, 0.7)
+
+    def loss(q_, k_, v_):
+        return float((ref.attention(q_, k_, v_, mask, True, 0.7)[0] * dout).sum())
+
+    for which, grad in ((0, dq), (1, dk), (2, dv)):
+        args = [q.copy(), k.copy(), v.copy()]
+        num = np.zeros_like(grad)
+        for idx in np.ndindex(grad.shape):
+            for sign in (1, -1):
+                a = [x.copy() for x in args]
+                a[which][idx] += sign * 1e-6
+                num[idx] += sign * loss(*a) / 2e-6
+        assert_close(grad, num, atol=1e-6, rtol=1e-5, what=f"grad {which}")
+
+
+def test_deterministic(rng):
+    import numba
+
+    a = run_pair(np.random.default_rng(3), 2, 2, 32, 70, 70, True, padded_mask(2, 70, "right"), fused=True)[0]
+    numba.set_num_threads(1)
+    try:
+        b = run_pair(np.random.default_rng(3), 2, 2, 32, 70, 70, True, padded_mask(2, 70, "right"), fused=True)[0]
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert np.array_equal(a, b)
