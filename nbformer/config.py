@@ -37,6 +37,7 @@ class ModelConfig:
     lm_head_bias: bool = False
     n_decoder_layers: int = 0  # encoder_decoder only
     pad_token_id: int | None = None
+    padding_idx: int | None = None  # nn.Embedding(padding_idx=...): this token row gets no gradient
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     family: str = "nbformer"  # the checkpoint naming scheme: bert | gpt2 | nbformer
@@ -71,7 +72,7 @@ class ModelConfig:
             bad("layer_norm_eps", "a positive number")
         if self.arch == "encoder_decoder" and self.n_decoder_layers <= 0:
             bad("n_decoder_layers", "a positive integer for an encoder_decoder model")
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        for name in ("pad_token_id", "padding_idx", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             if v is not None and not (0 <= v < self.vocab_size):
                 bad(name, f"None or an id in [0, {self.vocab_size})")

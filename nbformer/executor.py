@@ -1,6 +1,8 @@
 """Executor: binds parameters, inputs and one planned arena, then walks the schedule."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from . import ops
@@ -34,7 +36,8 @@ class Executor:
             fn = ops.get(node.op, device, node.direction)
             self.steps.append((fn, node))
 
-    def run(self, inputs: dict, copy_outputs: bool = True) -> dict:
+    def run(self, inputs: dict, copy_outputs: bool = True, profile: dict | None = None) -> dict:
+        """Run the schedule. profile: if given, (op, direction) -> [calls, seconds] is accumulated."""
         views = self.views
         for name in self.graph.inputs:
             t = self.graph.tensors[name]
@@ -45,9 +48,17 @@ class Executor:
                 raise GraphError(f"executor: input '{name}' is {a.dtype}{tuple(a.shape)}, "
                                  f"expected contiguous {t.dtype}{t.shape}")
             views[name] = a
+        clock = time.perf_counter if profile is not None else None
         for fn, node in self.steps:
             kw = {role: views[t] for role, t in node.inputs.items()}
             for role, t in node.outputs.items():
                 kw[role] = views[t]
-            fn(**kw, **node.attrs)
+            if clock is None:
+                fn(**kw, **node.attrs)
+            else:
+                t0 = clock()
+                fn(**kw, **node.attrs)
+                rec = profile.setdefault((node.op, node.direction), [0, 0.0])
+                rec[0] += 1
+                rec[1] += clock() - t0
         return {n: (views[n].copy() if copy_outputs else views[n]) for n in self.graph.outputs}

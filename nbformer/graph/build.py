@@ -116,7 +116,8 @@ class _Builder:
             ins["type_ids"] = g.tensor("token_type_ids", (B, T), "i64", "input")
             ins["wtt"] = "type_emb"
         x = self.act("emb", (B, T, cfg.d_model))
-        g.node("embedding", ins, {"out": x}, {"scale": float(cfg.embedding_scale)})
+        g.node("embedding", ins, {"out": x}, {"scale": float(cfg.embedding_scale),
+                                              "padding_idx": -1 if cfg.padding_idx is None else cfg.padding_idx})
         if cfg.embedding_layernorm:
             x = self.layernorm(x, "emb_ln", "emb.ln")
         return self.dropout_(x, "emb.drop")

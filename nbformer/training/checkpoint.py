@@ -40,6 +40,7 @@ def atomic_save(path: Path, tensors: dict, metadata: dict):
         save_file(tensors, tmp, metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
         os.replace(tmp, path)
         try:
             dfd = os.open(path.parent, os.O_RDONLY)

@@ -19,7 +19,7 @@ import numpy as np
 from .. import ops
 from ..config import ModelConfig
 from ..errors import InputError, NbformerError
-from .checkpoint import load_training, save_training
+from .checkpoint import CheckpointError, load_training, save_training
 from .data import TokenData
 from .state import FlatBuffers, StepRunner
 
@@ -228,8 +228,12 @@ class Trainer:
     def fit(self) -> dict:
         """Run until opts.steps. Returns a summary (final losses, tokens/s, whether it was interrupted)."""
         o = self.opts
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "train_log.jsonl"
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            open(log_path, "a", encoding="utf-8").close()
+        except OSError as e:
+            raise CheckpointError(f"{self.out_dir}: cannot write checkpoints or logs there ({e.strerror})") from None
         bar = Progress(o.steps, self.progress)
         old = None
         try:

@@ -32,6 +32,7 @@ def config_from_hf(c: dict, where: str) -> ModelConfig:
         layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)), embedding_layernorm=True,
         final_layernorm=False, lm_head=False, tie_word_embeddings=False,
         pad_token_id=pad if isinstance(pad, int) and 0 <= pad < need("vocab_size") else None,
+        padding_idx=pad if isinstance(pad, int) and 0 <= pad < need("vocab_size") else None,
     )
 
 

@@ -1,4 +1,9 @@
-"""Linear layers: BLAS GEMM (np.dot inside njit) plus our fused bias/activation/residual epilogue.
+"""Linear layers: BLAS GEMM plus our fused bias/activation/residual epilogue.
+
+The GEMMs go through NumPy's OpenBLAS (np.matmul with out=) from the launchers: measured 1.5-3x
+faster on this class of machine than the scipy-provided BLAS Numba's np.dot binds to, with no
+copy of the transposed weight. Everything elementwise (epilogues, activation backward, the
+deterministic bias-gradient reduction) is our own njit code.
 
 Weights use the nn.Linear layout w (M, K): out (N, M) = act(x (N, K) @ w.T + b) + residual.
 """
@@ -28,11 +33,9 @@ def activate(v, act):
 
 
 @njit(parallel=True, cache=True)
-def _linear_forward(out, x, w, b, act, residual, use_bias, use_residual):
-    np.dot(x, w.T, out)  # (N, K) @ (K, M) -> (N, M), sgemm
+def _linear_epilogue(out, b, act, residual, use_bias, use_residual):
+    # out (N, M) holds x @ w.T on entry
     N, M = out.shape
-    if not use_bias and act == ACT_NONE and not use_residual:
-        return
     for i in prange(N):
         for j in range(M):
             v = out[i, j]
@@ -49,8 +52,10 @@ def linear_forward(out, x, w, b=None, act="none", residual=None):
     K, M = x.shape[-1], w.shape[0]
     out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
     use_bias, use_res = b is not None, residual is not None
-    _linear_forward(out2, x2, w, b if use_bias else w[0], ACT_CODES[act],
-                    residual.reshape(-1, M) if use_res else out2, use_bias, use_res)
+    np.matmul(x2, w.T, out=out2)  # (N, K) @ (K, M), sgemm
+    if use_bias or use_res or act != "none":
+        _linear_epilogue(out2, b if use_bias else w[0], ACT_CODES[act],
+                         residual.reshape(-1, M) if use_res else out2, use_bias, use_res)
 
 
 # ---------------------------------------------------------------- training: forward that saves pre, backward
@@ -75,8 +80,8 @@ def activate_grad(v, act):
 
 
 @njit(parallel=True, cache=True)
-def _linear_forward_train(out, pre, x, w, b, act, residual, use_bias, use_residual):
-    np.dot(x, w.T, pre)  # (N, K) @ (K, M) -> (N, M), sgemm
+def _linear_epilogue_train(out, pre, b, act, residual, use_bias, use_residual):
+    # pre (N, M) holds x @ w.T on entry; it leaves with the bias added
     N, M = pre.shape
     for i in prange(N):
         for j in range(M):
@@ -91,7 +96,7 @@ def _linear_forward_train(out, pre, x, w, b, act, residual, use_bias, use_residu
 
 
 @njit(parallel=True, cache=True)
-def _linear_backward(dx, dw, db, dout, x, w, pre, g, act, use_dx, use_dw, use_db, rows):
+def _linear_backward_elementwise(db, dout, pre, g, act, use_db, rows):
     # dout, pre, g (N, M); x, dx (N, K); w, dw (M, K); db (M,)
     N, M = dout.shape
     nchunk = (N + rows - 1) // rows
@@ -112,10 +117,6 @@ def _linear_backward(dx, dw, db, dout, x, w, pre, g, act, use_dx, use_dw, use_db
                 for k in range(nchunk):  # fixed order over chunks: deterministic
                     s += part[k, j]
                 db[j] = s
-    if use_dx:
-        np.dot(g, w, dx)  # (N, M) @ (M, K) -> (N, K)
-    if use_dw:
-        np.dot(g.T, x, dw)  # (M, N) @ (N, K) -> (M, K)
 
 
 def _check(op, name, a, shape, dtype=np.float32):
@@ -156,8 +157,9 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
         _check(op, "residual", residual, oshape)
     code = _act_code(op, act)
     pre2 = pre.reshape(-1, M)
-    _linear_forward_train(out.reshape(-1, M), pre2, x.reshape(-1, K), w, b if use_bias else w[0], code,
-                          residual.reshape(-1, M) if use_res else pre2, use_bias, use_res)
+    np.matmul(x.reshape(-1, K), w.T, out=pre2)
+    _linear_epilogue_train(out.reshape(-1, M), pre2, b if use_bias else w[0], code,
+                           residual.reshape(-1, M) if use_res else pre2, use_bias, use_res)
 
 
 def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
@@ -200,5 +202,9 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
         pre2 = pre.reshape(-1, M)
     else:
         g2 = pre2 = dout2
-    _linear_backward(dx.reshape(-1, K) if use_dx else x2, dw if use_dw else w, db if use_db else w[0],
-                     dout2, x2, w, pre2, g2, code, use_dx, use_dw, use_db, ROWS_PER_CHUNK)
+    if code != ACT_NONE or use_db:
+        _linear_backward_elementwise(db if use_db else w[0], dout2, pre2, g2, code, use_db, ROWS_PER_CHUNK)
+    if use_dx:
+        np.matmul(g2, w, out=dx.reshape(-1, K))  # (N, M) @ (M, K)
+    if use_dw:
+        np.matmul(g2.T, x2, out=dw)  # (M, N) @ (N, K)

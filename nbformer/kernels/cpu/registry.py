@@ -13,7 +13,7 @@ DEV = "cpu"
 
 
 @register("embedding", DEV)
-def _embedding(out, ids, wte, pos_ids=None, wpe=None, type_ids=None, wtt=None, scale=1.0):
+def _embedding(out, ids, wte, pos_ids=None, wpe=None, type_ids=None, wtt=None, scale=1.0, padding_idx=-1):
     embedding_forward(out, ids, wte, pos_ids, wpe, type_ids, wtt, scale)
 
 
@@ -102,10 +102,13 @@ def _cross_entropy(losses, lse, logits, targets, label_smoothing, ignore_index, 
 
 # ---------------------------------------------------------------- training: backward
 @register("embedding", DEV, "backward")
-def _embedding_bwd(dout, ids, dwte=None, dwpe=None, dwtt=None, pos_ids=None, type_ids=None, scale=1.0):
+def _embedding_bwd(dout, ids, dwte=None, dwpe=None, dwtt=None, pos_ids=None, type_ids=None, scale=1.0,
+                   padding_idx=-1):
     from .embedding import embedding_backward
 
     embedding_backward(dwte, dwpe, dwtt, dout, ids, pos_ids, type_ids, scale)
+    if dwte is not None and padding_idx >= 0:
+        dwte[padding_idx] = 0.0  # nn.Embedding(padding_idx=...) semantics
 
 
 @register("layernorm", DEV, "backward")
