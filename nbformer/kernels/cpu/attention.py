@@ -456,7 +456,7 @@ def _addressable(kv):
     stride along the last axis and whole-float strides (any view along axes 0/1 qualifies,
     e.g. a KV-cache prefix); anything else is copied once by the launcher."""
     s0, s1, s2 = kv.strides
-    return s2 == 4 and s0 % 4 == 0 and s1 % 4 == 0
+    return kv.flags.aligned and s2 == 4 and s0 % 4 == 0 and s1 % 4 == 0
 
 
 def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_heads, head_size,
@@ -505,16 +505,19 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
         got = (f"{key_mask.dtype} {key_mask.shape}" if isinstance(key_mask, np.ndarray)
                else type(key_mask).__name__)
         raise GraphError(f"attention_forward: key_mask must be uint8 {(B, Tk)}, got {got}")
-    if not (out.flags.writeable and lse.flags.writeable):
-        raise GraphError("attention_forward: out and lse must be writeable")
+    for name, a in (("out", out), ("lse", lse)):
+        if not (a.flags.writeable and a.flags.aligned):
+            raise GraphError(f"attention_forward: {name} must be writeable and aligned")
     if B == 0 or Tq == 0:
         return
+    if not q_buf.flags.aligned:
+        q_buf = np.ascontiguousarray(q_buf)
     if not _addressable(kv_buf):
         kv_buf = np.ascontiguousarray(kv_buf)
     if not key_mask.flags.c_contiguous:
         key_mask = np.ascontiguousarray(key_mask)  # (B, Tk) bytes
     _core_entry()(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, bool(causal),
-         float(scale), bq, bk, numba.get_num_threads())
+                  float(scale), bq, bk, numba.get_num_threads())
 
 
 _CORE = []
@@ -524,8 +527,8 @@ def _core_entry():
     """The core compiled once, for read-only 'A'-layout q/kv and mask: contiguous buffers,
     KV-cache views, strided views, writeable or not, all go through this one variant (numba
     would otherwise compile one per layout mix, ~20 s each). The launcher has checked dtypes
-    and ranks, and q/kv/mask are only read, so calling the compiled entry point directly is
-    safe; out/lse are checked C-contiguous and writeable."""
+    and ranks (and made everything aligned), q/kv/mask are only read, so calling the compiled
+    entry point directly is safe; out/lse are checked C-contiguous, aligned and writeable."""
     if not _CORE:
         f32_3c = types.Array(types.float32, 3, "C")
         ro_3a = types.Array(types.float32, 3, "A", readonly=True)

@@ -1,8 +1,7 @@
 """Linear layers: BLAS GEMM plus our fused bias/activation/residual epilogue.
 
-The GEMMs go through NumPy's OpenBLAS (np.matmul with out=) from the launchers: measured 1.5-3x
-faster on this class of machine than the scipy-provided BLAS Numba's np.dot binds to, with no
-copy of the transposed weight. Everything elementwise (epilogues, activation backward, the
+The GEMMs go through gemm.matmul (NumPy's OpenBLAS, single-threaded per call, rows split over
+our own small pool; see gemm.py for why). Everything elementwise (epilogues, activation backward, the
 deterministic bias-gradient reduction) is our own njit code.
 
 Weights use the nn.Linear layout w (M, K): out (N, M) = act(x (N, K) @ w.T + b) + residual.
@@ -13,6 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
+from .gemm import matmul
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2, 3
 ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
@@ -52,7 +52,7 @@ def linear_forward(out, x, w, b=None, act="none", residual=None):
     K, M = x.shape[-1], w.shape[0]
     out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
     use_bias, use_res = b is not None, residual is not None
-    np.matmul(x2, w.T, out=out2)  # (N, K) @ (K, M), sgemm
+    matmul(out2, x2, w.T)  # (N, K) @ (K, M), sgemm
     if use_bias or use_res or act != "none":
         _linear_epilogue(out2, b if use_bias else w[0], ACT_CODES[act],
                          residual.reshape(-1, M) if use_res else out2, use_bias, use_res)
@@ -157,7 +157,7 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
         _check(op, "residual", residual, oshape)
     code = _act_code(op, act)
     pre2 = pre.reshape(-1, M)
-    np.matmul(x.reshape(-1, K), w.T, out=pre2)
+    matmul(pre2, x.reshape(-1, K), w.T)
     _linear_epilogue_train(out.reshape(-1, M), pre2, b if use_bias else w[0], code,
                            residual.reshape(-1, M) if use_res else pre2, use_bias, use_res)
 
@@ -205,6 +205,6 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
     if code != ACT_NONE or use_db:
         _linear_backward_elementwise(db if use_db else w[0], dout2, pre2, g2, code, use_db, ROWS_PER_CHUNK)
     if use_dx:
-        np.matmul(g2, w, out=dx.reshape(-1, K))  # (N, M) @ (M, K)
+        matmul(dx.reshape(-1, K), g2, w)  # (N, M) @ (M, K)
     if use_dw:
-        np.matmul(g2.T, x2, out=dw)  # (M, N) @ (N, K)
+        matmul(dw, g2.T, x2)  # (M, N) @ (N, K)
