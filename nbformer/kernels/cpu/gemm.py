@@ -1,94 +1,112 @@
-"""Matrix products on the CPU: NumPy's OpenBLAS sgemm, one BLAS thread per core, split by us.
+"""Matrix products on the CPU: BLAS sgemm on blocks, one block per Numba thread.
 
-Why not let OpenBLAS thread itself: its worker threads busy-wait for a long time after each
-call, and our Numba kernels (OpenMP threads) run right after every GEMM, so the two pools fight
-for the same cores; epilogues ran 3-10x slower than alone. Instead OpenBLAS is set to one thread
-and the rows of the output are split over a small pool of Python threads (NumPy releases the
-GIL inside BLAS), so exactly one pool is busy at a time. The split depends only on the shape and
-the thread count, so results are the same on every run with the same settings.
+BLAS (the OpenBLAS that Numba's np.dot binds to, via scipy) is set to one thread and the GEMM is
+split by us inside a `prange`: row blocks when there are enough rows, column blocks otherwise
+(decoding). Why: a multi-threaded BLAS keeps its own worker pool busy-waiting after every call,
+and our Numba kernels (OpenMP workers) run right after every GEMM, so two pools fought for the
+same cores (epilogues 3-10x slower, training steps 3-4x slower, measured on 2 cores). With one
+pool there is nothing to fight, and the linear layer's epilogue (bias, activation, residual)
+runs on each block straight after its GEMM, while the block is still in cache.
+
+Blocks have a fixed size (ROWS rows, or COLS columns when there are few rows), independent of
+the thread count, so every element is computed by the same sgemm call shape whatever the number
+of threads: results are bit-identical across runs and thread counts.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit, prange
 
+_lock = threading.Lock()
+_blas_pinned = False
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
             "openblas_set_num_threads")
-_lock = threading.Lock()
-_pool = None
-_threads = None
-_MIN_FLOPS_TO_SPLIT = 2e6  # below this one call is cheaper than waking a second thread
 
 
-def _openblas_libs():
-    libs = []
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
-    except OSError:
-        return libs
-    for p in sorted(paths):
-        try:
-            libs.append(ctypes.CDLL(p))
-        except OSError:
-            pass
-    return libs
-
-
-def _single_threaded_blas():
-    np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # make sure NumPy's BLAS is loaded
-    for lib in _openblas_libs():
-        for name in _SETTERS:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(1))
-
-
-def n_threads() -> int:
-    global _pool, _threads
-    if _threads is None:
-        with _lock:
-            if _threads is None:
-                from numba import get_num_threads
-
-                _single_threaded_blas()
-                t = int(os.environ.get("NBFORMER_GEMM_THREADS", get_num_threads()))
-                _threads = max(1, t)
-                _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="nbformer-gemm") if t > 1 else None
-    return _threads
-
-
-def _split(n: int, parts: int):
-    step = -(-n // parts)
-    return [(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-def matmul(out: np.ndarray, a: np.ndarray, b: np.ndarray):
-    """out (N, M) = a (N, K) @ b (K, M); a, b may be transposed views; out C-contiguous."""
-    t = n_threads()
-    N, K = a.shape
-    M = b.shape[1]
-    if t == 1 or N < 2 * t or 2.0 * N * K * M < _MIN_FLOPS_TO_SPLIT:
-        if N == 1 or M == 1 or t == 1 or 2.0 * N * K * M < _MIN_FLOPS_TO_SPLIT:
-            np.matmul(a, b, out=out)
-            return
-        # few rows (decoding): split the columns of out through its transpose, out.T = b.T @ a.T,
-        # whose row blocks are contiguous; the (M, N) transpose copy back is cheap for small N
-        tmp = np.empty((M, N), np.float32)
-        bt, at = b.T, a.T
-        cols = _split(M, t)
-        futs = [_pool.submit(np.matmul, bt[c0:c1], at, out=tmp[c0:c1]) for c0, c1 in cols[1:]]
-        np.matmul(bt[cols[0][0]:cols[0][1]], at, out=tmp[cols[0][0]:cols[0][1]])
-        for f in futs:
-            f.result()
-        out[...] = tmp.T
+def pin_blas_to_one_thread():
+    """Set every OpenBLAS loaded in this process (scipy's, which Numba's np.dot calls, and NumPy's)
+    to one thread. Idempotent; called by the launchers before the first GEMM."""
+    global _blas_pinned
+    if _blas_pinned:
         return
-    rows = _split(N, t)
-    futs = [_pool.submit(np.matmul, a[r0:r1], b, out=out[r0:r1]) for r0, r1 in rows[1:]]
-    np.matmul(a[rows[0][0]:rows[0][1]], b, out=out[rows[0][0]:rows[0][1]])
-    for f in futs:
-        f.result()
+    with _lock:
+        if _blas_pinned:
+            return
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS Numba binds to)
+
+        try:
+            with open("/proc/self/maps") as f:
+                paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "/" in ln})
+        except OSError:
+            paths = []
+        for p in paths:
+            try:
+                lib = ctypes.CDLL(p)
+            except OSError:
+                continue
+            for name in _SETTERS:
+                fn = getattr(lib, name, None)
+                if fn is not None:
+                    fn(ctypes.c_int(1))
+        _blas_pinned = True
+
+
+ROWS = 64  # rows per block: large enough for sgemm's full speed, small enough to share out
+COLS = 256  # columns per block when there are fewer than 2 * ROWS rows
+
+
+@njit(inline="always")
+def by_rows(N, M):
+    """Split over rows (True) or columns (False)?"""
+    return N >= 2 * ROWS or M <= COLS
+
+
+@njit(parallel=True, cache=True)
+def matmul_nt(out, a, b):
+    """out (N, M) = a (N, K) @ b (M, K).T, one block of rows (or columns) per thread."""
+    N, M = out.shape
+    if by_rows(N, M):
+        for c in prange((N + ROWS - 1) // ROWS):
+            r0 = c * ROWS
+            r1 = min(N, r0 + ROWS)
+            np.dot(a[r0:r1], b.T, out[r0:r1])
+    else:
+        for c in prange((M + COLS - 1) // COLS):
+            m0 = c * COLS
+            m1 = min(M, m0 + COLS)
+            tmp = np.empty((N, m1 - m0), np.float32)
+            np.dot(a, b[m0:m1].T, tmp)
+            out[:, m0:m1] = tmp
+
+
+@njit(parallel=True, cache=True)
+def matmul_nn(out, a, b):
+    """out (N, M) = a (N, K) @ b (K, M)."""
+    N, M = out.shape
+    if by_rows(N, M):
+        for c in prange((N + ROWS - 1) // ROWS):
+            r0 = c * ROWS
+            r1 = min(N, r0 + ROWS)
+            np.dot(a[r0:r1], b, out[r0:r1])
+    else:
+        for c in prange((M + COLS - 1) // COLS):
+            m0 = c * COLS
+            m1 = min(M, m0 + COLS)
+            bc = np.ascontiguousarray(b[:, m0:m1])
+            tmp = np.empty((N, m1 - m0), np.float32)
+            np.dot(a, bc, tmp)
+            out[:, m0:m1] = tmp
+
+
+@njit(parallel=True, cache=True)
+def matmul_tn(out, a, b):
+    """out (M, K) = a (N, M).T @ b (N, K): the weight gradient g.T @ x, split over rows of out."""
+    M, K = out.shape
+    for c in prange((M + ROWS - 1) // ROWS):
+        m0 = c * ROWS
+        m1 = min(M, m0 + ROWS)
+        ac = np.ascontiguousarray(a[:, m0:m1])  # (N, m) block of g, made contiguous
+        np.dot(ac.T, b, out[m0:m1])

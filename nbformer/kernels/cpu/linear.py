@@ -1,7 +1,7 @@
 """Linear layers: BLAS GEMM plus our fused bias/activation/residual epilogue.
 
-The GEMMs go through gemm.matmul (NumPy's OpenBLAS, single-threaded per call, rows split over
-our own small pool; see gemm.py for why). Everything elementwise (epilogues, activation backward, the
+GEMMs are BLAS sgemm calls on blocks, one block per Numba thread, each block's epilogue fused
+right after its GEMM (see gemm.py for why BLAS itself runs single-threaded). Everything elementwise (epilogues, activation backward, the
 deterministic bias-gradient reduction) is our own njit code.
 
 Weights use the nn.Linear layout w (M, K): out (N, M) = act(x (N, K) @ w.T + b) + residual.
@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
-from .gemm import matmul
+from .gemm import COLS, ROWS, by_rows, matmul_nn, matmul_tn, pin_blas_to_one_thread
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2, 3
 ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
@@ -32,19 +32,45 @@ def activate(v, act):
     return v
 
 
+@njit(inline="always")
+def _epilogue_row(out, pre, src, i, r, m0, m1, b, act, residual, use_bias, use_residual, keep_pre):
+    # out[i, m0:m1] = act(src[r, :] + b) (+ residual); src is the GEMM result of this block
+    for j in range(m0, m1):
+        v = src[r, j - m0]
+        if use_bias:
+            v += b[j]
+        if keep_pre:
+            pre[i, j] = v
+        v = activate(v, act)
+        if use_residual:
+            v += residual[i, j]
+        out[i, j] = v
+
+
 @njit(parallel=True, cache=True)
-def _linear_epilogue(out, b, act, residual, use_bias, use_residual):
-    # out (N, M) holds x @ w.T on entry
+def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_pre):
+    # out, pre, residual (N, M); x (N, K); w (M, K). One GEMM block per thread, epilogue right after.
     N, M = out.shape
-    for i in prange(N):
-        for j in range(M):
-            v = out[i, j]
-            if use_bias:
-                v += b[j]
-            v = activate(v, act)
-            if use_residual:
-                v += residual[i, j]
-            out[i, j] = v
+    plain = not use_bias and act == ACT_NONE and not use_residual and not keep_pre
+    if by_rows(N, M):
+        for c in prange((N + ROWS - 1) // ROWS):
+            r0 = c * ROWS
+            r1 = min(N, r0 + ROWS)
+            dst = pre if keep_pre else out
+            np.dot(x[r0:r1], w.T, dst[r0:r1])
+            if not plain:
+                blk = dst[r0:r1]
+                for i in range(r0, r1):
+                    _epilogue_row(out, pre, blk, i, i - r0, 0, M, b, act, residual, use_bias, use_residual,
+                                  keep_pre)
+    else:  # few rows (decoding): blocks of columns
+        for c in prange((M + COLS - 1) // COLS):
+            m0 = c * COLS
+            m1 = min(M, m0 + COLS)
+            tmp = np.empty((N, m1 - m0), np.float32)
+            np.dot(x, w[m0:m1].T, tmp)
+            for i in range(N):
+                _epilogue_row(out, pre, tmp, i, i, m0, m1, b, act, residual, use_bias, use_residual, keep_pre)
 
 
 def linear_forward(out, x, w, b=None, act="none", residual=None):
@@ -52,10 +78,9 @@ def linear_forward(out, x, w, b=None, act="none", residual=None):
     K, M = x.shape[-1], w.shape[0]
     out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
     use_bias, use_res = b is not None, residual is not None
-    matmul(out2, x2, w.T)  # (N, K) @ (K, M), sgemm
-    if use_bias or use_res or act != "none":
-        _linear_epilogue(out2, b if use_bias else w[0], ACT_CODES[act],
-                         residual.reshape(-1, M) if use_res else out2, use_bias, use_res)
+    pin_blas_to_one_thread()
+    _linear_fwd(out2, out2, x2, w, b if use_bias else w[0], ACT_CODES[act],
+                residual.reshape(-1, M) if use_res else out2, use_bias, use_res, False)
 
 
 # ---------------------------------------------------------------- training: forward that saves pre, backward
@@ -77,22 +102,6 @@ def activate_grad(v, act):
         t = math.tanh(_SQRT_2_OVER_PI * (v + _GELU_K * x2 * v))
         return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_K * x2)
     return 1.0
-
-
-@njit(parallel=True, cache=True)
-def _linear_epilogue_train(out, pre, b, act, residual, use_bias, use_residual):
-    # pre (N, M) holds x @ w.T on entry; it leaves with the bias added
-    N, M = pre.shape
-    for i in prange(N):
-        for j in range(M):
-            v = pre[i, j]
-            if use_bias:
-                v += b[j]
-                pre[i, j] = v
-            a = activate(v, act)
-            if use_residual:
-                a += residual[i, j]
-            out[i, j] = a
 
 
 @njit(parallel=True, cache=True)
@@ -157,9 +166,9 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
         _check(op, "residual", residual, oshape)
     code = _act_code(op, act)
     pre2 = pre.reshape(-1, M)
-    matmul(pre2, x.reshape(-1, K), w.T)
-    _linear_epilogue_train(out.reshape(-1, M), pre2, b if use_bias else w[0], code,
-                           residual.reshape(-1, M) if use_res else pre2, use_bias, use_res)
+    pin_blas_to_one_thread()
+    _linear_fwd(out.reshape(-1, M), pre2, x.reshape(-1, K), w, b if use_bias else w[0], code,
+                residual.reshape(-1, M) if use_res else pre2, use_bias, use_res, True)
 
 
 def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
@@ -204,7 +213,8 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
         g2 = pre2 = dout2
     if code != ACT_NONE or use_db:
         _linear_backward_elementwise(db if use_db else w[0], dout2, pre2, g2, code, use_db, ROWS_PER_CHUNK)
+    pin_blas_to_one_thread()
     if use_dx:
-        matmul(dx.reshape(-1, K), g2, w)  # (N, M) @ (M, K)
+        matmul_nn(dx.reshape(-1, K), g2, w)  # (N, M) @ (M, K)
     if use_dw:
-        matmul(dw, g2.T, x2)  # (M, N) @ (N, K)
+        matmul_tn(dw, g2, x2)  # (M, N) @ (N, K)
