@@ -160,3 +160,22 @@ def test_deterministic(rng):
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("blocks", [(256, 256), (8, 5)])
+def test_forward_dropout_uses_the_same_mask(rng, blocks):
+    """attention_forward with dropout equals the float64 reference with rng.keep's mask."""
+    B, NH, HS, T = 2, 2, 16, 37
+    C = NH * HS
+    qkv = rng.normal(size=(B, T, 3 * C)).astype(np.float32)
+    mask = padded_mask(B, T, "right")
+    out = np.empty((B, T, C), np.float32)
+    lse = np.empty((B, NH, T), np.float32)
+    attention_forward(out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, True, HS ** -0.5, block_q=blocks[0],
+                      block_k=blocks[1], dropout_p=0.3, seed=77)
+    drop = _keep_mask(B, NH, T, T, 77, 0.3) / 0.7
+    q, k, v = (ref.split_heads(qkv[..., i * C:(i + 1) * C], NH) for i in range(3))
+    o64, _, _, _ = ref_attention_backward(q, k, v, np.zeros_like(q), mask, True, HS ** -0.5, drop)
+    assert_close(out, ref.merge_heads(o64), atol=2e-6, rtol=1e-5)
+    _, lse64 = ref.attention(q, k, v, mask, True, HS ** -0.5)  # lse ignores dropout
+    assert_close(lse, lse64, atol=2e-6, rtol=1e-5)

@@ -66,7 +66,7 @@ def test_self_attention(rng, T, HS, NH, causal, tiles):
     check(buf, qo, buf, ko, vo, mask, NH, HS, causal, tiles=tiles)
 
 
-@pytest.mark.parametrize("HS", [16, 32, 64, 80])
+@pytest.mark.parametrize("HS", [16, 20, 24, 32, 64, 80])  # 20, 24: 8-wide and scalar column edges
 @pytest.mark.parametrize("tiles", [DEFAULT, (8, 16), TINY])
 def test_head_sizes(rng, HS, tiles):
     buf, qo, ko, vo = fused_qkv(rng, 1, 33, 2, HS, spread=2.0)  # peaky softmax: rescaling matters
@@ -122,6 +122,17 @@ def test_single_row_all_masked(rng):
     buf, qo, ko, vo = fused_qkv(rng, 1, 9, 1, 16)
     out, lse = run(buf, qo, buf, ko, vo, np.zeros((1, 9), np.uint8), 1, 16, False, tiles=TINY)
     assert np.all(out == 0.0) and np.all(np.isneginf(lse))
+
+
+def test_nan_propagates(rng):
+    """NaN inputs give NaN outputs (not silently dropped, not mistaken for empty rows)."""
+    B, T, NH, HS = 1, 9, 1, 16
+    buf, qo, ko, vo = fused_qkv(rng, B, T, NH, HS)
+    buf[0, 4, qo] = np.nan  # one query row
+    buf[0, 6, vo + 3] = np.nan  # one value entry, seen by every row
+    out, lse = run(buf, qo, buf, ko, vo, np.ones((B, T), np.uint8), NH, HS, False, tiles=TINY)
+    assert np.isnan(out[0, 4]).all() and np.isnan(lse[0, 0, 4])
+    assert np.isnan(out[0, :, 3]).all() and np.isfinite(np.delete(lse[0, 0], 4)).all()
 
 
 # ---------------------------------------------------------------- cross-attention, decode
@@ -187,6 +198,16 @@ def test_odd_kv_layouts(rng, layout):
     check(q, 0, kv, 0, C, np.ones((B, Tk), np.uint8), NH, HS, True, tiles=TINY)
 
 
+def test_unaligned_inputs(rng):
+    B, T, NH, HS = 1, 10, 2, 16
+    C = NH * HS
+    raw = bytearray(B * T * 3 * C * 4 + 1)
+    buf = np.frombuffer(raw, dtype=np.float32, offset=1, count=B * T * 3 * C).reshape(B, T, 3 * C)
+    assert not buf.flags.aligned
+    buf[...] = rng.normal(size=buf.shape)
+    check(buf, 0, buf, C, 2 * C, np.ones((B, T), np.uint8), NH, HS, False, tiles=TINY)
+
+
 def test_read_only_inputs(rng):
     B, T, NH, HS = 1, 12, 2, 16
     buf, qo, ko, vo = fused_qkv(rng, B, T, NH, HS)
@@ -247,6 +268,7 @@ def _args(B=2, Tq=5, Tk=6, NH=2, HS=8):
     (dict(key_mask=np.ones((2, 6), np.int64)), "key_mask"),
     (dict(key_mask=np.ones((2, 5), np.uint8)), "key_mask"),
     (dict(n_heads=0), "n_heads"),
+    (dict(out=np.ndarray((2, 5, 16), np.float32, buffer=bytearray(2 * 5 * 16 * 4 + 1), offset=1)), "out"),
 ])
 def test_validation(change, needle):
     args = _args()
