@@ -2,6 +2,11 @@
 import os
 import sys
 
+try:  # torch (an oracle) must load its libgomp before Numba starts OpenMP threads: the two share
+    import torch  # noqa: F401  the soname libgomp.so.1, and torch on Numba's copy ran ~40x slower
+except ImportError:
+    pass
+
 import numpy as np
 import pytest
 

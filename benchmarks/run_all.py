@@ -1,0 +1,97 @@
+"""Run every benchmark (each in its own process, so thread / env / import-order settings are fresh)
+and combine their markdown tables into benchmarks/results/SUMMARY.md.
+
+    python benchmarks/run_all.py [--only embed,gpt2_prefill,startup,attention] [--threads 2]
+
+Scripts: bench_embed.py, bench_gpt2_prefill.py, bench_startup.py, and bench_attention.py when present.
+A script's section is the results/*.md files it wrote during this run; if it wrote none, its stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import BENCH_DIR, RESULTS_DIR, machine_info, md_table
+
+SCRIPTS = [("embed", "bench_embed.py"), ("gpt2_prefill", "bench_gpt2_prefill.py"),
+           ("startup", "bench_startup.py"), ("attention", "bench_attention.py")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(k for k, _ in SCRIPTS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--summary-only", action="store_true",
+                   help="rebuild SUMMARY.md from the existing results (and run_all.json) without running anything")
+    args = p.parse_args(argv)
+    only = {s for s in args.only.split(",") if s}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, NBFORMER_BENCH_THREADS=str(args.threads))
+    sections, timing = [], []
+    log = RESULTS_DIR / "run_all.json"
+    if args.summary_only:
+        timing = json.loads(log.read_text())["scripts"] if log.exists() else []
+    for key, script in ([] if args.summary_only else SCRIPTS):
+        if only and key not in only:
+            continue
+        path = BENCH_DIR / script
+        if not path.exists():
+            timing.append({"script": script, "status": "absent", "wall s": ""})
+            continue
+        before = {f.name: f.stat().st_mtime_ns for f in RESULTS_DIR.glob("*.md")}
+        print(f"=== {script}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(path)], cwd=BENCH_DIR.parent, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - t0
+        print(proc.stdout, flush=True)
+        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+        timing.append({"script": script, "status": status, "wall s": wall})
+        written = sorted(f.name for f in RESULTS_DIR.glob("*.md")
+                         if f.name != "SUMMARY.md" and before.get(f.name) != f.stat().st_mtime_ns)
+        timing[-1]["files"] = written
+        if not written:
+            (RESULTS_DIR / f"{key}.stdout.md").write_text(f"## {script}\n\n```\n{proc.stdout.strip()[-6000:]}\n```\n")
+            timing[-1]["files"] = [f"{key}.stdout.md"]
+        if proc.returncode != 0:
+            timing[-1]["stderr_tail"] = proc.stderr.strip()[-1500:]
+
+    if not args.summary_only:
+        log.write_text(json.dumps({"threads": args.threads, "scripts": timing}, indent=2) + "\n")
+    for t in timing:
+        for name in t.get("files", []):
+            f = RESULTS_DIR / name
+            if f.exists():
+                sections.append(f.read_text())
+        if t.get("stderr_tail"):
+            sections.append(f"**{t['script']} exited with {t['status']}**; stderr tail:\n\n```\n{t['stderr_tail']}\n```\n")
+    ratios = []
+    for key, unit in (("embed", "sentences/s"), ("gpt2_prefill", "tokens/s")):
+        f = RESULTS_DIR / f"{key}.json"
+        if f.exists() and (not only or key in only):
+            d = json.loads(f.read_text())
+            ratios.append({"benchmark": d["title"], "unit": unit, "ratio": d.get("ratio"), "best": d.get("ratio_best")})
+    info = machine_info()
+    head = ["# nbformer benchmarks", "",
+            f"{info['cpu']}, {info['usable_cores']} cores, {args.threads} threads per framework; "
+            f"git {info['git']}; {info['date']}", ""]
+    if ratios:
+        head += ["Throughput ratios nbformer / torch (> 1: nbformer faster; median runs, best runs in brackets):", "",
+                 "\n".join(f"- {r['benchmark']} ({r['unit']}): **{r['ratio']:.2f}x** "
+                           f"({r['best']:.2f}x)" if r["best"] else f"- {r['benchmark']}: **{r['ratio']:.2f}x**"
+                           for r in ratios), ""]
+    head += ["Script wall times:", "", md_table(["script", "status", "wall s"], timing), ""]
+    text = "\n".join(head) + "\n" + "\n".join(sections)
+    (RESULTS_DIR / "SUMMARY.md").write_text(text)
+    print(text)
+    return 0 if all(t["status"] in ("ok", "absent") for t in timing) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
