@@ -75,3 +75,10 @@ def test_bad_sizes(trained, tmp_path):
     assert r.exit_code == 1 and ("too few" in r.output or "larger than the data" in r.output)
     r = CliRunner().invoke(main, ["train", str(TEXT), "--out", str(tmp_path / "q"), "--resume", *TINY])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_default_model_is_the_shipped_one():
+    r = invoke("generate", "And God said", "-n", 6)
+    assert r.exit_code == 0 and r.output.startswith("And God said")
+    m = nbformer.load(Path(__file__).parent.parent / "weights" / "kjv-gpt" / "model.safetensors")
+    assert m.config.n_layers == 4 and m.num_parameters == 2_590_848
