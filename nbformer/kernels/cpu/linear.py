@@ -138,13 +138,16 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
         for c in prange((N + ROWS - 1) // ROWS):
             r0 = c * ROWS
             r1 = min(N, r0 + ROWS)
-            dst = pre if keep_pre else out
-            np.dot(x[r0:r1], w.T, dst[r0:r1])
-            if not plain:
-                blk = dst[r0:r1]
+            if plain:
+                np.dot(x[r0:r1], w.T, out[r0:r1])
+            else:
+                # the GEMM block goes to pre, or to a scratch block: an epilogue that read and wrote
+                # the same row would defeat vectorisation (and give other bits than training's path)
+                blk = pre[r0:r1] if keep_pre else np.empty((r1 - r0, M), np.float32)
+                np.dot(x[r0:r1], w.T, blk)
                 for i in range(r0, r1):
                     _epilogue_row(out, pre, blk, i, i - r0, 0, M, b, act, residual, use_bias, use_residual,
-                                  keep_pre, SRC_PRE if keep_pre else SRC_OUT)
+                                  keep_pre, SRC_PRE if keep_pre else SRC_TMP)
     else:  # few rows (decoding): blocks of columns
         for c in prange((M + COLS - 1) // COLS):
             m0 = c * COLS
