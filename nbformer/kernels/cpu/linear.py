@@ -190,28 +190,73 @@ def activate_grad(v, act):
     return 1.0
 
 
-@njit(parallel=True, cache=True)
+_F_INV_SQRT_2PI = np.float32(1.0 / math.sqrt(2.0 * math.pi))
+
+
+@njit(inline="always", fastmath=_FM)
+def _gelu_tanh_grad_f32(v):
+    # d/dv 0.5 v (1 + tanh(u)), u = k0 (v + k1 v^3); tanh from exp of a non-positive argument
+    u = _F_K0 * (v + _F_K1 * v * v * v)
+    t = _exp2(np.float32(-2.0) * abs(u) * _F_LOG2E)
+    th = (_F_ONE - t) / (_F_ONE + t)
+    th = th if u >= 0 else -th
+    return _F_HALF * (_F_ONE + th) + _F_HALF * v * (_F_ONE - th * th) * _F_K0 * (
+        _F_ONE + np.float32(3.0) * _F_K1 * v * v)
+
+
+@njit(inline="always", fastmath=_FM)
+def _gelu_erf_grad_f32(v):
+    # Phi(v) + v phi(v); Phi from the same erfc fit as the forward
+    z = abs(v) * _F_RSQRT2
+    t = _F_ONE / (_F_ONE + _F_HALF * z)
+    p = _ERFC[9]
+    p = p * t + _ERFC[8]
+    p = p * t + _ERFC[7]
+    p = p * t + _ERFC[6]
+    p = p * t + _ERFC[5]
+    p = p * t + _ERFC[4]
+    p = p * t + _ERFC[3]
+    p = p * t + _ERFC[2]
+    p = p * t + _ERFC[1]
+    p = p * t + _ERFC[0]
+    erfc = t * _exp2((p - z * z) * _F_LOG2E)
+    cdf = _F_ONE - _F_HALF * erfc if v >= 0 else _F_HALF * erfc
+    return cdf + v * _exp2(-_F_HALF * v * v * _F_LOG2E) * _F_INV_SQRT_2PI
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM)
 def _linear_backward_elementwise(db, dout, pre, g, act, use_db, rows):
-    # dout, pre, g (N, M); x, dx (N, K); w, dw (M, K); db (M,)
+    # dout, pre, g (N, M); db (M,). g = dout * act'(pre); db = column sums of g over fixed row
+    # chunks (float64 partials), reduced in a fixed order: deterministic for any thread count.
     N, M = dout.shape
     nchunk = (N + rows - 1) // rows
-    if act != ACT_NONE or use_db:
-        part = np.zeros((nchunk if use_db else 0, M))  # float64 per-chunk column sums of g
-        for k in prange(nchunk):
-            for i in range(k * rows, min(N, (k + 1) * rows)):
+    part = np.zeros((nchunk if use_db else 0, M))
+    for k in prange(nchunk):
+        for i in range(k * rows, min(N, (k + 1) * rows)):
+            d, gi = dout[i], g[i]
+            if act == ACT_GELU_TANH:
+                pi = pre[i]
                 for j in range(M):
-                    v = dout[i, j]
-                    if act != ACT_NONE:
-                        v = np.float32(v * activate_grad(pre[i, j], act))
-                        g[i, j] = v
-                    if use_db:
-                        part[k, j] += v
-        if use_db:
-            for j in prange(M):
-                s = 0.0
-                for k in range(nchunk):  # fixed order over chunks: deterministic
-                    s += part[k, j]
-                db[j] = s
+                    gi[j] = d[j] * _gelu_tanh_grad_f32(pi[j])
+            elif act == ACT_GELU:
+                pi = pre[i]
+                for j in range(M):
+                    gi[j] = d[j] * _gelu_erf_grad_f32(pi[j])
+            elif act == ACT_RELU:
+                pi = pre[i]
+                for j in range(M):
+                    gi[j] = d[j] if pi[j] > 0 else np.float32(0.0)
+            if use_db:
+                src = gi if act != ACT_NONE else d
+                pk = part[k]
+                for j in range(M):
+                    pk[j] += src[j]
+    if use_db:
+        for j in prange(M):
+            s = 0.0
+            for k in range(nchunk):  # fixed order over chunks
+                s += part[k, j]
+            db[j] = s
 
 
 def _check(op, name, a, shape, dtype=np.float32):
