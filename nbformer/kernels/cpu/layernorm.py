@@ -7,7 +7,11 @@ from numba import njit, prange
 from ...errors import GraphError
 
 
-@njit(parallel=True, cache=True)
+# safe fastmath subset (no nnan/ninf): the float64 row sums may be reassociated, so they vectorise
+_FM = {"contract", "afn", "reassoc", "nsz", "arcp"}
+
+
+@njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _layernorm_forward(out, mean, rstd, x, w, b, eps):
     # x, out (N, C); mean, rstd (N,); row statistics accumulated in float64
     N, C = x.shape
