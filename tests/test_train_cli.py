@@ -82,3 +82,50 @@ def test_default_model_is_the_shipped_one():
     assert r.exit_code == 0 and r.output.startswith("And God said")
     m = nbformer.load(Path(__file__).parent.parent / "weights" / "kjv-gpt" / "model.safetensors")
     assert m.config.n_layers == 4 and m.num_parameters == 2_590_848
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """SIGINT finishes the current step, writes the checkpoint, prints one line, exits 0; resuming from
+    it gives the uninterrupted run's weights bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    root = Path(__file__).parent.parent
+    # constant schedule: the lr of a step must not depend on --steps, which differs between the runs
+    args = [sys.executable, "-m", "cli.main", "train", str(TEXT), "--steps", "400", "--eval-every", "1000",
+            "--save-every", "1000", "--schedule", "constant", *TINY]
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "a")], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    log = tmp_path / "a" / "train_log.jsonl"
+    while time.time() < deadline and not (log.exists() and log.stat().st_size > 0):
+        time.sleep(0.2)  # wait until training is under way (first log line at step 10)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "interrupted at step" in out and "Traceback" not in out
+    stopped = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert 10 <= stopped < 400
+    from nbformer.training.checkpoint import load_training
+
+    _, params_a, _, _, _, state = load_training(tmp_path / "a" / "checkpoint.safetensors")
+    assert state["step"] == stopped
+    # an uninterrupted run to the same step has the same weights
+    r = invoke("train", TEXT, "--out", tmp_path / "b", "--steps", stopped, "--eval-every", 1000, "--save-every", 1000,
+               "--schedule", "constant", *TINY)
+    assert r.exit_code == 0, r.output
+    _, params_b, _, _, _, _ = load_training(tmp_path / "b" / "checkpoint.safetensors")
+    assert all(np.array_equal(params_a[k], params_b[k]) for k in params_a)
+
+
+def test_inspect_train_prints_the_training_memory_plan(trained):
+    out, _ = trained
+    r = invoke("inspect", out / "model.safetensors", "--batch", 4, "--seq", 32, "--train")
+    assert r.exit_code == 0, r.output
+    for word in ("parameters:", "gradients:", "optimizer state:", "activations arena:", "total:"):
+        assert word in r.output
