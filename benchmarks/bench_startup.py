@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import CACHE_DIR, REPO, bench_args, set_threads, wait_quiet, write_results
+from common import CACHE_DIR, MAX_ROUNDS_FACTOR, REPO, bench_args, set_threads, timeit, write_results
 
 
 def _cli() -> list:
@@ -72,26 +71,31 @@ def main(argv=None):
     fill = run_once(cli + ["embed", "hello"], warm_env)  # fills the warm cache
     n_nbi, n_nbc = count_cache_files(warm_dir)
     for label, cmd, env in cases:
-        for _ in range(args.warmup):
-            run_once(cmd, env)
-        ts = []
-        for _ in range(args.repeat):
-            wait_quiet()
-            ts.append(run_once(cmd, env))
-        raw[label] = ts
-        rows.append({"command": label, "median s": statistics.median(ts), "min s": min(ts), "runs": len(ts)})
+        r = timeit(lambda: run_once(cmd, env), warmup=args.warmup, repeat=args.repeat)
+        raw[label] = r
+        rows.append({"command": label, "median s": r["median_s"], "min s": r["min_s"], "runs": r["n"]})
 
-    cold, honoured = [], True
-    for _ in range(args.cold):
-        with tempfile.TemporaryDirectory(prefix="nbformer-numba-cold-") as d:
-            wait_quiet()
-            cold.append(run_once(cli + ["embed", "hello"], {"NUMBA_CACHE_DIR": d}))
-            c_nbi, _ = count_cache_files(Path(d))
-            honoured &= c_nbi > 0
-    raw["cold"] = cold
-    rows.append({"command": 'nbformer embed "hello" (cold Numba cache)', "median s": statistics.median(cold),
-                 "min s": min(cold), "runs": len(cold)})
-    notes = [f"wall time of a fresh subprocess, median of {args.repeat} after {args.warmup} untimed run(s); "
+    # cold: every call gets its own empty cache dir, made in advance so only the subprocess is timed
+    tmp_root = Path(tempfile.mkdtemp(prefix="nbformer-numba-cold-"))
+    fresh = [tmp_root / str(i) for i in range(args.cold * MAX_ROUNDS_FACTOR)]
+    used = []
+
+    def cold_run():
+        d = fresh[len(used)]
+        d.mkdir()
+        used.append(d)
+        run_once(cli + ["embed", "hello"], {"NUMBA_CACHE_DIR": str(d)})
+
+    try:
+        r = timeit(cold_run, warmup=0, repeat=args.cold)
+        honoured = all(count_cache_files(d)[0] > 0 for d in used)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    raw["cold"] = r
+    rows.append({"command": 'nbformer embed "hello" (cold Numba cache)', "median s": r["median_s"],
+                 "min s": r["min_s"], "runs": r["n"]})
+    notes = [f"wall time of a fresh subprocess, median of {args.repeat} after {args.warmup} untimed run(s) "
+             f"(runs disturbed by other processes are re-run, see below); "
              f"cold: {args.cold} run(s), each with an empty NUMBA_CACHE_DIR",
              f"NUMBA_CACHE_DIR honoured for cache=True kernels: {'yes' if honoured else 'NO'} "
              f"(the warm dir holds {n_nbi} index / {n_nbc} data files after one `embed` run, "

@@ -107,7 +107,8 @@ def busy_fraction(window: float = 0.25) -> float:
 
 QUIET_BUSY = float(os.environ.get("NBFORMER_BENCH_QUIET_BUSY", "0.15"))
 QUIET_TIMEOUT = float(os.environ.get("NBFORMER_BENCH_QUIET_TIMEOUT", "20"))
-_busy_log: list = []
+_busy_log: list = []   # busy fraction seen just before each timed round
+_round_log: list = []  # fraction of the CPUs other processes used DURING each timed round
 
 
 def wait_quiet(max_busy: float = QUIET_BUSY, timeout: float = QUIET_TIMEOUT) -> float:
@@ -123,42 +124,82 @@ def wait_quiet(max_busy: float = QUIET_BUSY, timeout: float = QUIET_TIMEOUT) -> 
 
 
 def busy_log() -> dict:
-    """Busy fractions seen before timed rounds: how noisy the machine was."""
-    n = len(_busy_log)
-    return {"rounds": n, "rounds_busy": sum(b >= QUIET_BUSY for b in _busy_log),
-            "max_busy": max(_busy_log) if n else None, "busy": list(_busy_log)}
+    """How noisy the machine was: other processes' CPU share during each timed round."""
+    n = len(_round_log)
+    return {"rounds": n, "rounds_busy": sum(b >= QUIET_BUSY for b in _round_log),
+            "max_busy": max(_round_log) if n else None, "others_during_round": list(_round_log),
+            "busy_before_round": list(_busy_log)}
 
 
 # ------------------------------------------------------------------ timing
-def timeit(fn, warmup: int = 2, repeat: int = 5, quiet: bool = True) -> dict:
-    """Call fn() `warmup` times untimed, then `repeat` times timed (time.perf_counter)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+MAX_ROUNDS_FACTOR = 3  # up to this many x `repeat` rounds are run to collect `repeat` clean ones
+
+
+class Contention:
+    """`with Contention() as c: ...` -> c.others: the fraction of all CPUs that OTHER processes used
+    while the block ran (busy jiffies from /proc/stat minus this process's own CPU time, children
+    included). A round is 'clean' when c.others < QUIET_BUSY."""
+
+    def __enter__(self):
+        self.a, self.ta = _cpu_times(), os.times()
+        return self
+
+    def __exit__(self, *exc):
+        b, tb = _cpu_times(), os.times()
+        self.others = 0.0
+        if self.a is not None and b is not None and b[1] > self.a[1]:
+            total = (b[1] - self.a[1]) / _HZ
+            busy = total - (b[0] - self.a[0]) / _HZ
+            own = sum(tb[:4]) - sum(self.ta[:4])  # user, system, children user, children system
+            self.others = min(1.0, max(0.0, (busy - own) / total))
+        return False
+
+
+def _timed_rounds(fns: dict, repeat: int, quiet: bool) -> dict:
+    """Rounds of (each fn once, timed). With quiet=True: wait for a quiet machine before a round and
+    keep going until `repeat` rounds ran clean (others < QUIET_BUSY) or MAX_ROUNDS_FACTOR*repeat
+    rounds ran. Statistics use the clean rounds when there are any, else all rounds."""
+    times = {k: [] for k in fns}
+    clean = []  # indices of clean rounds
+    max_rounds = repeat * (MAX_ROUNDS_FACTOR if quiet else 1)
+    n = 0
+    while len(clean) < repeat and n < max_rounds:
         if quiet:
             wait_quiet()
-        t0 = time.perf_counter()
+        with Contention() as c:
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        _round_log.append(round(c.others, 3))
+        if c.others < QUIET_BUSY or not quiet:
+            clean.append(n)
+        n += 1
+    out = {}
+    for k, ts in times.items():
+        use = [ts[i] for i in clean] if clean else ts
+        out[k] = summarize(use)
+        out[k].update(rounds=len(ts), clean_rounds=len(clean), all_times_s=[round(t, 6) for t in ts])
+    return out
+
+
+def timeit(fn, warmup: int = 2, repeat: int = 5, quiet: bool = True) -> dict:
+    """Call fn() `warmup` times untimed, then time it (time.perf_counter) over `repeat` clean rounds
+    (see _timed_rounds)."""
+    for _ in range(warmup):
         fn()
-        times.append(time.perf_counter() - t0)
-    return summarize(times)
+    return _timed_rounds({"fn": fn}, repeat, quiet)["fn"]
 
 
 def timeit_pair(fns: dict, warmup: int = 2, repeat: int = 5, quiet: bool = True) -> dict:
     """Side by side: warm each fn up, then time them interleaved (a, b, a, b, ...) so that
-    machine noise / thermal drift hits both alike. fns: name -> callable. Returns name -> summary."""
+    machine noise / thermal drift hits both alike; a round where other processes used the CPUs is
+    discarded and re-run (see _timed_rounds). fns: name -> callable. Returns name -> summary."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeat):
-        if quiet:
-            wait_quiet()
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: summarize(v) for k, v in times.items()}
+    return _timed_rounds(fns, repeat, quiet)
 
 
 def summarize(times) -> dict:
@@ -234,8 +275,8 @@ def machine_info() -> dict:
             info["numba_threading_layer"] = "not initialised"
     if _thread_report:
         info["thread_settings"] = dict(_thread_report)
-    if _busy_log:
-        info["other_load_before_rounds"] = busy_log()
+    if _round_log:
+        info["other_load_during_rounds"] = busy_log()
     return info
 
 
@@ -279,11 +320,12 @@ def write_results(name: str, title: str, columns, rows, notes=(), extra: dict | 
                f"torch {ts.get('torch_threads', '-')}); numba {v['numba']}, numpy {v['numpy']}, "
                f"torch {v['torch']}, transformers {v['transformers']}; git {info['git']}; {info['date']}; "
                f"load average at write {info['loadavg_1_5_15']}", ""]
-    bl = info.get("other_load_before_rounds")
+    bl = info.get("other_load_during_rounds")
     if bl:
-        md.insert(-1, f"Other processes before timed rounds: {bl['rounds_busy']} of {bl['rounds']} rounds started "
-                      f"with > {QUIET_BUSY:.0%} of the CPUs busy after waiting up to {QUIET_TIMEOUT:.0f} s "
-                      f"(max {bl['max_busy']:.0%}).")
+        md.insert(-1, f"Other processes: in {bl['rounds_busy']} of {bl['rounds']} timed rounds they used "
+                      f">= {QUIET_BUSY:.0%} of the CPUs (max {bl['max_busy']:.0%}); such rounds are re-run and left "
+                      f"out of the statistics while clean ones remain (each round waits up to "
+                      f"{QUIET_TIMEOUT:.0f} s for a quiet machine first).")
     text = "\n".join(md)
     (RESULTS_DIR / f"{name}.md").write_text(text)
     return text

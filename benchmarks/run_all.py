@@ -3,8 +3,9 @@ and combine their markdown tables into benchmarks/results/SUMMARY.md.
 
     python benchmarks/run_all.py [--only embed,gpt2_prefill,startup,attention] [--threads 2]
 
-Scripts: bench_embed.py, bench_gpt2_prefill.py, bench_startup.py, and bench_attention.py when present.
-A script's section is the results/*.md files it wrote during this run; if it wrote none, its stdout.
+Scripts: bench_embed.py, bench_gpt2_prefill.py, bench_startup.py, bench_attention.py when present, then
+any other bench_<name>.py. A script's section is results/<name>.md if the script (re)wrote it during this
+run, else any other results/*.md it wrote, else its stdout (saved as results/<name>.stdout.md).
 """
 from __future__ import annotations
 
@@ -21,9 +22,16 @@ SCRIPTS = [("embed", "bench_embed.py"), ("gpt2_prefill", "bench_gpt2_prefill.py"
            ("startup", "bench_startup.py"), ("attention", "bench_attention.py")]
 
 
+def all_scripts() -> list:
+    """The four above, then any other benchmarks/bench_<name>.py (convention: it writes results/<name>.md)."""
+    known = {s for _, s in SCRIPTS}
+    extra = sorted(f.name for f in BENCH_DIR.glob("bench_*.py") if f.name not in known)
+    return SCRIPTS + [(n[len("bench_"):-len(".py")], n) for n in extra]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(k for k, _ in SCRIPTS))
+    p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(k for k, _ in all_scripts()))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--summary-only", action="store_true",
                    help="rebuild SUMMARY.md from the existing results (and run_all.json) without running anything")
@@ -35,7 +43,7 @@ def main(argv=None):
     log = RESULTS_DIR / "run_all.json"
     if args.summary_only:
         timing = json.loads(log.read_text())["scripts"] if log.exists() else []
-    for key, script in ([] if args.summary_only else SCRIPTS):
+    for key, script in ([] if args.summary_only else all_scripts()):
         if only and key not in only:
             continue
         path = BENCH_DIR / script
@@ -53,8 +61,10 @@ def main(argv=None):
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr, flush=True)
         timing.append({"script": script, "status": status, "wall s": wall})
-        written = sorted(f.name for f in RESULTS_DIR.glob("*.md")
+        changed = sorted(f.name for f in RESULTS_DIR.glob("*.md")
                          if f.name != "SUMMARY.md" and before.get(f.name) != f.stat().st_mtime_ns)
+        # by name first: another process may write results/ meanwhile
+        written = [f"{key}.md"] if f"{key}.md" in changed else changed
         timing[-1]["files"] = written
         if not written:
             (RESULTS_DIR / f"{key}.stdout.md").write_text(f"## {script}\n\n```\n{proc.stdout.strip()[-6000:]}\n```\n")

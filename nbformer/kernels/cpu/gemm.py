@@ -64,7 +64,7 @@ def by_rows(N, M):
     return N >= 2 * ROWS or M <= COLS
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def matmul_nt(out, a, b):
     """out (N, M) = a (N, K) @ b (M, K).T, one block of rows (or columns) per thread."""
     N, M = out.shape
@@ -82,7 +82,7 @@ def matmul_nt(out, a, b):
             out[:, m0:m1] = tmp
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def matmul_nn(out, a, b):
     """out (N, M) = a (N, K) @ b (K, M)."""
     N, M = out.shape
@@ -101,7 +101,7 @@ def matmul_nn(out, a, b):
             out[:, m0:m1] = tmp
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def matmul_tn(out, a, b):
     """out (M, K) = a (N, M).T @ b (N, K): the weight gradient g.T @ x, split over rows of out."""
     M, K = out.shape

@@ -129,7 +129,7 @@ def _epilogue_row(out, pre, src, i, r, m0, m1, b, act, residual, use_bias, use_r
 
 # error_model numpy: division without Python's zero check, and the safe fastmath subset: the
 # epilogue loops then vectorise (GELU 8x faster than with libm calls and checked division)
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)
 def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_pre):
     # out, pre, residual (N, M); x (N, K); w (M, K). One GEMM block per thread, epilogue right after.
     N, M = out.shape
@@ -224,7 +224,7 @@ def _gelu_erf_grad_f32(v):
     return cdf + v * _exp2(-_F_HALF * v * v * _F_LOG2E) * _F_INV_SQRT_2PI
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)
 def _linear_backward_elementwise(db, dout, pre, g, act, use_db, rows):
     # dout, pre, g (N, M); db (M,). g = dout * act'(pre); db = column sums of g over fixed row
     # chunks (float64 partials), reduced in a fixed order: deterministic for any thread count.
