@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, InputError, NbformerError
+from .errors import ConfigError, InputError
 from .graph.build import build_embed
 
 from .defaults import default_embedder_path

@@ -4,7 +4,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ...errors import GraphError
+from .checks import check_array as _check
 
 
 # safe fastmath subset (no nnan/ninf): the float64 row sums may be reassociated, so they vectorise
@@ -76,17 +76,6 @@ def _layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows):
             sb += part[k, 1, c]
         dw[c] = sw
         db[c] = sb
-
-
-def _check(op, name, a, shape, dtype=np.float32):
-    if not isinstance(a, np.ndarray):
-        raise GraphError(f"{op}: '{name}' must be a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise GraphError(f"{op}: '{name}' has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if shape is not None and tuple(a.shape) != tuple(shape):
-        raise GraphError(f"{op}: '{name}' has shape {a.shape}, expected {tuple(shape)}")
-    if not a.flags.c_contiguous:
-        raise GraphError(f"{op}: '{name}' must be C-contiguous")
 
 
 def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd):

@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
+from .checks import check_array as _check
 from .attention import _exp2
 from .gemm import COLS, ROWS, by_rows, matmul_nn, matmul_tn, pin_blas_to_one_thread
 
@@ -50,6 +51,17 @@ _ERFC = tuple(np.float32(c) for c in (-1.26551223, 1.00002368, 0.37409196, 0.096
 
 
 @njit(inline="always", fastmath=_FM)
+def _erfc_abs(x):
+    """erfc(|x|) in float32 (fractional error < 1.2e-7)."""
+    z = abs(x)
+    t = _F_ONE / (_F_ONE + _F_HALF * z)
+    p = _ERFC[9]
+    for k in range(8, -1, -1):
+        p = p * t + _ERFC[k]
+    return t * _exp2((p - z * z) * _F_LOG2E)
+
+
+@njit(inline="always", fastmath=_FM)
 def _gelu_tanh_f32(v):
     # 0.5 v (1 + tanh(u)) = v * sigmoid(2u), with exp of a non-positive argument only
     u = _F_K0 * (v + _F_K1 * v * v * v)
@@ -60,19 +72,7 @@ def _gelu_tanh_f32(v):
 
 @njit(inline="always", fastmath=_FM)
 def _gelu_erf_f32(v):
-    z = abs(v) * _F_RSQRT2
-    t = _F_ONE / (_F_ONE + _F_HALF * z)
-    p = _ERFC[9]
-    p = p * t + _ERFC[8]
-    p = p * t + _ERFC[7]
-    p = p * t + _ERFC[6]
-    p = p * t + _ERFC[5]
-    p = p * t + _ERFC[4]
-    p = p * t + _ERFC[3]
-    p = p * t + _ERFC[2]
-    p = p * t + _ERFC[1]
-    p = p * t + _ERFC[0]
-    erfc = t * _exp2((p - z * z) * _F_LOG2E)
+    erfc = _erfc_abs(v * _F_RSQRT2)
     # 0.5 v (1 + erf(v/sqrt2)): erf = 1 - erfc for v >= 0, erfc - 1 for v < 0
     return _F_HALF * v * (np.float32(2.0) - erfc) if v >= 0 else _F_HALF * v * erfc
 
@@ -207,19 +207,7 @@ def _gelu_tanh_grad_f32(v):
 @njit(inline="always", fastmath=_FM)
 def _gelu_erf_grad_f32(v):
     # Phi(v) + v phi(v); Phi from the same erfc fit as the forward
-    z = abs(v) * _F_RSQRT2
-    t = _F_ONE / (_F_ONE + _F_HALF * z)
-    p = _ERFC[9]
-    p = p * t + _ERFC[8]
-    p = p * t + _ERFC[7]
-    p = p * t + _ERFC[6]
-    p = p * t + _ERFC[5]
-    p = p * t + _ERFC[4]
-    p = p * t + _ERFC[3]
-    p = p * t + _ERFC[2]
-    p = p * t + _ERFC[1]
-    p = p * t + _ERFC[0]
-    erfc = t * _exp2((p - z * z) * _F_LOG2E)
+    erfc = _erfc_abs(v * _F_RSQRT2)
     cdf = _F_ONE - _F_HALF * erfc if v >= 0 else _F_HALF * erfc
     return cdf + v * _exp2(-_F_HALF * v * v * _F_LOG2E) * _F_INV_SQRT_2PI
 
@@ -257,17 +245,6 @@ def _linear_backward_elementwise(db, dout, pre, g, act, use_db, rows):
             for k in range(nchunk):  # fixed order over chunks
                 s += part[k, j]
             db[j] = s
-
-
-def _check(op, name, a, shape, dtype=np.float32):
-    if not isinstance(a, np.ndarray):
-        raise GraphError(f"{op}: '{name}' must be a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise GraphError(f"{op}: '{name}' has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if shape is not None and tuple(a.shape) != tuple(shape):
-        raise GraphError(f"{op}: '{name}' has shape {a.shape}, expected {tuple(shape)}")
-    if not a.flags.c_contiguous:
-        raise GraphError(f"{op}: '{name}' must be C-contiguous")
 
 
 def _act_code(op, act):

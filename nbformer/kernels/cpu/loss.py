@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
+from .checks import check_array as _check
 
 
 @njit(parallel=True, cache=True)
@@ -80,17 +81,6 @@ def _masked_mean(losses, targets, ignore_index):
             s += losses[i]
             n += 1
     return s, n
-
-
-def _check(op, name, a, shape, dtype=np.float32):
-    if not isinstance(a, np.ndarray):
-        raise GraphError(f"{op}: '{name}' must be a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise GraphError(f"{op}: '{name}' has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if shape is not None and tuple(a.shape) != tuple(shape):
-        raise GraphError(f"{op}: '{name}' has shape {a.shape}, expected {tuple(shape)}")
-    if not a.flags.c_contiguous:
-        raise GraphError(f"{op}: '{name}' must be C-contiguous")
 
 
 def _targets(op, targets, lead, V, ignore_index):
