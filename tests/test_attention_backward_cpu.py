@@ -179,3 +179,21 @@ def test_forward_dropout_uses_the_same_mask(rng, blocks):
     assert_close(out, ref.merge_heads(o64), atol=2e-6, rtol=1e-5)
     _, lse64 = ref.attention(q, k, v, mask, True, HS ** -0.5)  # lse ignores dropout
     assert_close(lse, lse64, atol=2e-6, rtol=1e-5)
+
+
+def test_huge_scores_on_padded_keys_do_not_leak(rng):
+    """A padded key whose score would overflow exp must not turn gradients into NaN."""
+    B, NH, HS, T = 1, 1, 16, 9
+    C = NH * HS
+    qkv = rng.normal(size=(B, T, 3 * C)).astype(np.float32)
+    qkv[0, 4, C:2 * C] = 1e4 * np.sign(qkv[0, :, :C].sum(0))  # key 4: enormous scores, but padded
+    mask = np.ones((B, T), np.uint8)
+    mask[0, 4] = 0
+    out = np.empty((B, T, C), np.float32)
+    lse = np.empty((B, NH, T), np.float32)
+    attention_forward(out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, False, HS ** -0.5)
+    dout = rng.normal(size=out.shape).astype(np.float32)
+    d = np.full_like(qkv, np.nan)
+    attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, False,
+                       HS ** -0.5)
+    assert np.isfinite(d).all() and np.all(d[0, 4, C:] == 0)

@@ -16,7 +16,13 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
+from .attention import _exp2
 from .rng import keep
+
+_LOG2E_F = np.float32(1.4426950408889634)
+# P = exp(s - lse) through the forward's vectorisable exp2. The argument is <= 0 for every visible
+# key (lse >= its score); padded keys are multiplied by 0 afterwards, and the clamp at 0 keeps their
+# (possibly large) scores from overflowing exp2 into inf * 0 = NaN.
 
 _FM = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: lse can be -inf for empty rows
 
@@ -42,9 +48,12 @@ def _tile_has_keys(key_mask, b, k0, k1):
     return False
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _dkdv(dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
           p_drop, seed, bq, bk):
+    # One work item per (b, h, key tile). Per query row i, the scores of the whole key tile are
+    # computed in axpy form over the transposed tile (s[:] += q[d] * Kt[d, :]): unit stride, no
+    # horizontal reductions, so the loops vectorise.
     B, Tq, _ = q_buf.shape
     Tk = kv_buf.shape[1]
     shift = Tk - Tq  # bottom-right causal alignment
@@ -56,60 +65,72 @@ def _dkdv(dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, N
         k0 = (w % n_kt) * bk
         k1 = min(k0 + bk, Tk)
         nk = k1 - k0
-        kt = np.empty((nk, HS), np.float32)
-        vt = np.empty((nk, HS), np.float32)
+        kt = np.empty((HS, nk), np.float32)  # K tile, transposed
+        vt = np.empty((HS, nk), np.float32)  # V tile, transposed
         dk = np.zeros((nk, HS), np.float32)
         dv = np.zeros((nk, HS), np.float32)
-        qi = np.empty(HS, np.float32)
-        gi = np.empty(HS, np.float32)
+        allow = np.empty(nk, np.float32)  # 1 where the key is not padding, else 0
+        s = np.empty(nk, np.float32)
+        dp = np.empty(nk, np.float32)
+        pd = np.empty(nk, np.float32)
+        ds = np.empty(nk, np.float32)
         if _tile_has_keys(key_mask, b, k0, k1):
             for jj in range(nk):
+                allow[jj] = np.float32(1.0) if key_mask[b, k0 + jj] else np.float32(0.0)
                 for d in range(HS):
-                    kt[jj, d] = kv_buf[b, k0 + jj, k_off + h * HS + d]
-                    vt[jj, d] = kv_buf[b, k0 + jj, v_off + h * HS + d]
-            i_first = 0
-            if causal:
-                i_first = max(0, k0 - shift)  # earlier queries see none of these keys
+                    kt[d, jj] = kv_buf[b, k0 + jj, k_off + h * HS + d]
+                    vt[d, jj] = kv_buf[b, k0 + jj, v_off + h * HS + d]
+            i_first = max(0, k0 - shift) if causal else 0  # earlier queries see none of these keys
             for i in range(i_first, Tq):
                 L = lse[b, h, i]
                 if L == -np.inf:
                     continue
-                for d in range(HS):
-                    qi[d] = q_buf[b, i, q_off + h * HS + d]
-                    gi[d] = dout[b, i, h * HS + d]
-                Di = delta[b, h, i]
                 j_end = min(nk, i + shift - k0 + 1) if causal else nk
+                if j_end <= 0:
+                    continue
+                qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
+                grow = dout[b, i, h * HS:(h + 1) * HS]
                 for jj in range(j_end):
-                    if not key_mask[b, k0 + jj]:
-                        continue
-                    s = np.float32(0.0)
-                    dp = np.float32(0.0)
-                    for d in range(HS):
-                        s += qi[d] * kt[jj, d]
-                        dp += gi[d] * vt[jj, d]
-                    p = np.float32(math.exp(s * scale - L))
-                    pd = p
-                    if p_drop > 0:
-                        c = ((b * NH + h) * Tq + i) * Tk + k0 + jj
-                        if keep(seed, c, p_drop):
-                            pd = p * inv_keep
-                            dp = dp * inv_keep
+                    s[jj] = np.float32(0.0)
+                    dp[jj] = np.float32(0.0)
+                for d in range(HS):
+                    qd, gd = qrow[d], grow[d]
+                    ktd, vtd = kt[d], vt[d]
+                    for jj in range(j_end):
+                        s[jj] += qd * ktd[jj]
+                        dp[jj] += gd * vtd[jj]
+                Di = delta[b, h, i]
+                for jj in range(j_end):
+                    pd[jj] = _exp2(min((s[jj] * scale - L) * _LOG2E_F, np.float32(0.0))) * allow[jj]  # P, undropped
+                if p_drop > 0:  # dV uses P * keep / (1 - p); dP = (dO V^T) * keep / (1 - p)
+                    base = ((b * NH + h) * Tq + i) * Tk + k0
+                    for jj in range(j_end):
+                        p = pd[jj]
+                        if keep(seed, base + jj, p_drop):
+                            ds[jj] = p * (dp[jj] * inv_keep - Di) * scale
+                            pd[jj] = p * inv_keep
                         else:
-                            pd = np.float32(0.0)
-                            dp = np.float32(0.0)
-                    ds = p * (dp - Di) * scale
+                            ds[jj] = -p * Di * scale
+                            pd[jj] = np.float32(0.0)
+                else:
+                    for jj in range(j_end):
+                        ds[jj] = pd[jj] * (dp[jj] - Di) * scale
+                for jj in range(j_end):
+                    a, c = pd[jj], ds[jj]
+                    dvr, dkr = dv[jj], dk[jj]
                     for d in range(HS):
-                        dv[jj, d] += pd * gi[d]
-                        dk[jj, d] += ds * qi[d]
+                        dvr[d] += a * grow[d]
+                        dkr[d] += c * qrow[d]
         for jj in range(nk):
             for d in range(HS):
                 dkv[b, k0 + jj, k_off + h * HS + d] = dk[jj, d]
                 dkv[b, k0 + jj, v_off + h * HS + d] = dv[jj, d]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _dq(dq, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
         p_drop, seed, bq, bk):
+    # One work item per (b, h, query tile); key tiles transposed as in _dkdv.
     B, Tq, _ = q_buf.shape
     Tk = kv_buf.shape[1]
     shift = Tk - Tq
@@ -121,45 +142,60 @@ def _dq(dq, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, 
         i0 = (w % n_qt) * bq
         i1 = min(i0 + bq, Tq)
         nq = i1 - i0
-        qt = np.empty((nq, HS), np.float32)
-        gt = np.empty((nq, HS), np.float32)
         acc = np.zeros((nq, HS), np.float32)
-        kj = np.empty(HS, np.float32)
-        vj = np.empty(HS, np.float32)
-        for ii in range(nq):
-            for d in range(HS):
-                qt[ii, d] = q_buf[b, i0 + ii, q_off + h * HS + d]
-                gt[ii, d] = dout[b, i0 + ii, h * HS + d]
-        j_stop = min(Tk, i1 - 1 + shift + 1) if causal else Tk
-        for k0 in range(0, j_stop, bk):
+        kt = np.empty((HS, bk), np.float32)
+        vt = np.empty((HS, bk), np.float32)
+        kr = np.empty((bk, HS), np.float32)
+        allow = np.empty(bk, np.float32)
+        s = np.empty(bk, np.float32)
+        dp = np.empty(bk, np.float32)
+        ds = np.empty(bk, np.float32)
+        j_stop = min(Tk, i1 + shift) if causal else Tk
+        for k0 in range(0, max(j_stop, 0), bk):
             k1 = min(k0 + bk, j_stop)
+            nk = k1 - k0
             if not _tile_has_keys(key_mask, b, k0, k1):
                 continue
-            for j in range(k0, k1):
-                if not key_mask[b, j]:
-                    continue
+            for jj in range(nk):
+                allow[jj] = np.float32(1.0) if key_mask[b, k0 + jj] else np.float32(0.0)
                 for d in range(HS):
-                    kj[d] = kv_buf[b, j, k_off + h * HS + d]
-                    vj[d] = kv_buf[b, j, v_off + h * HS + d]
-                for ii in range(nq):
-                    i = i0 + ii
-                    if causal and j > i + shift:
-                        continue
-                    L = lse[b, h, i]
-                    if L == -np.inf:
-                        continue
-                    s = np.float32(0.0)
-                    dp = np.float32(0.0)
+                    x = kv_buf[b, k0 + jj, k_off + h * HS + d]
+                    kt[d, jj] = x
+                    kr[jj, d] = x
+                    vt[d, jj] = kv_buf[b, k0 + jj, v_off + h * HS + d]
+            for ii in range(nq):
+                i = i0 + ii
+                L = lse[b, h, i]
+                if L == -np.inf:
+                    continue
+                j_end = min(nk, i + shift - k0 + 1) if causal else nk
+                if j_end <= 0:
+                    continue
+                qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
+                grow = dout[b, i, h * HS:(h + 1) * HS]
+                for jj in range(j_end):
+                    s[jj] = np.float32(0.0)
+                    dp[jj] = np.float32(0.0)
+                for d in range(HS):
+                    qd, gd = qrow[d], grow[d]
+                    ktd, vtd = kt[d], vt[d]
+                    for jj in range(j_end):
+                        s[jj] += qd * ktd[jj]
+                        dp[jj] += gd * vtd[jj]
+                Di = delta[b, h, i]
+                if p_drop > 0:
+                    base = ((b * NH + h) * Tq + i) * Tk + k0
+                    for jj in range(j_end):
+                        dp[jj] = dp[jj] * inv_keep if keep(seed, base + jj, p_drop) else np.float32(0.0)
+                for jj in range(j_end):
+                    p = _exp2(min((s[jj] * scale - L) * _LOG2E_F, np.float32(0.0))) * allow[jj]
+                    ds[jj] = p * (dp[jj] - Di) * scale
+                arow = acc[ii]
+                for jj in range(j_end):
+                    c = ds[jj]
+                    krow = kr[jj]
                     for d in range(HS):
-                        s += qt[ii, d] * kj[d]
-                        dp += gt[ii, d] * vj[d]
-                    p = np.float32(math.exp(s * scale - L))
-                    if p_drop > 0:
-                        c = ((b * NH + h) * Tq + i) * Tk + j
-                        dp = dp * inv_keep if keep(seed, c, p_drop) else np.float32(0.0)
-                    ds = p * (dp - delta[b, h, i]) * scale
-                    for d in range(HS):
-                        acc[ii, d] += ds * kj[d]
+                        arow[d] += c * krow[d]
         for ii in range(nq):
             for d in range(HS):
                 dq[b, i0 + ii, q_off + h * HS + d] = acc[ii, d]
