@@ -48,6 +48,21 @@ def _tile_has_keys(key_mask, b, k0, k1):
     return False
 
 
+@njit(inline="always", fastmath=_FM)
+def _row_products(s, dp, qrow, grow, kt, vt, n, HS):
+    """s[:n] = K_tile q and dp[:n] = V_tile dO for one query row, from the transposed tiles
+    kt, vt (HS, bk): axpy form, unit stride, no horizontal reductions."""
+    for jj in range(n):
+        s[jj] = np.float32(0.0)
+        dp[jj] = np.float32(0.0)
+    for d in range(HS):
+        qd, gd = qrow[d], grow[d]
+        ktd, vtd = kt[d], vt[d]
+        for jj in range(n):
+            s[jj] += qd * ktd[jj]
+            dp[jj] += gd * vtd[jj]
+
+
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _dkdv(dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
           p_drop, seed, bq, bk):
@@ -90,15 +105,7 @@ def _dkdv(dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, N
                     continue
                 qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
                 grow = dout[b, i, h * HS:(h + 1) * HS]
-                for jj in range(j_end):
-                    s[jj] = np.float32(0.0)
-                    dp[jj] = np.float32(0.0)
-                for d in range(HS):
-                    qd, gd = qrow[d], grow[d]
-                    ktd, vtd = kt[d], vt[d]
-                    for jj in range(j_end):
-                        s[jj] += qd * ktd[jj]
-                        dp[jj] += gd * vtd[jj]
+                _row_products(s, dp, qrow, grow, kt, vt, j_end, HS)
                 Di = delta[b, h, i]
                 for jj in range(j_end):
                     pd[jj] = _exp2(min((s[jj] * scale - L) * _LOG2E_F, np.float32(0.0))) * allow[jj]  # P, undropped
@@ -173,15 +180,7 @@ def _dq(dq, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, 
                     continue
                 qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
                 grow = dout[b, i, h * HS:(h + 1) * HS]
-                for jj in range(j_end):
-                    s[jj] = np.float32(0.0)
-                    dp[jj] = np.float32(0.0)
-                for d in range(HS):
-                    qd, gd = qrow[d], grow[d]
-                    ktd, vtd = kt[d], vt[d]
-                    for jj in range(j_end):
-                        s[jj] += qd * ktd[jj]
-                        dp[jj] += gd * vtd[jj]
+                _row_products(s, dp, qrow, grow, kt, vt, j_end, HS)
                 Di = delta[b, h, i]
                 if p_drop > 0:
                     base = ((b * NH + h) * Tq + i) * Tk + k0
