@@ -65,24 +65,6 @@ def by_rows(N, M):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def matmul_nt(out, a, b):
-    """out (N, M) = a (N, K) @ b (M, K).T, one block of rows (or columns) per thread."""
-    N, M = out.shape
-    if by_rows(N, M):
-        for c in prange((N + ROWS - 1) // ROWS):
-            r0 = c * ROWS
-            r1 = min(N, r0 + ROWS)
-            np.dot(a[r0:r1], b.T, out[r0:r1])
-    else:
-        for c in prange((M + COLS - 1) // COLS):
-            m0 = c * COLS
-            m1 = min(M, m0 + COLS)
-            tmp = np.empty((N, m1 - m0), np.float32)
-            np.dot(a, b[m0:m1].T, tmp)
-            out[:, m0:m1] = tmp
-
-
-@njit(parallel=True, cache=True, nogil=True)
 def matmul_nn(out, a, b):
     """out (N, M) = a (N, K) @ b (K, M)."""
     N, M = out.shape
