@@ -10,8 +10,10 @@ from .errors import ConfigError
 
 ARCHES = ("encoder", "decoder", "encoder_decoder")
 NORMS = ("pre", "post")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-POSITIONS = ("learned", "sinusoidal", "none")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+# sinusoidal: PE(p, 2i) = sin, PE(p, 2i+1) = cos (Vaswani et al.); sinusoidal_split: the sines in the
+# first half of the vector, the cosines in the second (Marian / fairseq layout); both static tables.
+POSITIONS = ("learned", "sinusoidal", "sinusoidal_split", "none")
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class ModelConfig:
     vocab_size: int
     d_model: int  # C
     n_heads: int  # NH
-    n_layers: int  # encoder layers for encoder, decoder layers for decoder
+    n_layers: int  # encoder layers for encoder / encoder_decoder, decoder layers for decoder
     d_ff: int
     max_positions: int  # length of the position table (learned) or the longest allowed T
     norm: str = "post"  # where LayerNorm sits: post = LN(x + f(x)), pre = x + f(LN(x))
@@ -37,6 +39,7 @@ class ModelConfig:
     lm_head_bias: bool = False
     n_decoder_layers: int = 0  # encoder_decoder only
     pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # encoder_decoder: first decoder input (Marian: pad)
     padding_idx: int | None = None  # nn.Embedding(padding_idx=...): this token row gets no gradient
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -64,7 +67,7 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model config: d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}")
-        if self.positions == "sinusoidal" and self.d_model % 2:
+        if self.sinusoidal and self.d_model % 2:
             bad("d_model", "an even number for sinusoidal positions")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             bad("type_vocab_size", "a non-negative integer")
@@ -72,10 +75,17 @@ class ModelConfig:
             bad("layer_norm_eps", "a positive number")
         if self.arch == "encoder_decoder" and self.n_decoder_layers <= 0:
             bad("n_decoder_layers", "a positive integer for an encoder_decoder model")
-        for name in ("pad_token_id", "padding_idx", "bos_token_id", "eos_token_id"):
+        if self.arch != "encoder_decoder" and self.n_decoder_layers:
+            bad("n_decoder_layers", "0 unless arch is encoder_decoder")
+        for name in ("pad_token_id", "padding_idx", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             v = getattr(self, name)
             if v is not None and not (0 <= v < self.vocab_size):
                 bad(name, f"None or an id in [0, {self.vocab_size})")
+
+    @property
+    def sinusoidal(self) -> bool:
+        """Positions come from a static sine table (a const tensor, not a parameter)."""
+        return self.positions in ("sinusoidal", "sinusoidal_split")
 
     @property
     def head_size(self) -> int:  # HS

@@ -15,7 +15,7 @@ from .errors import InputError
 from .executor import Executor
 from .graph.build import build_forward
 from .graph.plan import plan_memory
-from .kernels.cpu.embedding import sinusoidal_table
+from .kernels.cpu.embedding import position_table
 from .weights import Checkpoint
 from .weights.params import count_params
 
@@ -47,8 +47,8 @@ class Model:
         self.ckpt, self.config, self.device = ckpt, ckpt.config, device
         cfg = self.config
         self.bound = dict(ckpt.params)
-        if cfg.positions == "sinusoidal":
-            self.bound["pos_emb"] = sinusoidal_table(cfg.max_positions, cfg.d_model)
+        if cfg.sinusoidal:
+            self.bound["pos_emb"] = position_table(cfg)
         self._executors: OrderedDict = OrderedDict()
         self._tokenizer = None
 
@@ -159,13 +159,12 @@ class Model:
         ex = self.executor(("last", B, T), lambda: build_forward(cfg, B, T, "last"))
         return ex.run({**inputs, "last_idx": np.ascontiguousarray(last_idx, dtype=np.int64)})["logits"]
 
-    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
-                 seed: int = 0, stop_at_eos: bool = True):
-        """Text in -> text out (prompt + continuation); ids (B, T) in -> ids (B, T + new) out."""
+    def generate(self, prompt, max_new_tokens: int = 32, **options):
+        """Decoder: text in -> text out (prompt + continuation); ids (B, T) in -> ids (B, T + new) out.
+        Encoder-decoder: source text / ids in -> target text / ids out. Options: see nbformer.generate."""
         from .generate import generate
 
-        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+        return generate(self, prompt, max_new_tokens=max_new_tokens, **options)
 
     # ------------------------------------------------------------ gradients
     def flat_buffers(self):

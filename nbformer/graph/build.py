@@ -24,7 +24,7 @@ class _Builder:
         self.streams = 0  # each dropout site draws from its own counter stream
         for name, shape in param_shapes(cfg).items():
             self.g.tensor(name, shape, kind="param")
-        if cfg.positions == "sinusoidal":
+        if cfg.sinusoidal:
             self.g.tensor("pos_emb", (cfg.max_positions, cfg.d_model), kind="const")
         if train and (self.dropout > 0 or self.attn_dropout > 0):
             self.g.tensor("dropout_seed", (1,), "i64", "input")

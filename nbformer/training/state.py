@@ -11,7 +11,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from ..executor import Executor
 from ..graph.build import build_train
-from ..kernels.cpu.embedding import sinusoidal_table
+from ..kernels.cpu.embedding import position_table
 from ..weights.params import param_shapes
 
 
@@ -34,8 +34,8 @@ class FlatBuffers:
         if params is not None:
             self.load(params)
         self.consts = {}
-        if cfg.positions == "sinusoidal":
-            self.consts["pos_emb"] = sinusoidal_table(cfg.max_positions, cfg.d_model)
+        if cfg.sinusoidal:
+            self.consts["pos_emb"] = position_table(cfg)
 
     def _view(self, buf, name):
         off, size = self.offsets[name]
