@@ -13,14 +13,15 @@ from .graph.plan import Plan, plan_memory
 
 class Executor:
     def __init__(self, graph: Graph, bound: dict, device: str = "cpu", plan: Plan | None = None):
-        """bound: name -> array for every param/const/grad tensor of the graph (float32, C-contiguous);
-        grad arrays are written by the run (parameter gradients of a training graph)."""
+        """bound: name -> array for every param/const/grad/state tensor of the graph (float32,
+        C-contiguous); grad arrays (parameter gradients of a training graph) and state arrays (KV
+        caches) are written by the run."""
         self.graph, self.device = graph, device
         self.plan = plan or plan_memory(graph)
         self.arena = np.empty(self.plan.arena_floats, dtype=np.float32)
         self.views = {}
         for name, t in graph.tensors.items():
-            if t.kind in ("param", "const", "grad"):
+            if t.kind in ("param", "const", "grad", "state"):
                 arr = bound.get(name)
                 if arr is None:
                     raise GraphError(f"executor: no array bound for {t.kind} '{name}'")

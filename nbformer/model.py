@@ -13,7 +13,7 @@ from . import ops
 from .config import ModelConfig
 from .errors import InputError
 from .executor import Executor
-from .graph.build import build_forward
+from .graph.build import build_decode, build_encode_source, build_forward, build_seq2seq
 from .graph.plan import plan_memory
 from .kernels.cpu.embedding import position_table
 from .weights import Checkpoint
@@ -50,6 +50,7 @@ class Model:
         if cfg.sinusoidal:
             self.bound["pos_emb"] = position_table(cfg)
         self._executors: OrderedDict = OrderedDict()
+        self._graphs: OrderedDict = OrderedDict()  # decode graphs + plans; sessions bind their own caches
         self._tokenizer = None
 
     # ------------------------------------------------------------ plumbing
@@ -75,7 +76,9 @@ class Model:
     def executor(self, key: tuple, build):
         ex = self._executors.get(key)
         if ex is None:
-            ex = Executor(build(), self.bound, self.device)
+            g = build()
+            states = {n: np.empty(t.shape, np.float32) for n, t in g.tensors.items() if t.kind == "state"}
+            ex = Executor(g, {**self.bound, **states} if states else self.bound, self.device)
             self._executors[key] = ex
             while len(self._executors) > _MAX_CACHED_EXECUTORS:
                 self._executors.popitem(last=False)
@@ -83,25 +86,54 @@ class Model:
             self._executors.move_to_end(key)
         return ex
 
-    def plan(self, batch: int, seq: int):
-        """The memory plan of the forward graph at (batch, seq), without allocating the arena."""
+    def plan(self, batch: int, seq: int, src_len: int | None = None):
+        """The memory plan of the forward graph at (batch, seq), without allocating the arena
+        (encoder-decoders: seq is the decoder length, src_len the source length, default seq)."""
+        if self.config.arch == "encoder_decoder":
+            return plan_memory(build_seq2seq(self.config, batch, src_len or seq, seq))
         return plan_memory(build_forward(self.config, batch, seq))
 
+    def decode_graph(self, key: tuple):
+        """(graph, plan) for ('encode_source', N, S) or ('decode', N, Tq, Tmax, S), cached."""
+        hit = self._graphs.get(key)
+        if hit is None:
+            if key[0] == "encode_source":
+                g = build_encode_source(self.config, key[1], key[2])
+            else:
+                g = build_decode(self.config, *key[1:])
+            hit = (g, plan_memory(g))
+            self._graphs[key] = hit
+            while len(self._graphs) > 8:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return hit
+
+    def session(self, n_rows: int, max_len: int, source_ids=None, source_mask=None, cache: bool = True):
+        """A decoding session over n_rows sequences of at most max_len decoder positions (see
+        nbformer.kv_cache): start(ids, mask) -> logits (N, V); step(ids) -> logits; reorder(rows)."""
+        from .kv_cache import CachedSession, UncachedSession
+
+        cls = CachedSession if cache else UncachedSession
+        return cls(self, n_rows, max_len, source_ids, source_mask)
+
     # ------------------------------------------------------------ inputs
-    def prepare_inputs(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> dict:
+    def prepare_inputs(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                       prefix: str = "") -> dict:
+        """Validated executor inputs. prefix names the arguments in errors ('decoder_' for a decoder input)."""
         cfg = self.config
-        ids = _as_id_matrix(input_ids, "input_ids")
+        ids = _as_id_matrix(input_ids, prefix + "input_ids")
         B, T = ids.shape
         if T == 0:
-            raise InputError("input_ids: empty sequence (T = 0); pass at least one token")
+            raise InputError(f"{prefix}input_ids: empty sequence (T = 0); pass at least one token")
         if B == 0:
-            raise InputError("input_ids: empty batch (B = 0)")
+            raise InputError(f"{prefix}input_ids: empty batch (B = 0)")
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
-            raise InputError(f"input_ids: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+            raise InputError(f"{prefix}input_ids: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
         if T > cfg.max_positions and cfg.positions != "none":
-            raise InputError(f"input_ids: sequence length {T} exceeds the model's {cfg.max_positions} positions")
+            raise InputError(f"{prefix}input_ids: sequence length {T} exceeds the model's {cfg.max_positions} positions")
         if attention_mask is None:
             mask = np.ones((B, T), dtype=np.uint8)
         else:
@@ -109,20 +141,20 @@ class Model:
             if m.ndim == 1:
                 m = m[None, :]
             if m.shape != (B, T):
-                raise InputError(f"attention_mask: shape {m.shape} does not match input_ids {(B, T)}")
+                raise InputError(f"{prefix}attention_mask: shape {m.shape} does not match input_ids {(B, T)}")
             if m.size and not np.isin(m, (0, 1)).all():
-                raise InputError("attention_mask: expected only 0 (padding) and 1 (token)")
+                raise InputError(f"{prefix}attention_mask: expected only 0 (padding) and 1 (token)")
             mask = np.ascontiguousarray(m, dtype=np.uint8)
         inputs = {"input_ids": ids, "key_mask": mask}
         if cfg.positions != "none":
             if position_ids is None:
                 pos = np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)))
             else:
-                pos = _as_id_matrix(position_ids, "position_ids")
+                pos = _as_id_matrix(position_ids, prefix + "position_ids")
                 if pos.shape != (B, T):
-                    raise InputError(f"position_ids: shape {pos.shape} does not match input_ids {(B, T)}")
+                    raise InputError(f"{prefix}position_ids: shape {pos.shape} does not match input_ids {(B, T)}")
                 if pos.min() < 0 or pos.max() >= cfg.max_positions:
-                    raise InputError(f"position_ids: values must lie in [0, {cfg.max_positions})")
+                    raise InputError(f"{prefix}position_ids: values must lie in [0, {cfg.max_positions})")
             inputs["position_ids"] = pos
         if cfg.type_vocab_size:
             if token_type_ids is None:
@@ -140,10 +172,25 @@ class Model:
 
     # ------------------------------------------------------------ public API
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, token_type_ids=None,
-                position_ids=None) -> np.ndarray:
-        """Encoder: last hidden state (B, T, C); decoder: logits (B, T, V). float32."""
+                position_ids=None, decoder_attention_mask=None) -> np.ndarray:
+        """Encoder: last hidden state (B, T, C); decoder / encoder-decoder: logits (B, T, V). float32.
+        Encoder-decoders take the source as input_ids/attention_mask and the (already shifted)
+        target as decoder_input_ids (B, T) (decoder_attention_mask: key padding of the target)."""
         cfg = self.config
-        if decoder_input_ids is not None and cfg.arch != "encoder_decoder":
+        if cfg.arch == "encoder_decoder":
+            if decoder_input_ids is None:
+                raise InputError("decoder_input_ids: an encoder_decoder model needs the decoder input "
+                                 "(the target shifted right, starting with decoder_start_token_id)")
+            src = self.prepare_source(input_ids, attention_mask)
+            dec = self.prepare_inputs(decoder_input_ids, decoder_attention_mask, position_ids=position_ids,
+                                      prefix="decoder_")
+            B, S = src["src_ids"].shape
+            T = dec["input_ids"].shape[1]
+            if dec["input_ids"].shape[0] != B:
+                raise InputError(f"decoder_input_ids: batch {dec['input_ids'].shape[0]} != input_ids batch {B}")
+            ex = self.executor(("seq2seq", B, S, T), lambda: build_seq2seq(cfg, B, S, T, "all"))
+            return ex.run({**src, **dec})[ex.graph.outputs[0]]
+        if decoder_input_ids is not None:
             raise InputError(f"decoder_input_ids: only encoder_decoder models take them (this one is {cfg.arch})")
         inputs = self.prepare_inputs(input_ids, attention_mask, token_type_ids, position_ids)
         B, T = inputs["input_ids"].shape
@@ -151,6 +198,33 @@ class Model:
         return ex.run(inputs)[ex.graph.outputs[0]]
 
     __call__ = forward
+
+    def prepare_source(self, input_ids, attention_mask=None) -> dict:
+        """Encoder-decoder source -> {src_ids, src_pos, src_mask} (validated like input_ids)."""
+        if self.config.arch != "encoder_decoder":
+            raise InputError(f"source: this model is a {self.config.arch}; only encoder-decoders take a source")
+        x = self.prepare_inputs(input_ids, attention_mask)
+        out = {"src_ids": x["input_ids"], "src_mask": x["key_mask"]}
+        if "position_ids" in x:
+            out["src_pos"] = x["position_ids"]
+        return out
+
+    def encode(self, input_ids, attention_mask=None) -> np.ndarray:
+        """Encoder-decoder: the encoder's last hidden state (B, S, C) float32."""
+        src = self.prepare_source(input_ids, attention_mask)
+        B, S = src["src_ids"].shape
+        ex = self.executor(("encode", B, S), lambda: build_encode_source(self.config, B, S))
+        # the cross-attention keys/values it also writes land in scratch states of this executor
+        return ex.run(src)[ex.graph.outputs[0]]
+
+    def seq2seq_logits(self, src: dict, dec_ids: np.ndarray, last_idx: np.ndarray) -> np.ndarray:
+        """Uncached encoder-decoder logits (B, V) at last_idx of the decoder input (B, T)."""
+        cfg = self.config
+        B, S = src["src_ids"].shape
+        T = dec_ids.shape[1]
+        dec = self.prepare_inputs(dec_ids, prefix="decoder_")
+        ex = self.executor(("seq2seq_last", B, S, T), lambda: build_seq2seq(cfg, B, S, T, "last"))
+        return ex.run({**src, **dec, "last_idx": np.ascontiguousarray(last_idx, dtype=np.int64)})["logits"]
 
     def last_logits(self, inputs: dict, last_idx: np.ndarray) -> np.ndarray:
         """Logits (B, V) of one position per row (last_idx), skipping the vocab GEMM elsewhere."""
@@ -182,10 +256,11 @@ class Model:
         from .training.state import StepRunner
 
         flat = self.flat_buffers()
-        r = self._runners.get(key + (B, T))
+        full = key + (B, T, kw.get("S"))
+        r = self._runners.get(full)
         if r is None:
             r = StepRunner(flat, B, T, **kw)
-            self._runners[key + (B, T)] = r
+            self._runners[full] = r
             while len(self._runners) > 2:
                 self._runners.popitem(last=False)
         return r
@@ -194,11 +269,50 @@ class Model:
         flat = self._flat
         return self.ckpt.to_checkpoint_names({k: v.copy() for k, v in flat.grad_views.items()})
 
-    def loss_and_grads(self, input_ids, labels, attention_mask=None, label_smoothing: float = 0.0):
+    def _seq2seq_loss_and_grads(self, input_ids, labels, attention_mask, decoder_input_ids, label_smoothing):
+        cfg = self.config
+        src = self.prepare_source(input_ids, attention_mask)
+        B, S = src["src_ids"].shape
+        lab = np.asarray(labels)
+        if lab.ndim == 1:
+            lab = lab[None, :]
+        if lab.ndim != 2 or lab.shape[0] != B or lab.shape[1] == 0 or (lab.size and lab.dtype.kind not in "iu"):
+            raise InputError(f"labels: expected integer ids of shape ({B}, T), got {lab.dtype}{lab.shape}")
+        if not (0.0 <= label_smoothing < 1.0):
+            raise InputError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
+        lab = lab.astype(np.int64)
+        if decoder_input_ids is None:  # transformers' shift_tokens_right
+            if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
+                raise InputError("decoder_input_ids: the model has no decoder_start_token_id / pad_token_id "
+                                 "to build them from labels; pass decoder_input_ids")
+            dec = np.empty_like(lab)
+            dec[:, 0] = cfg.decoder_start_token_id
+            dec[:, 1:] = lab[:, :-1]
+            dec[dec == -100] = cfg.pad_token_id
+        else:
+            dec = decoder_input_ids
+        d = self.prepare_inputs(dec, prefix="decoder_")
+        if d["input_ids"].shape != lab.shape:
+            raise InputError(f"decoder_input_ids: shape {d['input_ids'].shape} differs from labels {lab.shape}")
+        T = lab.shape[1]
+        r = self._runner(("s2s", label_smoothing), B, T, loss="lm", label_smoothing=label_smoothing, S=S)
+        loss, _ = r.run_lm(d["input_ids"], lab, d["key_mask"], src_ids=src["src_ids"], src_mask=src["src_mask"])
+        return loss, self._grads_by_checkpoint_name()
+
+    def loss_and_grads(self, input_ids, labels, attention_mask=None, label_smoothing: float = 0.0,
+                       decoder_input_ids=None):
         """Decoder: mean next-token cross-entropy, transformers semantics (labels are shifted inside;
-        -100 is ignored). Encoder: labels (B, T, C) float, mean squared error of the last hidden state.
+        -100 is ignored). Encoder-decoder: input_ids is the source, labels the target (the decoder
+        input is labels shifted right from decoder_start_token_id, as transformers does, unless
+        decoder_input_ids is given); mean cross-entropy over labels != -100.
+        Encoder: labels (B, T, C) float, mean squared error of the last hidden state.
         Returns (loss, grads) with grads keyed by the checkpoint's own tensor names (float32)."""
         cfg = self.config
+        if cfg.arch == "encoder_decoder":
+            return self._seq2seq_loss_and_grads(input_ids, labels, attention_mask, decoder_input_ids,
+                                                label_smoothing)
+        if decoder_input_ids is not None:
+            raise InputError(f"decoder_input_ids: only encoder_decoder models take them (this one is {cfg.arch})")
         inputs = self.prepare_inputs(input_ids, attention_mask)
         ids, mask = inputs["input_ids"], inputs["key_mask"]
         B, T = ids.shape

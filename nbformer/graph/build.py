@@ -4,6 +4,15 @@ Inputs: input_ids (B, T) i64, position_ids (B, T) i64, token_type_ids (B, T) i64
 model has token types, key_mask (B, T) u8 (1 = real token), last_idx (B,) i64 when only the
 last position's logits are wanted (generation). Outputs: hidden (B, T, C) or logits.
 
+Encoder-decoder models (build_seq2seq): the source comes in as src_ids / src_pos / src_mask (B, S),
+the decoder input as input_ids / position_ids / key_mask (B, T); every decoder layer attends to the
+encoder output through cross-attention (queries T, keys S).
+
+Incremental decoding (build_encode_source, build_decode): keys/values live in 'state' tensors bound
+by a KV cache (nbformer.kv_cache) that persist across runs: self-attention cache.{i} (B, Tmax, 2C)
+written at runtime position cache_pos (1,) i64, cross-attention xcache.{i} (B, S, 2C) written once
+per source. A decode graph for Tq new tokens then costs O(Tq * L) attention work, not O(L^2).
+
 Training graphs (build_train) add: linear layers that also keep their pre-activation for the
 backward pass, dropout (embeddings, attention probabilities, residual branches) driven by a
 per-step seed input, a loss, and the backward graph from graph.autodiff.
@@ -14,6 +23,7 @@ import math
 
 from ..config import ModelConfig
 from ..weights.params import param_shapes
+from ..errors import GraphError
 from .ir import Graph
 
 
@@ -26,6 +36,7 @@ class _Builder:
             self.g.tensor(name, shape, kind="param")
         if cfg.sinusoidal:
             self.g.tensor("pos_emb", (cfg.max_positions, cfg.d_model), kind="const")
+        self.cache_pos = None  # name of the (1,) i64 input of a decode graph
         if train and (self.dropout > 0 or self.attn_dropout > 0):
             self.g.tensor("dropout_seed", (1,), "i64", "input")
 
@@ -74,67 +85,86 @@ class _Builder:
                     {"p": self.dropout, "stream": self.next_stream()}, inplace={"out": "x"})
         return out
 
-    def self_attention(self, x, p, mask, causal, name):
+    def attention(self, q, kv, mask, causal, name, q_off, k_off, v_off, cache_pos=None):
         cfg = self.cfg
-        B, T, C = self.g.tensors[x].shape
-        qkv = self.linear(x, p + "attn.qkv.w", p + "attn.qkv.b", name + ".qkv")  # (B, T, 3C)
-        out = self.act(name + ".attn", (B, T, C))
-        lse = self.act(name + ".lse", (B, cfg.n_heads, T))
-        attrs = {"n_heads": cfg.n_heads, "head_size": cfg.head_size, "q_off": 0, "k_off": C, "v_off": 2 * C,
-                 "causal": causal, "scale": 1.0 / math.sqrt(cfg.head_size)}
-        ins = {"q": qkv, "kv": qkv, "key_mask": mask}
+        B, Tq = self.g.tensors[q].shape[:2]
+        out = self.act(name + ".attn", (B, Tq, cfg.d_model))
+        lse = self.act(name + ".lse", (B, cfg.n_heads, Tq))
+        attrs = {"n_heads": cfg.n_heads, "head_size": cfg.head_size, "q_off": q_off, "k_off": k_off,
+                 "v_off": v_off, "causal": causal, "scale": 1.0 / math.sqrt(cfg.head_size)}
+        ins = {"q": q, "kv": kv, "key_mask": mask}
+        if cache_pos is not None:  # keys are the cache's first cache_pos + Tq rows
+            ins["cache_pos"] = cache_pos
         if self.train and self.attn_dropout > 0:
             attrs.update(dropout_p=self.attn_dropout, stream=self.next_stream())
             ins["seed"] = "dropout_seed"
         self.g.node("attention", ins, {"out": out, "lse": lse}, attrs)
         return out
 
-    def block(self, x, i, mask, causal):
-        """One transformer layer; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x))."""
-        cfg, p, n = self.cfg, f"h{i}.", f"h{i}"
+    def self_attention(self, x, p, mask, causal, name, cache=None):
+        C = self.cfg.d_model
+        qkv = self.linear(x, p + "attn.qkv.w", p + "attn.qkv.b", name + ".qkv")  # (B, T, 3C)
+        if cache is None:
+            return self.attention(qkv, qkv, mask, causal, name, 0, C, 2 * C)
+        # decode: K, V of the new tokens go into the cache at cache_pos, then attend over the cache
+        self.g.node("kv_write", {"qkv": qkv, "pos": self.cache_pos}, {"cache": cache}, {"offset": C})
+        return self.attention(qkv, cache, mask, causal, name, 0, 0, C, cache_pos=self.cache_pos)
+
+    def cross_attention(self, x, p, name, enc_kv, src_mask):
+        C = self.cfg.d_model
+        q = self.linear(x, p + "xattn.q.w", p + "xattn.q.b", name + ".xq")  # (B, T, C)
+        return self.attention(q, enc_kv, src_mask, False, name + ".x", 0, 0, C)
+
+    def cross_kv(self, enc, p, name):
+        return self.linear(enc, p + "xattn.kv.w", p + "xattn.kv.b", name + ".xkv")  # (B, S, 2C)
+
+    def block(self, x, i, mask, causal, side="", cross=None, cache=None):
+        """One transformer layer; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x)).
+        cross: (encoder keys/values (B, S, 2C), source mask) for a decoder layer of an encoder-decoder."""
+        cfg, p, n = self.cfg, f"{side}h{i}.", f"{side}h{i}"
         if cfg.norm == "pre":
             h = self.layernorm(x, p + "ln1", n + ".ln1")
-            a = self.self_attention(h, p, mask, causal, n)
+            a = self.self_attention(h, p, mask, causal, n, cache)
             x = self.linear(a, p + "attn.out.w", p + "attn.out.b", n + ".res1", residual=x)
+            if cross is not None:
+                h = self.layernorm(x, p + "lnx", n + ".lnx")
+                a = self.cross_attention(h, p, n, *cross)
+                x = self.linear(a, p + "xattn.out.w", p + "xattn.out.b", n + ".resx", residual=x)
             h = self.layernorm(x, p + "ln2", n + ".ln2")
             u = self.linear(h, p + "ffn.up.w", p + "ffn.up.b", n + ".ffn", act=cfg.activation)
             return self.linear(u, p + "ffn.down.w", p + "ffn.down.b", n + ".res2", residual=x)
-        a = self.self_attention(x, p, mask, causal, n)
+        a = self.self_attention(x, p, mask, causal, n, cache)
         s = self.linear(a, p + "attn.out.w", p + "attn.out.b", n + ".res1", residual=x)
         x = self.layernorm(s, p + "ln1", n + ".ln1")
+        if cross is not None:
+            a = self.cross_attention(x, p, n, *cross)
+            s = self.linear(a, p + "xattn.out.w", p + "xattn.out.b", n + ".resx", residual=x)
+            x = self.layernorm(s, p + "lnx", n + ".lnx")
         u = self.linear(x, p + "ffn.up.w", p + "ffn.up.b", n + ".ffn", act=cfg.activation)
         s = self.linear(u, p + "ffn.down.w", p + "ffn.down.b", n + ".res2", residual=x)
         return self.layernorm(s, p + "ln2", n + ".ln2")
 
-    def embed(self, B, T):
+    def embed(self, B, T, side="", ids="input_ids", pos="position_ids"):
         cfg, g = self.cfg, self.g
-        ins = {"ids": g.tensor("input_ids", (B, T), "i64", "input"), "wte": "tok_emb"}
+        ins = {"ids": g.tensor(ids, (B, T), "i64", "input"), "wte": "tok_emb"}
         if cfg.positions != "none":
-            ins["pos_ids"] = g.tensor("position_ids", (B, T), "i64", "input")
-            ins["wpe"] = "pos_emb"
-        if cfg.type_vocab_size:
+            ins["pos_ids"] = g.tensor(pos, (B, T), "i64", "input")
+            ins["wpe"] = "pos_emb" if cfg.sinusoidal else side + "pos_emb"
+        if cfg.type_vocab_size and side == "" and cfg.arch != "encoder_decoder":
             ins["type_ids"] = g.tensor("token_type_ids", (B, T), "i64", "input")
             ins["wtt"] = "type_emb"
-        x = self.act("emb", (B, T, cfg.d_model))
+        x = self.act(side + "emb", (B, T, cfg.d_model))
         g.node("embedding", ins, {"out": x}, {"scale": float(cfg.embedding_scale),
                                               "padding_idx": -1 if cfg.padding_idx is None else cfg.padding_idx})
         if cfg.embedding_layernorm:
-            x = self.layernorm(x, "emb_ln", "emb.ln")
-        return self.dropout_(x, "emb.drop")
+            x = self.layernorm(x, side + "emb_ln", side + "emb.ln")
+        return self.dropout_(x, side + "emb.drop")
 
-    def stack(self, B, T, logits="all"):
-        """Embeddings + layers (+ final LN) (+ LM head). Returns the output tensor name."""
+    def head(self, x, logits):
+        """(Final hidden) -> logits (B, T, V), or (B, V) at last_idx when logits == 'last'."""
         cfg, g = self.cfg, self.g
-        mask = g.tensor("key_mask", (B, T), "u8", "input")
-        x = self.embed(B, T)
-        causal = cfg.arch == "decoder"
-        for i in range(cfg.n_layers):
-            x = self.block(x, i, mask, causal)
-        if cfg.final_layernorm:
-            x = self.layernorm(x, "final_ln", "final.ln")
-        if not cfg.lm_head or logits is None:
-            return x
         if logits == "last":
+            B = g.tensors[x].shape[0]
             idx = g.tensor("last_idx", (B,), "i64", "input")
             last = self.act("last_hidden", (B, cfg.d_model))
             g.node("take_rows", {"x": x, "idx": idx}, {"out": last})
@@ -142,14 +172,101 @@ class _Builder:
         w = "tok_emb" if cfg.tie_word_embeddings else "lm_head.w"
         return self.linear(x, w, "lm_head.b", "logits")
 
+    def encoder(self, B, S, ids="input_ids", pos="position_ids", mask="key_mask"):
+        """Embeddings + encoder layers (+ final LN) -> hidden (B, S, C)."""
+        cfg = self.cfg
+        mask = self.g.tensor(mask, (B, S), "u8", "input")
+        x = self.embed(B, S, "", ids, pos)
+        for i in range(cfg.n_layers):
+            x = self.block(x, i, mask, cfg.arch == "decoder")
+        if cfg.final_layernorm:
+            x = self.layernorm(x, "final_ln", "final.ln")
+        return x
+
+    def stack(self, B, T, logits="all"):
+        """Embeddings + layers (+ final LN) (+ LM head). Returns the output tensor name."""
+        x = self.encoder(B, T)
+        if not self.cfg.lm_head or logits is None:
+            return x
+        return self.head(x, logits)
+
+    def decoder(self, B, T, src_mask, enc_kv, cache=False, logits="all"):
+        """Decoder of an encoder-decoder: enc_kv(i) -> keys/values (B, S, 2C) of layer i."""
+        cfg = self.cfg
+        mask = self.g.tensor("key_mask", (B, cache or T), "u8", "input")  # cache: (B, Tmax)
+        x = self.embed(B, T, "dec.")
+        for i in range(cfg.n_decoder_layers):
+            kv_cache = self.g.tensor(f"cache.{i}", (B, cache, 2 * cfg.d_model), kind="state") if cache else None
+            x = self.block(x, i, mask, True, "dec.", cross=(enc_kv(i), src_mask), cache=kv_cache)
+        if cfg.final_layernorm:
+            x = self.layernorm(x, "dec.final_ln", "dec.final.ln")
+        return self.head(x, logits)
+
+    def seq2seq(self, B, S, T, logits="all"):
+        enc = self.encoder(B, S, "src_ids", "src_pos", "src_mask")
+        return self.decoder(B, T, "src_mask", lambda i: self.cross_kv(enc, f"dec.h{i}.", f"dec.h{i}"),
+                            logits=logits)
+
 
 def build_forward(cfg: ModelConfig, B: int, T: int, logits: str = "all") -> Graph:
     """Encoder-only or decoder-only forward. logits: 'all' (B, T, V) | 'last' (B, V) via last_idx."""
     if cfg.arch == "encoder_decoder":
-        raise NotImplementedError("encoder_decoder graphs are built by build_seq2seq")
+        raise GraphError("build_forward: encoder_decoder graphs are built by build_seq2seq")
     b = _Builder(cfg)
     b.g.mark_output(b.stack(B, T, logits))
     return b.g
+
+
+def build_seq2seq(cfg: ModelConfig, B: int, S: int, T: int, logits: str = "all") -> Graph:
+    """Encoder-decoder forward without a cache: source (B, S), decoder input (B, T) -> logits."""
+    b = _Builder(cfg)
+    b.g.mark_output(b.seq2seq(B, S, T, logits))
+    return b.g
+
+
+def build_encode_source(cfg: ModelConfig, B: int, S: int) -> Graph:
+    """Encoder of an encoder-decoder: hidden (B, S, C) as output, and every decoder layer's
+    cross-attention keys/values written into state xcache.{i} (B, S, 2C) for decoding."""
+    b = _Builder(cfg)
+    enc = b.encoder(B, S, "src_ids", "src_pos", "src_mask")
+    for i in range(cfg.n_decoder_layers):
+        p = f"dec.h{i}."
+        b.g.tensor(f"xcache.{i}", (B, S, 2 * cfg.d_model), kind="state")
+        b.g.node("linear", {"x": enc, "w": p + "xattn.kv.w", **({"b": p + "xattn.kv.b"} if cfg.qkv_bias else {})},
+                 {"out": f"xcache.{i}"}, {"act": "none"})
+    b.g.mark_output(enc)
+    return b.g
+
+
+def build_decode(cfg: ModelConfig, B: int, Tq: int, Tmax: int, S: int | None = None) -> Graph:
+    """One incremental decoding call over a KV cache: Tq new tokens per row (Tq > 1: a prompt
+    prefill), appended at runtime position cache_pos. Inputs: input_ids / position_ids (B, Tq),
+    key_mask (B, Tmax) (1 = a cached position this row may attend to), cache_pos (1,) i64, and for
+    encoder-decoders src_mask (B, S). States: cache.{i} (B, Tmax, 2C) [+ xcache.{i} (B, S, 2C)].
+    Output: logits (B, V) at input last_idx (B,) (the last new token: Tq - 1)."""
+    b = _Builder(cfg)
+    g = b.g
+    b.cache_pos = g.tensor("cache_pos", (1,), "i64", "input")
+    if cfg.arch == "encoder_decoder":
+        if S is None:
+            raise GraphError("build_decode: an encoder_decoder needs the source length S")
+        g.tensor("src_mask", (B, S), "u8", "input")
+        for i in range(cfg.n_decoder_layers):
+            g.tensor(f"xcache.{i}", (B, S, 2 * cfg.d_model), kind="state")
+        out = b.decoder(B, Tq, "src_mask", lambda i: f"xcache.{i}", cache=Tmax, logits="last")
+    elif cfg.arch == "decoder":
+        mask = g.tensor("key_mask", (B, Tmax), "u8", "input")
+        x = b.embed(B, Tq)
+        for i in range(cfg.n_layers):
+            cache = g.tensor(f"cache.{i}", (B, Tmax, 2 * cfg.d_model), kind="state")
+            x = b.block(x, i, mask, True, cache=cache)
+        if cfg.final_layernorm:
+            x = b.layernorm(x, "final_ln", "final.ln")
+        out = b.head(x, "last")
+    else:
+        raise GraphError("build_decode: encoder models do not decode")
+    g.mark_output(out)
+    return g
 
 
 def build_embed(cfg: ModelConfig, B: int, T: int, pooling: str = "mean", normalize: bool = True) -> Graph:
@@ -168,8 +285,11 @@ def build_embed(cfg: ModelConfig, B: int, T: int, pooling: str = "mean", normali
 
 def build_train(cfg: ModelConfig, B: int, T: int, loss: str = "lm", dropout: float = 0.0,
                 attn_dropout: float | None = None, label_smoothing: float = 0.0, ignore_index: int = -100,
-                backward: bool = True):
+                backward: bool = True, S: int | None = None):
     """Forward + loss (+ backward) graph for one training step.
+
+    Encoder-decoders also take the source (src_ids / src_pos / src_mask, (B, S)); T is then the
+    decoder length and targets are the labels themselves (the decoder input is already shifted).
 
     loss='lm': token cross-entropy of logits (B, T, V) against input `targets` (B, T) i64
       (already shifted; ignore_index rows skipped), scaled by input `loss_scale` (1,) = 1 / n_valid.
@@ -183,7 +303,12 @@ def build_train(cfg: ModelConfig, B: int, T: int, loss: str = "lm", dropout: flo
     b = _Builder(cfg, train=True, dropout=dropout,
                  attn_dropout=dropout if attn_dropout is None else attn_dropout)
     g = b.g
-    y = b.stack(B, T, "all")
+    if cfg.arch == "encoder_decoder":
+        if S is None:
+            raise GraphError("build_train: an encoder_decoder needs the source length S")
+        y = b.seq2seq(B, S, T, "all")
+    else:
+        y = b.stack(B, T, "all")
     if loss == "lm":
         if not cfg.lm_head:
             raise ValueError("loss='lm' needs a model with a language-model head")

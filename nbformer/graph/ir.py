@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import GraphError
 
 DTYPES = {"f32": np.float32, "i64": np.int64, "u8": np.uint8}
-KINDS = ("input", "param", "const", "act", "grad")
+KINDS = ("input", "param", "const", "act", "grad", "state")
 
 
 @dataclass
@@ -20,7 +20,8 @@ class Tensor:
     name: str
     shape: tuple
     dtype: str = "f32"
-    kind: str = "act"  # input: bound per call; param/const/grad: bound from outside; act: lives in the arena
+    kind: str = "act"  # input: bound per call; param/const/grad: bound from outside; act: lives in the arena;
+    # state: bound from outside and kept across runs (KV caches), written by nodes of the graph
 
     @property
     def size(self) -> int:

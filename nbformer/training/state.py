@@ -61,12 +61,13 @@ class StepRunner:
 
     def __init__(self, flat: FlatBuffers, B: int, T: int, loss: str = "lm", dropout: float = 0.0,
                  attn_dropout: float | None = None, label_smoothing: float = 0.0, ignore_index: int = -100,
-                 backward: bool = True):
-        self.flat, self.B, self.T, self.loss = flat, B, T, loss
+                 backward: bool = True, S: int | None = None):
+        """Encoder-decoders: S is the source length, T the decoder length; run_lm then takes src."""
+        self.flat, self.B, self.T, self.S, self.loss = flat, B, T, S, loss
         self.ignore_index = ignore_index
         self.graph, self.grad_names = build_train(flat.cfg, B, T, loss=loss, dropout=dropout,
                                                   attn_dropout=attn_dropout, label_smoothing=label_smoothing,
-                                                  ignore_index=ignore_index, backward=backward)
+                                                  ignore_index=ignore_index, backward=backward, S=S)
         bound = dict(flat.views)
         bound.update(flat.consts)
         for p, gname in self.grad_names.items():
@@ -89,8 +90,9 @@ class StepRunner:
             inputs["dropout_seed"] = np.array([seed], dtype=np.int64)
         return inputs
 
-    def run_lm(self, ids, targets, mask=None, seed: int = 0) -> tuple:
-        """-> (mean loss over non-ignored targets, number of those targets)."""
+    def run_lm(self, ids, targets, mask=None, seed: int = 0, src_ids=None, src_mask=None) -> tuple:
+        """-> (mean loss over non-ignored targets, number of those targets).
+        Encoder-decoders: ids is the decoder input, src_ids/src_mask (B, S) the source."""
         if mask is None:
             mask = np.ones(ids.shape, np.uint8)
         targets = np.ascontiguousarray(targets, dtype=np.int64)
@@ -101,6 +103,15 @@ class StepRunner:
             raise InputError(f"labels: value {int(targets[bad][0])} is outside [0, {self.flat.cfg.vocab_size}) "
                              f"and is not the ignore index {self.ignore_index}")
         inputs = self._inputs(ids, mask, seed=seed)
+        if self.S is not None:
+            if src_ids is None:
+                raise InputError("run_lm: an encoder-decoder step needs src_ids")
+            B, S = src_ids.shape
+            inputs["src_ids"] = np.ascontiguousarray(src_ids, dtype=np.int64)
+            inputs["src_mask"] = np.ascontiguousarray(np.ones((B, S), np.uint8) if src_mask is None else src_mask,
+                                                      dtype=np.uint8)
+            if self.flat.cfg.positions != "none":
+                inputs["src_pos"] = np.ascontiguousarray(np.broadcast_to(np.arange(S, dtype=np.int64), (B, S)))
         inputs["targets"] = targets
         inputs["loss_scale"] = np.array([1.0 / max(n_valid, 1)], dtype=np.float32)
         for p in self.untouched:

@@ -12,12 +12,12 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError, WeightsError
-from . import hf_bert, hf_gpt2
+from . import hf_bert, hf_gpt2, hf_marian
 from .mapping import Rule, apply_rules
 from .params import param_shapes
 from .safetensors_io import SafetensorsFile
 
-FAMILIES = {"bert": hf_bert, "gpt2": hf_gpt2}
+FAMILIES = {"bert": hf_bert, "gpt2": hf_gpt2, "marian": hf_marian}
 NATIVE_CONFIG_KEY = "nbformer_config"
 
 
@@ -122,8 +122,17 @@ def _load_hf_dir(d: Path) -> Checkpoint:
     if prefix is None:
         raise WeightsError(f"{d}: tensor '{fam.PROBE}' is missing: the weights do not look like a "
                            f"{mt} checkpoint")
+    if mt == "marian" and not shards.has("final_logits_bias"):
+        cfg = cfg.replace(lm_head_bias=False)  # transformers treats a missing bias as zeros
     rules = fam.rules(cfg, prefix)
-    if mt == "gpt2" and cfg.tie_word_embeddings is False and not shards.has("lm_head.weight"):
+    if mt == "marian":
+        gen_path = d / "generation_config.json"
+        if gen_path.exists():  # transformers lets generation_config.json override config.json
+            gen = dict(cfg.extra.get("generation", {}))
+            raw_gen = _read_json(gen_path, "generation_config.json")
+            gen.update({k: raw_gen[k] for k in hf_marian.GENERATION_KEYS if raw_gen.get(k) is not None})
+            cfg = cfg.replace(extra={**cfg.extra, "generation": gen})
+    if mt in ("gpt2", "marian") and cfg.tie_word_embeddings is False and not shards.has("lm_head.weight"):
         raise WeightsError(f"{d}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
     where = str(d / "model.safetensors") if len(shards.files) == 1 else str(d)
     params = apply_rules(rules, shards.get, shards.has, param_shapes(cfg), where)

@@ -16,7 +16,7 @@ from ..errors import WeightsError
 class Rule:
     canonical: str
     sources: tuple  # checkpoint names
-    how: str = "copy"  # copy | transpose (Conv1D (in, out) -> (out, in)) | cat0 (stack rows)
+    how: str = "copy"  # copy | transpose (Conv1D (in, out) -> (out, in)) | cat0 (stack rows) | flat ((1, n) -> (n,))
 
     def forward(self, arrays: list) -> np.ndarray:
         if self.how == "copy":
@@ -25,6 +25,8 @@ class Rule:
             out = arrays[0].T
         elif self.how == "cat0":
             out = np.concatenate(arrays, axis=0)
+        elif self.how == "flat":
+            out = arrays[0].reshape(-1)
         else:  # pragma: no cover - rules are written by us
             raise AssertionError(self.how)
         return np.ascontiguousarray(out, dtype=np.float32)
@@ -35,6 +37,8 @@ class Rule:
             return {self.sources[0]: a}
         if self.how == "transpose":
             return {self.sources[0]: np.ascontiguousarray(a.T)}
+        if self.how == "flat":
+            return {self.sources[0]: a.reshape(1, -1)}
         parts = np.split(a, len(self.sources), axis=0)
         return {s: np.ascontiguousarray(p) for s, p in zip(self.sources, parts)}
 

@@ -8,28 +8,46 @@ from __future__ import annotations
 from ..config import ModelConfig
 
 
+def _layer(p: dict, h: str, C: int, F: int, qkv_bias: bool, cross: bool):
+    p[h + "ln1.w"], p[h + "ln1.b"] = (C,), (C,)
+    p[h + "attn.qkv.w"] = (3 * C, C)
+    if qkv_bias:
+        p[h + "attn.qkv.b"] = (3 * C,)
+    p[h + "attn.out.w"], p[h + "attn.out.b"] = (C, C), (C,)
+    if cross:  # decoder layer of an encoder-decoder: queries from the decoder, keys/values from the encoder
+        p[h + "lnx.w"], p[h + "lnx.b"] = (C,), (C,)
+        p[h + "xattn.q.w"] = (C, C)
+        p[h + "xattn.kv.w"] = (2 * C, C)
+        if qkv_bias:
+            p[h + "xattn.q.b"], p[h + "xattn.kv.b"] = (C,), (2 * C,)
+        p[h + "xattn.out.w"], p[h + "xattn.out.b"] = (C, C), (C,)
+    p[h + "ln2.w"], p[h + "ln2.b"] = (C,), (C,)
+    p[h + "ffn.up.w"], p[h + "ffn.up.b"] = (F, C), (F,)
+    p[h + "ffn.down.w"], p[h + "ffn.down.b"] = (C, F), (C,)
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
-    """name -> shape for every trainable tensor the graph of `cfg` reads."""
+    """name -> shape for every trainable tensor the graph of `cfg` reads.
+
+    Encoder-decoder models: the encoder uses the plain names (h{i}., emb_ln, final_ln, pos_emb),
+    the decoder the same names under 'dec.' plus cross-attention (dec.h{i}.lnx / xattn.q / xattn.kv
+    / xattn.out); tok_emb is shared by source, target and output projection."""
     C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     p = {"tok_emb": (V, C)}
-    if cfg.positions == "learned":
-        p["pos_emb"] = (cfg.max_positions, C)
-    if cfg.type_vocab_size:
-        p["type_emb"] = (cfg.type_vocab_size, C)
-    if cfg.embedding_layernorm:
-        p["emb_ln.w"], p["emb_ln.b"] = (C,), (C,)
-    for i in range(cfg.n_layers):
-        h = f"h{i}."
-        p[h + "ln1.w"], p[h + "ln1.b"] = (C,), (C,)
-        p[h + "attn.qkv.w"] = (3 * C, C)
-        if cfg.qkv_bias:
-            p[h + "attn.qkv.b"] = (3 * C,)
-        p[h + "attn.out.w"], p[h + "attn.out.b"] = (C, C), (C,)
-        p[h + "ln2.w"], p[h + "ln2.b"] = (C,), (C,)
-        p[h + "ffn.up.w"], p[h + "ffn.up.b"] = (F, C), (F,)
-        p[h + "ffn.down.w"], p[h + "ffn.down.b"] = (C, F), (C,)
-    if cfg.final_layernorm:
-        p["final_ln.w"], p["final_ln.b"] = (C,), (C,)
+    seq2seq = cfg.arch == "encoder_decoder"
+    sides = ("", "dec.") if seq2seq else ("",)
+    for side in sides:
+        if cfg.positions == "learned":
+            p[side + "pos_emb"] = (cfg.max_positions, C)
+        if cfg.type_vocab_size and side == "":
+            p["type_emb"] = (cfg.type_vocab_size, C)
+        if cfg.embedding_layernorm:
+            p[side + "emb_ln.w"], p[side + "emb_ln.b"] = (C,), (C,)
+        n = cfg.n_decoder_layers if side == "dec." else cfg.n_layers
+        for i in range(n):
+            _layer(p, f"{side}h{i}.", C, F, cfg.qkv_bias, cross=side == "dec.")
+        if cfg.final_layernorm:
+            p[side + "final_ln.w"], p[side + "final_ln.b"] = (C,), (C,)
     if cfg.lm_head and not cfg.tie_word_embeddings:
         p["lm_head.w"] = (V, C)
     if cfg.lm_head and cfg.lm_head_bias:

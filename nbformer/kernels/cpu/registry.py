@@ -32,9 +32,19 @@ def _linear(out, x, w, b=None, residual=None, pre=None, act="none"):
         linear_forward_train(out, pre, x, w, b, act, residual)
 
 
+@register("kv_write", DEV)
+def _kv_write(cache, qkv, pos, offset):
+    from .kv_cache import kv_write
+
+    kv_write(cache, qkv, offset, pos[0])
+
+
 @register("attention", DEV)
 def _attention(out, lse, q, kv, key_mask, n_heads, head_size, q_off, k_off, v_off, causal, scale, seed=None,
-               dropout_p=0.0, stream=0):
+               dropout_p=0.0, stream=0, cache_pos=None):
+    if cache_pos is not None:  # decoding: the keys are the cache's first cache_pos + Tq rows
+        L = int(cache_pos[0]) + q.shape[1]
+        kv, key_mask = kv[:, :L], key_mask[:, :L]
     if dropout_p > 0:
         attention_forward(out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads, head_size, causal, scale,
                           dropout_p=dropout_p, seed=_node_seed(seed, stream))
