@@ -147,7 +147,9 @@ def inspect(model_path, batch, seq, train_plan):
     click.echo(f"model: {m.ckpt.path}")
     click.echo(f"family: {cfg.family}   arch: {cfg.arch}   norm: {cfg.norm}-LN   activation: {cfg.activation}   "
                f"positions: {cfg.positions}")
-    click.echo(f"layers: {cfg.n_layers}   d_model: {cfg.d_model}   heads: {cfg.n_heads} x {cfg.head_size}   "
+    layers = (f"{cfg.n_layers} encoder + {cfg.n_decoder_layers} decoder" if cfg.arch == "encoder_decoder"
+              else str(cfg.n_layers))
+    click.echo(f"layers: {layers}   d_model: {cfg.d_model}   heads: {cfg.n_heads} x {cfg.head_size}   "
                f"d_ff: {cfg.d_ff}   vocab: {cfg.vocab_size}   max positions: {cfg.max_positions}")
     n = m.num_parameters
     click.echo(f"parameters: {n:,} ({_fmt_bytes(4 * n)} float32)")
@@ -155,12 +157,18 @@ def inspect(model_path, batch, seq, train_plan):
     click.echo(f"forward graph at batch {batch} x seq {seq}: {len(plan.schedule)} nodes")
     click.echo(f"planned activation arena: {_fmt_bytes(plan.arena_bytes)} "
                f"(one buffer per tensor would need {_fmt_bytes(plan.naive_bytes)})")
+    if cfg.lm_head and cfg.arch != "encoder":
+        from nbformer.kv_cache import KVCache
+
+        kv = KVCache.plan_bytes(cfg, batch, seq, seq if cfg.arch == "encoder_decoder" else None)
+        click.echo(f"KV cache for decoding {batch} x {seq} positions"
+                   f"{' (source of ' + str(seq) + ')' if cfg.arch == 'encoder_decoder' else ''}: {_fmt_bytes(kv)}")
     if train_plan:
         from nbformer.graph.build import build_train
         from nbformer.graph.plan import plan_memory
 
         loss = "lm" if cfg.lm_head else "vjp"
-        g, grads = build_train(cfg, batch, seq, loss=loss)
+        g, grads = build_train(cfg, batch, seq, loss=loss, S=seq if cfg.arch == "encoder_decoder" else None)
         tp = plan_memory(g)
         n_grad = sum(g.tensors[t].size for t in grads.values())
         click.echo(f"training step at batch {batch} x seq {seq} ({'LM loss' if loss == 'lm' else 'output VJP'}, "
