@@ -202,7 +202,7 @@ PRESETS = {  # d_model, layers, heads, d_ff
 @click.option("--heads", type=int, default=None)
 @click.option("--d-ff", type=int, default=None)
 @click.option("--norm", type=click.Choice(["pre", "post"]), default="pre", show_default=True)
-@click.option("--activation", type=click.Choice(["gelu", "gelu_tanh", "relu"]), default="gelu_tanh",
+@click.option("--activation", type=click.Choice(["gelu", "gelu_tanh", "relu", "silu"]), default="gelu_tanh",
               show_default=True)
 @click.option("--positions", type=click.Choice(["learned", "sinusoidal"]), default="learned", show_default=True)
 @click.option("--batch", "batch_size", default=16, show_default=True, type=int)

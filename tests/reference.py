@@ -28,7 +28,12 @@ def relu(x):
     return np.maximum(f64(x), 0.0)
 
 
-ACTIVATIONS = {"none": lambda x: f64(x), "relu": relu, "gelu": gelu_erf, "gelu_tanh": gelu_tanh}
+def silu(x):
+    x = f64(x)
+    return x / (1.0 + np.exp(-x))
+
+
+ACTIVATIONS = {"none": lambda x: f64(x), "relu": relu, "gelu": gelu_erf, "gelu_tanh": gelu_tanh, "silu": silu}
 
 
 # ---------------------------------------------------------------- basic kernels

@@ -58,6 +58,9 @@ def activation_grad(pre, act):
     if act == "gelu_tanh":
         t = np.tanh(SQRT_2_OVER_PI * (v + 0.044715 * v ** 3))
         return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * v * v)
+    if act == "silu":
+        s = 1.0 / (1.0 + np.exp(-v))
+        return s * (1.0 + v * (1.0 - s))
     raise ValueError(act)
 
 

@@ -19,9 +19,10 @@ from nbformer.kernels.cpu.loss import cross_entropy_backward, cross_entropy_forw
 from nbformer.kernels.cpu.optim import (adam_step, clip_grad_norm_, cosine_lr, global_grad_norm, noam_lr,
                                         scale_)
 
-ACTS = ["none", "relu", "gelu", "gelu_tanh"]
+ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 TORCH_ACT = {"none": lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
-             "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+             "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+             "silu": torch.nn.functional.silu}
 
 
 def f32(a):
@@ -195,7 +196,7 @@ def test_linear_forward_train(rng, act):
     assert np.array_equal(r, want)
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_linear_backward_matches_torch_3d_with_scratch(rng, act):
     B, T, K, M = 2, 7, 16, 24
     x, w, b = f32(rng.normal(size=(B, T, K))), f32(rng.normal(size=(M, K)) / 4), f32(rng.normal(size=M))

@@ -70,7 +70,7 @@ def test_layernorm_3d_and_tiny_eps(rng):
     assert_close(out, ref.layernorm(x, w, b, 1e-12)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("N,K,M", [(1, 1, 1), (7, 33, 5), (130, 64, 257), (3, 80, 96)])
 @pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True)])
 def test_linear(rng, act, N, K, M, bias, residual):

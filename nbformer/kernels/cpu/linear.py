@@ -16,8 +16,8 @@ from .checks import check_array as _check
 from .attention import _exp2
 from .gemm import COLS, ROWS, by_rows, matmul_nn, matmul_tn, pin_blas_to_one_thread
 
-ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2, 3
-ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
+ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "silu": ACT_SILU}
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -31,6 +31,8 @@ def activate(v, act):
         return 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
     if act == ACT_GELU_TANH:
         return 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+    if act == ACT_SILU:
+        return v / (1.0 + math.exp(-v)) if v >= 0.0 else v * math.exp(v) / (1.0 + math.exp(v))
     return v
 
 
@@ -77,6 +79,19 @@ def _gelu_erf_f32(v):
     return _F_HALF * v * (np.float32(2.0) - erfc) if v >= 0 else _F_HALF * v * erfc
 
 
+@njit(inline="always", fastmath=_FM)
+def _sigmoid_f32(v):
+    # exp of a non-positive argument only: no overflow for large |v|
+    t = _exp2(-abs(v) * _F_LOG2E)
+    r = _F_ONE / (_F_ONE + t)
+    return r if v >= 0 else r * t
+
+
+@njit(inline="always", fastmath=_FM)
+def _silu_f32(v):
+    return v * _sigmoid_f32(v)
+
+
 SRC_OUT, SRC_PRE, SRC_TMP = 0, 1, 2  # where the GEMM block the epilogue reads lives
 
 
@@ -98,6 +113,13 @@ def _act_row(o, row, res, m0, n, act, use_residual, copy):
         else:
             for j in range(n):
                 o[m0 + j] = _gelu_erf_f32(row[j])
+    elif act == ACT_SILU:
+        if use_residual:
+            for j in range(n):
+                o[m0 + j] = _silu_f32(row[j]) + res[m0 + j]
+        else:
+            for j in range(n):
+                o[m0 + j] = _silu_f32(row[j])
     elif act == ACT_RELU:
         if use_residual:
             for j in range(n):
@@ -187,6 +209,9 @@ def activate_grad(v, act):
         x2 = v * v
         t = math.tanh(_SQRT_2_OVER_PI * (v + _GELU_K * x2 * v))
         return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_K * x2)
+    if act == ACT_SILU:
+        s = 1.0 / (1.0 + math.exp(-v)) if v >= 0.0 else math.exp(v) / (1.0 + math.exp(v))
+        return s * (1.0 + v * (1.0 - s))
     return 1.0
 
 
@@ -230,6 +255,12 @@ def _linear_backward_elementwise(db, dout, pre, g, act, use_db, rows):
                 pi = pre[i]
                 for j in range(M):
                     gi[j] = d[j] * _gelu_erf_grad_f32(pi[j])
+            elif act == ACT_SILU:
+                pi = pre[i]
+                for j in range(M):
+                    # d/dv v s(v) = s (1 + v (1 - s))
+                    sg = _sigmoid_f32(pi[j])
+                    gi[j] = d[j] * (sg * (_F_ONE + pi[j] * (_F_ONE - sg)))
             elif act == ACT_RELU:
                 pi = pre[i]
                 for j in range(M):
