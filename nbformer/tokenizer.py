@@ -77,3 +77,18 @@ def train_bpe(texts, vocab_size: int, special_tokens=("<|endoftext|>",)) -> Toke
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return Tokenizer(json_text=tok.to_str(), where="trained tokenizer")
+
+
+SEQ2SEQ_SPECIALS = ("<pad>", "</s>")  # ids 0 and 1: padding / decoder start, and end of sequence
+
+
+def train_seq2seq_bpe(texts, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE shared by source and target (Marian style): <pad> = 0 (also the decoder
+    start token), </s> = 1, appended to every encoding that asks for special tokens."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import processors
+
+    base = train_bpe(texts, vocab_size, special_tokens=SEQ2SEQ_SPECIALS)
+    tok = _Tok.from_str(base.to_json())
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return Tokenizer(json_text=tok.to_str(), where="trained tokenizer")

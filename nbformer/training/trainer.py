@@ -52,6 +52,7 @@ class TrainOptions:
     seed: int = 0
     eval_every: int = 100
     eval_windows: int = 16
+    eval_pairs: int = 256  # encoder-decoders: held-out pairs for eval loss and exact match
     save_every: int = 200
     log_every: int = 10
     extra: dict = field(default_factory=dict)
@@ -60,7 +61,8 @@ class TrainOptions:
         def bad(name, expected):
             raise InputError(f"--{name.replace('_', '-')}: got {getattr(self, name)!r}, expected {expected}")
 
-        for name in ("batch_size", "seq_len", "steps", "eval_every", "save_every", "log_every", "eval_windows"):
+        for name in ("batch_size", "seq_len", "steps", "eval_every", "save_every", "log_every", "eval_windows",
+                     "eval_pairs"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(name, "a positive integer")
@@ -99,12 +101,13 @@ class Progress:
         self.total, self.enabled = total, enabled
         self.last_len = 0
 
-    def update(self, step, loss, eval_loss, tok_s, eta_s):
+    def update(self, step, loss, eval_loss, tok_s, eta_s, exact=None):
         if not self.enabled:
             return
         width = 24
         done = int(width * step / self.total)
         ev = f" | eval {eval_loss:.3f}" if eval_loss is not None else ""
+        ev += f" | exact {100 * exact:.1f}%" if exact is not None else ""
         eta = f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
         line = (f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} | loss {loss:.3f}{ev} | "
                 f"{tok_s:,.0f} tok/s | ETA {eta}")
@@ -119,16 +122,26 @@ class Progress:
 
 
 class Trainer:
-    """Trains a decoder language model on a TokenData stream.
+    """Trains a decoder language model on a TokenData stream, or an encoder-decoder on PairData
+    (sentence pairs; eval adds greedy-decoding exact match on held-out pairs).
 
     params: canonical name -> array to start from (a fresh init or a loaded checkpoint).
     """
 
-    def __init__(self, cfg: ModelConfig, params: dict, data: TokenData, opts: TrainOptions, out_dir,
+    def __init__(self, cfg: ModelConfig, params: dict, data, opts: TrainOptions, out_dir,
                  tokenizer_json: str, device: str = "cpu", progress: bool = True, log=print):
-        if cfg.arch != "decoder" or not cfg.lm_head:
-            raise InputError(f"train: only decoder language models are trained on text here (got {cfg.arch})")
+        self.seq2seq = bool(getattr(data, "seq2seq", False))
+        if self.seq2seq:
+            if cfg.arch != "encoder_decoder":
+                raise InputError(f"train: sentence pairs train an encoder-decoder model, this one is a {cfg.arch}")
+            opts.seq_len = data.T  # the padded decoder length; the source has data.S columns
+        elif cfg.arch != "decoder" or not cfg.lm_head:
+            raise InputError(f"train: an {cfg.arch.replace('_', '-')} model is not trained on plain text here "
+                             f"(only decoder language models are; encoder-decoders train on source<TAB>target pairs)")
         opts.validate(cfg)
+        if self.seq2seq and data.S > cfg.max_positions:
+            raise InputError(f"{data.where}: sources of {data.S} tokens exceed the model's {cfg.max_positions} "
+                             f"positions")
         data.check(opts.batch_size, opts.seq_len)
         self.cfg, self.data, self.opts, self.device = cfg, data, opts, device
         self.out_dir = Path(out_dir)
@@ -140,12 +153,17 @@ class Trainer:
         self.progress = progress
         self.log = log
         B, T = opts.batch_size, opts.seq_len
+        S = data.S if self.seq2seq else None
         self.runner = StepRunner(self.flat, B, T, loss="lm", dropout=opts.dropout, attn_dropout=opts.attn_dropout,
-                                 label_smoothing=opts.label_smoothing)
-        self.eval_set = data.eval_windows(T, opts.eval_windows)
+                                 label_smoothing=opts.label_smoothing, S=S)
+        if self.seq2seq:
+            self.eval_set = data.eval_batch(opts.eval_pairs)
+        else:
+            self.eval_set = data.eval_windows(T, opts.eval_windows)
         self.eval_runner = None
         if self.eval_set is not None:
-            self.eval_runner = StepRunner(self.flat, self.eval_set[0].shape[0], T, loss="lm", backward=False)
+            self.eval_runner = StepRunner(self.flat, self.eval_set[0].shape[0], T, loss="lm", backward=False, S=S)
+        self._eval_model = None
         self._adam = ops.get("adam", device)
         self._grad_norm = ops.get("grad_norm", device)
         self._scale = ops.get("scale", device)
@@ -195,15 +213,52 @@ class Trainer:
     def evaluate(self) -> float | None:
         if self.eval_runner is None:
             return None
+        if self.seq2seq:
+            s_ids, s_mask, d_in, labels = self.eval_set
+            loss, _ = self.eval_runner.run_lm(d_in, labels, src_ids=s_ids, src_mask=s_mask)
+            return loss
         x, y = self.eval_set
         loss, _ = self.eval_runner.run_lm(x, y)
         return loss
 
+    def model(self):
+        """The model being trained, as an nbformer.Model over the live parameters (no copy)."""
+        if self._eval_model is None:
+            from ..model import Model
+            from ..tokenizer import Tokenizer
+            from ..weights import Checkpoint
+
+            ckpt = Checkpoint(config=self.cfg, params=dict(self.flat.views), rules=[],
+                              path=self.out_dir / "model.safetensors")
+            self._eval_model = Model(ckpt)
+            self._eval_model._tokenizer = Tokenizer(json_text=self.tokenizer_json, where="training tokenizer")
+        return self._eval_model
+
+    def exact_match(self) -> float | None:
+        """Encoder-decoders: the fraction of held-out pairs whose greedy decoding equals the target
+        token for token (EOS included)."""
+        if not self.seq2seq or self.eval_set is None:
+            return None
+        from ..generate import generate
+
+        s_ids, s_mask, _, labels = self.eval_set
+        out = generate(self.model(), s_ids, max_new_tokens=labels.shape[1], attention_mask=s_mask,
+                       num_beams=1, eos_token_id=self.data.eos, pad_token_id=self.data.pad)
+        hits = 0
+        for got, want in zip(out, labels):
+            want = want[want != -100]
+            hits += len(got) >= len(want) and np.array_equal(got[:len(want)], want)
+        return hits / len(labels)
+
     def train_step(self) -> dict:
         o = self.opts
         step = self.step + 1
-        x, y = self.data.batch(o.seed, step, o.batch_size, o.seq_len)
-        loss, n = self.runner.run_lm(x, y, seed=o.seed * 1_000_003 + step)
+        if self.seq2seq:
+            s_ids, s_mask, x, y = self.data.batch(o.seed, step, o.batch_size)
+            loss, n = self.runner.run_lm(x, y, seed=o.seed * 1_000_003 + step, src_ids=s_ids, src_mask=s_mask)
+        else:
+            x, y = self.data.batch(o.seed, step, o.batch_size, o.seq_len)
+            loss, n = self.runner.run_lm(x, y, seed=o.seed * 1_000_003 + step)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"step {step}: loss is {loss}; stopping (the last checkpoint in "
                                    f"{self.out_dir} is kept)")
@@ -241,24 +296,27 @@ class Trainer:
         except ValueError:  # not the main thread
             pass
         t0, tokens0, step0 = time.perf_counter(), 0, self.step
-        last_eval, rec = None, None
+        last_eval, last_exact, rec = None, None, None
         try:
             with open(log_path, "a", encoding="utf-8") as logf:
                 while self.step < o.steps and not self._stop:
                     rec = self.train_step()
-                    tokens0 += o.batch_size * o.seq_len
+                    tokens0 += rec["tokens"]
                     dt = time.perf_counter() - t0
                     tok_s = tokens0 / dt if dt > 0 else 0.0
                     if self.step % o.eval_every == 0 or self.step == o.steps:
                         last_eval = self.evaluate()
                         rec["eval_loss"] = last_eval
+                        if self.seq2seq:
+                            last_exact = self.exact_match()
+                            rec["exact_match"] = last_exact
                     rec["tokens_per_s"] = round(tok_s, 1)
                     if self.step % o.log_every == 0 or "eval_loss" in rec or self.step == o.steps:
                         logf.write(json.dumps(rec) + "\n")
                         logf.flush()
                     self.history.append(rec)
                     eta = (o.steps - self.step) * dt / max(self.step - step0, 1)
-                    bar.update(self.step, rec["loss"], last_eval, tok_s, eta)
+                    bar.update(self.step, rec["loss"], last_eval, tok_s, eta, last_exact)
                     if self.step % o.save_every == 0 or self.step == o.steps:
                         self.save()
                 if self._stop and self.step < o.steps:
@@ -269,22 +327,38 @@ class Trainer:
                 signal.signal(signal.SIGINT, old)
         elapsed = time.perf_counter() - t0
         return {"step": self.step, "interrupted": self._stop and self.step < o.steps,
-                "final_loss": rec["loss"] if rec else None, "eval_loss": last_eval,
+                "final_loss": rec["loss"] if rec else None, "eval_loss": last_eval, "exact_match": last_exact,
                 "tokens_per_s": tokens0 / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
 
 
+def _is_layernorm(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and (parts[-2].startswith("ln") or parts[-2].endswith("_ln"))
+
+
 def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> dict:
-    """GPT-2 style init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * layers),
-    zero biases, unit LayerNorm gains."""
+    """Decoders: GPT-2 style init, N(0, 0.02) weights, residual projections scaled by
+    1/sqrt(2 * layers). Encoder-decoders: the original Transformer's (as torch.nn.Transformer and
+    fairseq): Xavier-uniform projections (q, k, v counted as separate d x d matrices) and, with
+    sqrt(d) embedding scaling, N(0, 1/d) embeddings so that scaled embeddings have unit variance.
+    Both: zero biases, unit LayerNorm gains."""
     from ..weights.params import param_shapes
 
     rng = np.random.Generator(np.random.PCG64(seed))
     out = {}
+    xavier = cfg.arch == "encoder_decoder"
     for name, shape in param_shapes(cfg).items():
-        if name.endswith("ln.w") or name.endswith(("ln1.w", "ln2.w")) or name == "emb_ln.w":
-            a = np.ones(shape)
-        elif name.endswith(".b") or name.endswith(("ln.b", "ln1.b", "ln2.b")):
+        if _is_layernorm(name):
+            a = np.ones(shape) if name.endswith(".w") else np.zeros(shape)
+        elif name.endswith(".b"):
             a = np.zeros(shape)
+        elif xavier and name == "tok_emb":
+            s = cfg.d_model ** -0.5 if cfg.embedding_scale != 1.0 else std
+            a = rng.normal(0.0, s, size=shape)
+        elif xavier and len(shape) == 2:
+            rows = shape[0] // (3 if name.endswith("qkv.w") else 2 if name.endswith("kv.w") else 1)
+            bound = math.sqrt(6.0 / (rows + shape[1]))
+            a = rng.uniform(-bound, bound, size=shape)
         else:
             s = std / math.sqrt(2 * max(cfg.n_layers, 1)) if name.endswith(("attn.out.w", "ffn.down.w")) else std
             a = rng.normal(0.0, s, size=shape)
