@@ -504,6 +504,14 @@ def _prepare(model, prompt, spec: _Spec, attention_mask) -> _Job:
         if kind == "ids":
             if spec.truncate and limit is not None and _is_int(spec.max_new) and spec.max_new < limit:
                 prompt, attention_mask = _clip(prompt, attention_mask, limit - spec.max_new, keep_end=True)
+            elif limit is not None and not spec.truncate:
+                try:
+                    n = np.shape(prompt)[-1] if np.ndim(prompt) in (1, 2) else 0
+                except ValueError:  # ragged: model.prepare_inputs reports it
+                    n = 0
+                if n > limit:
+                    raise InputError(f"input_ids: the prompt has {n} tokens, more than the model's {limit} "
+                                     f"positions (pass truncate=True to keep the end of the prompt)")
             x = model.prepare_inputs(prompt, attention_mask)
             ids, mask = x["input_ids"], x["key_mask"]
             if not mask[:, -1].all():
@@ -519,6 +527,12 @@ def _prepare(model, prompt, spec: _Spec, attention_mask) -> _Job:
                         raise InputError(f"{where}: empty text and the model has no bos_token_id to start from")
                     r = [cfg.bos_token_id]
                 rows.append(r)
+            if spec.truncate and limit is not None and _is_int(spec.max_new) and spec.max_new < limit:
+                rows = [r[-(limit - spec.max_new):] for r in rows]  # keep the end of a too-long prompt
+            longest = max(len(r) for r in rows)
+            if limit is not None and longest > limit:
+                raise InputError(f"prompt: {longest} tokens, more than the model's {limit} positions (pass "
+                                 f"truncate=True to keep the end of the prompt)")
             T = max(len(r) for r in rows)
             ids = np.full((len(rows), T), spec.pad, dtype=np.int64)
             mask = np.zeros((len(rows), T), dtype=np.uint8)

@@ -233,9 +233,10 @@ class Model:
         ex = self.executor(("last", B, T), lambda: build_forward(cfg, B, T, "last"))
         return ex.run({**inputs, "last_idx": np.ascontiguousarray(last_idx, dtype=np.int64)})["logits"]
 
-    def generate(self, prompt, max_new_tokens: int = 32, **options):
+    def generate(self, prompt, max_new_tokens: int | None = None, **options):
         """Decoder: text in -> text out (prompt + continuation); ids (B, T) in -> ids (B, T + new) out.
-        Encoder-decoder: source text / ids in -> target text / ids out. Options: see nbformer.generate."""
+        Encoder-decoder: source text / ids in -> target text / ids out. max_new_tokens None: the
+        model's generation config, else 32. Options: see nbformer.generate."""
         from .generate import generate
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, **options)
