@@ -613,8 +613,22 @@ def _log_softmax(x):
 
 
 def _topk(x, k):
-    """Descending top-k along the last axis; ties keep the lower index first. -> (values, indices)."""
-    idx = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+    """Descending top-k along the last axis; ties keep the lower index first. -> (values, indices).
+    Large rows (beam candidates over B x K*V scores): argpartition finds the k-th value, then only
+    the entries >= it (all its ties included, in index order) are stably sorted; a full stable
+    argsort of 2 x 232k scores per step took 17 ms, most of a Marian beam step."""
+    n = x.shape[-1]
+    if n < 4096 or k * 64 > n:
+        idx = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        return np.take_along_axis(x, idx, axis=-1), idx
+    flat = x.reshape(-1, n)
+    part = np.argpartition(flat, n - k, axis=-1)[:, n - k:]
+    kth = np.take_along_axis(flat, part, axis=-1).min(axis=-1)
+    idx = np.empty((flat.shape[0], k), dtype=np.int64)
+    for r in range(flat.shape[0]):
+        cand = np.flatnonzero(flat[r] >= kth[r])
+        idx[r] = cand[np.argsort(-flat[r, cand], kind="stable")[:k]]
+    idx = idx.reshape(x.shape[:-1] + (k,))
     return np.take_along_axis(x, idx, axis=-1), idx
 
 

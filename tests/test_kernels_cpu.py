@@ -82,6 +82,21 @@ def test_linear(rng, act, N, K, M, bias, residual):
     assert_close(out, ref.linear(x, w, b, act, r), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("N", [2, 3, 4, 5, 8, 13, 16, 17])
+def test_linear_few_rows_decoding_path(rng, N):
+    """2..16 rows take our skinny kernel (4 rows per pass + a remainder), 17 the sgemm column blocks;
+    M spans several column blocks and a partial one, K is odd."""
+    x, w = f32(rng.normal(size=(N, 301))), f32(rng.normal(size=(600, 301)) / np.sqrt(301))
+    b, r = f32(rng.normal(size=600)), f32(rng.normal(size=(N, 600)))
+    out = np.empty((N, 600), np.float32)
+    linear_forward(out, x, w, b, "gelu", r)
+    assert_close(out, ref.linear(x, w, b, "gelu", r), atol=1e-5, rtol=1e-5)
+    for i in range(N):  # a row does not depend on the rows decoded beside it (beyond rounding)
+        one = np.empty((1, 600), np.float32)
+        linear_forward(one, x[i:i + 1], w, b, "gelu", r[i:i + 1])
+        assert_close(out[i], one[0], atol=2e-6, rtol=1e-6)
+
+
 def test_linear_batched_shape(rng):
     x, w, b = f32(rng.normal(size=(2, 9, 16))), f32(rng.normal(size=(48, 16))), f32(rng.normal(size=48))
     out = np.empty((2, 9, 48), np.float32)
