@@ -31,8 +31,12 @@ def __getattr__(name):  # heavy modules load on first use, so `import nbformer` 
         from .embedder import Embedder
 
         return Embedder
+    if name == "stream":
+        from .generate import stream
+
+        return stream
     raise AttributeError(f"module 'nbformer' has no attribute {name!r}")
 
 
-__all__ = ["load", "Model", "Embedder", "ModelConfig", "NbformerError", "ConfigError", "WeightsError",
+__all__ = ["load", "Model", "Embedder", "stream", "ModelConfig", "NbformerError", "ConfigError", "WeightsError",
            "InputError", "GraphError", "__version__"]
