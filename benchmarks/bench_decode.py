@@ -7,12 +7,14 @@
    bandwidth (Numba prange copy of 256 MiB, read + write bytes, 2 threads).
 2. Marian-size encoder-decoder (MarianConfig: 6+6 layers, d=512, 8 heads, FFN 2048, vocab 58101,
    random init), 2 sources of 24 tokens, beam search num_beams=4, 48 new tokens, length_penalty 1.0.
-3. Time to first token from the CLI (`nbformer generate`, default model, warm Numba cache): wall
+3. The cost of one new token at context 64 / 256 / 1000 (GPT-2 124M): the KV-cache step vs
+   recomputing the whole prefix (what decoding without a cache does).
+4. Time to first token from the CLI (`nbformer generate`, default model, warm Numba cache): wall
    time from process start to the first generated text on stdout, and the in-process TTFT that
    `--json` reports.
 Token agreement with transformers is checked and reported for 1 and 2.
 
-    python benchmarks/bench_decode.py [--threads 2] [--warmup 1] [--repeat 3] [--skip-marian] [--skip-cli]
+    python benchmarks/bench_decode.py [--threads 2] [--warmup 1] [--repeat 3] [--skip-marian] [--skip-scaling] [--skip-cli]
 """
 from __future__ import annotations
 
@@ -172,6 +174,50 @@ def bench_marian(args, rows, notes, extra):
     return same
 
 
+def bench_scaling(args, rows, notes, extra):
+    """Cost of one new token vs context length: the KV-cache step against recomputing the prefix
+    (RecomputeSession, what decoding without a cache does): O(T) vs O(T^2) attention and O(1) vs O(T)
+    projections per token."""
+    import numpy as np
+
+    import nbformer
+    from bench_gpt2_prefill import ensure_model
+    from nbformer.generate import RecomputeSession
+
+    nb = nbformer.load(ensure_model())
+    rng = np.random.default_rng(2)
+    steps = 4
+    out = {}
+    for ctx in (64, 256, 1000):
+        ids = rng.integers(0, nb.config.vocab_size, size=(1, ctx), dtype=np.int64)
+        mask = np.ones_like(ids)
+        per = {}
+        for name, make in (("KV cache", lambda: nb.session(1, ctx + steps + 1)),
+                           ("recompute", lambda: RecomputeSession(nb, 1, ctx + steps + 1))):
+            best = float("inf")
+            for _ in range(max(1, args.repeat)):
+                sess = make()
+                sess.start(ids, mask)
+                sess.step(np.array([1]))  # warm
+                t0 = time.perf_counter()
+                for k in range(steps):
+                    sess.step(np.array([2 + k]))
+                best = min(best, (time.perf_counter() - t0) / steps)
+            per[name] = best
+        out[ctx] = per
+        rows.append({"case": f"GPT-2 124M, one new token at context {ctx}" if ctx == 64 else f"... at context {ctx}",
+                     "impl": "KV-cache step", "median s": per["KV cache"], "tokens/s": 1 / per["KV cache"],
+                     "vs bandwidth bound": None})
+        rows.append({"case": "", "impl": "recompute the prefix (no cache)", "median s": per["recompute"],
+                     "tokens/s": 1 / per["recompute"], "vs bandwidth bound": None})
+    c = {k: v["KV cache"] for k, v in out.items()}
+    r = {k: v["recompute"] for k, v in out.items()}
+    notes.append(f"per-token cost 64 -> 1000 context: KV cache x{c[1000] / c[64]:.2f}, recompute x{r[1000] / r[64]:.1f} "
+                 f"(best of {max(1, args.repeat)} x {steps} steps)")
+    extra["scaling"] = {str(k): v for k, v in out.items()}
+    return True
+
+
 def bench_cli_ttft(args, rows, notes, extra):
     """Process start -> first generated character on stdout, warm Numba cache (one untimed run first)."""
     prompt = "And God said"
@@ -215,6 +261,7 @@ def main(argv=None):
     p.add_argument("--skip-marian", action="store_true")
     p.add_argument("--skip-cli", action="store_true")
     p.add_argument("--skip-gpt2", action="store_true")
+    p.add_argument("--skip-scaling", action="store_true")
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
     rows, notes, extra = [], [], {"threads": threads}
@@ -223,6 +270,8 @@ def main(argv=None):
         ok &= bench_gpt2(args, rows, notes, extra)
     if not args.skip_marian:
         ok &= bench_marian(args, rows, notes, extra)
+    if not args.skip_scaling:
+        ok &= bench_scaling(args, rows, notes, extra)
     if not args.skip_cli:
         ok &= bench_cli_ttft(args, rows, notes, extra)
     notes.append(f"median of {args.repeat} interleaved runs after {args.warmup} warm-up; ratios > 1: nbformer faster")

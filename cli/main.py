@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -25,6 +26,13 @@ def _friendly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `nbformer generate ... | head`: the reader left; stop quietly
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush must not fail again
+            except (OSError, ValueError):
+                pass
+            sys.exit(141)
 
     return wrapper
 

@@ -220,6 +220,34 @@ def test_sampling_is_seeded(gpt2):
     assert many.shape == (3, 43) and len({r.tobytes() for r in many}) > 1
 
 
+def test_sampling_follows_temperature_top_k_top_p(gpt2):
+    """First tokens drawn over many seeds: inside the top-k / nucleus set of transformers' logits at
+    that temperature, and as frequent as their renormalised probabilities."""
+    hf, nb = gpt2
+    p = np.array([[1, 2, 3]])
+    with torch.no_grad():
+        logits = hf(torch.from_numpy(p)).logits[0, -1].double().numpy()
+    T = 0.05  # sharp enough that a handful of tokens carry the mass
+    probs = np.exp((logits - logits.max()) / T)
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    seeds = range(300)
+
+    def draws(**kw):
+        return np.array([nb.generate(p, max_new_tokens=1, temperature=T, seed=s, stop_at_eos=False, **kw)[0, -1]
+                         for s in seeds])
+
+    top3 = draws(top_k=3)
+    assert set(top3) <= set(order[:3]) and len(set(top3)) > 1
+    q = probs[order[:3]] / probs[order[:3]].sum()
+    for tok, want in zip(order[:3], q):
+        assert abs(np.mean(top3 == tok) - want) < 0.1, (tok, want)
+    nucleus = int(np.searchsorted(np.cumsum(probs[order]), 0.6) + 1)  # smallest set with mass >= 0.6
+    got = draws(top_p=0.6)
+    assert set(got) <= set(order[:nucleus])
+    assert len(set(draws())) >= len(set(got))  # no truncation: at least as many distinct tokens
+
+
 # ---------------------------------------------------------------- text, stop strings, streaming
 def test_text_in_text_out_and_batches(text_model):
     m = text_model
