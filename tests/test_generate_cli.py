@@ -474,3 +474,14 @@ def test_nothing_to_do_is_a_usage_error(runner, gpt2_dir, marian_dir):
     for args in (["generate", "-m", str(gpt2_dir)], ["translate", "-m", str(marian_dir)], ["translate", "--json"]):
         r = runner.invoke(main, args)
         assert r.exit_code == 2 and "--input" in r.stderr and "Usage:" in r.stderr, (args, r.output)
+
+
+def test_streaming_into_a_closed_pipe_exits_quietly(gpt2_dir):
+    """`nbformer generate ... | head -c 3`: the reader leaves while tokens are still coming; no
+    traceback, status 141 (as a process killed by SIGPIPE reports)."""
+    p = subprocess.Popen([sys.executable, "-m", "cli.main", "generate", "hello world", "-m", str(gpt2_dir), "-n", "24",
+                          "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(3)) == 3
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
