@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
+from cli_checks import ok, one_line_error
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny test corpus",
              "numba kernels run transformers without torch", "once upon a time there was a small model"]
@@ -51,22 +52,7 @@ def runner():
     return CliRunner()
 
 
-def _ok(result):
-    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
-    return result.stdout
-
-
-def _one_line_error(result, *parts):
-    """Exit status != 0; stderr is exactly one line, starting with 'error:'; no traceback anywhere."""
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    err = result.stderr
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in result.output
-    for p in parts:
-        assert str(p) in lines[0], f"{p!r} not in {lines[0]!r}"
-    return lines[0]
+_ok, _one_line_error = ok, one_line_error
 
 
 # ---------------------------------------------------------------- embed

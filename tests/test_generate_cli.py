@@ -19,7 +19,8 @@ import nbformer  # noqa: E402
 import nbformer.defaults  # noqa: E402
 from nbformer.generate import generate, stream  # noqa: E402
 
-from cli.main import main  # noqa: E402
+from cli.main import main
+from cli_checks import ok, one_line_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny test corpus",
@@ -107,19 +108,11 @@ def runner():
 
 
 def _ok(result):
-    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
-    return result.stdout
+    return ok(result)
 
 
 def _one_line_error(result, *parts):
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    for p in parts:
-        assert str(p) in lines[0], f"{p!r} not in {lines[0]!r}"
-    return lines[0]
+    return one_line_error(result, *parts, status=1)
 
 
 def _esc(text):
