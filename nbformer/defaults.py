@@ -26,26 +26,25 @@ def default_embedder_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def default_generator_path() -> Path:
-    """The small decoder trained by nbformer and shipped under weights/ (NBFORMER_GENERATE_MODEL overrides)."""
-    env = os.environ.get("NBFORMER_GENERATE_MODEL")
+def _shipped(env_var: str, name: str, what: str, expected: str) -> Path:
+    """weights/NAME/model.safetensors, unless the environment variable names another model."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env)
-    p = REPO_WEIGHTS / GENERATOR_NAME
+    p = REPO_WEIGHTS / name
     if (p / "model.safetensors").exists():
         return p / "model.safetensors"
-    raise NbformerError(f"no default generation model found at {p}; pass --model DIR (a GPT-2 style "
-                        f"Hugging Face directory or an nbformer .safetensors checkpoint)")
+    raise NbformerError(f"no default {what} model found at {p}; pass --model DIR ({expected})")
+
+
+def default_generator_path() -> Path:
+    """The small decoder trained by nbformer and shipped under weights/ (NBFORMER_GENERATE_MODEL overrides)."""
+    return _shipped("NBFORMER_GENERATE_MODEL", GENERATOR_NAME, "generation",
+                    "a GPT-2 style Hugging Face directory or an nbformer .safetensors checkpoint")
 
 
 def default_translator_path() -> Path:
     """The encoder-decoder trained by nbformer on the date-rewriting task (scripts/seq2seq_task.py),
     shipped under weights/ (NBFORMER_TRANSLATE_MODEL overrides)."""
-    env = os.environ.get("NBFORMER_TRANSLATE_MODEL")
-    if env:
-        return Path(env)
-    p = REPO_WEIGHTS / TRANSLATOR_NAME
-    if (p / "model.safetensors").exists():
-        return p / "model.safetensors"
-    raise NbformerError(f"no default translation model found at {p}; pass --model DIR (a Hugging Face marian "
-                        f"directory or an nbformer encoder-decoder .safetensors checkpoint)")
+    return _shipped("NBFORMER_TRANSLATE_MODEL", TRANSLATOR_NAME, "translation",
+                    "a Hugging Face marian directory or an nbformer encoder-decoder .safetensors checkpoint")

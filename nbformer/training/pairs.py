@@ -74,17 +74,14 @@ class PairData:
 
     @staticmethod
     def _encode(tok, pairs, where, max_positions):
-        src, tgt = [], []
-        for i, (s, t) in enumerate(pairs):
-            a = tok.encode(s, add_special_tokens=True)
-            b = tok.encode(t, add_special_tokens=False)
+        src = [ids for ids, _ in tok.encode_batch([s for s, _ in pairs], add_special_tokens=True)]
+        tgt = [ids for ids, _ in tok.encode_batch([t for _, t in pairs], add_special_tokens=False)]
+        for i, (a, b) in enumerate(zip(src, tgt)):
             for side, ids in (("source", a), ("target", b)):
                 n = len(ids) + (1 if side == "target" else 0)
                 if n > max_positions:
                     raise InputError(f"{where}: pair {i + 1}: the {side} is {n} tokens, more than the model's "
                                      f"{max_positions} positions")
-            src.append(a)
-            tgt.append(b)
         return src, tgt
 
     def _pack(self, src, tgt):
