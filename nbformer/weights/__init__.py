@@ -5,6 +5,7 @@ Everything is read with our own validated safetensors parser; nothing is ever un
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,34 @@ def _transformer_dir(d: Path) -> Path:
     return d
 
 
+def _shard_paths(d: Path, index: Path, weight_map: dict) -> list:
+    """The shard files an index names, every one checked to lie inside the model folder before any
+    is opened: an index may not reach elsewhere with '../', an absolute path or a symlink out of the
+    folder. The one symlink allowed out is the Hugging Face hub cache's own layout, where
+    snapshots/<rev>/<shard> links to ../../blobs/<hash> of the same cached repository."""
+    root = d.resolve()
+    rev = next((a for a in (root, *root.parents) if a.parent.name == "snapshots"), None)
+    hub_blobs = rev.parent.parent / "blobs" if rev is not None else None
+    names = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name.strip():
+            raise WeightsError(f"{index}: 'weight_map' gives tensor '{tensor}' the shard {name!r}, "
+                               f"expected a file name")
+        names.add(name)
+    out = []
+    for name in sorted(names):
+        lexical = os.path.normpath(d / name)
+        inside = not Path(name).is_absolute() and Path(lexical).is_relative_to(os.path.normpath(d))
+        target = Path(lexical).resolve()
+        if inside and not target.is_relative_to(root):
+            inside = hub_blobs is not None and target.parent == hub_blobs
+        if not inside:
+            raise WeightsError(f"{index}: shard {name!r} lies outside the model folder {d} "
+                               f"(resolves to {target}); refusing to open it")
+        out.append(d / name)
+    return out
+
+
 def _shards_in(d: Path) -> _Shards:
     index = d / "model.safetensors.index.json"
     single = d / "model.safetensors"
@@ -95,7 +124,7 @@ def _shards_in(d: Path) -> _Shards:
         wm = _read_json(index, "safetensors index").get("weight_map")
         if not isinstance(wm, dict):
             raise WeightsError(f"{index}: missing 'weight_map'")
-        return _Shards([SafetensorsFile(d / name) for name in sorted(set(wm.values()))])
+        return _Shards([SafetensorsFile(f) for f in _shard_paths(d, index, wm)])
     if any((d / n).exists() for n in ("pytorch_model.bin", "model.bin", "tf_model.h5", "flax_model.msgpack")):
         raise WeightsError(f"{d}: has no model.safetensors, only pickle/TF/Flax weights, which nbformer does "
                            f"not read; convert them with transformers' save_pretrained(safe_serialization=True)")
@@ -163,12 +192,39 @@ def _load_native(path: Path) -> Checkpoint:
                       tokenizer_file=tok if tok.exists() else None, metadata=dict(f.metadata))
 
 
+NATIVE_FILES = ("model.safetensors", "checkpoint.safetensors")  # what `nbformer train` writes, preferred first
+
+
+def _load_dir(d: Path) -> Checkpoint:
+    """A Hugging Face directory (config.json), else a folder `nbformer train` wrote: its
+    model.safetensors, or failing that its checkpoint.safetensors, carrying the config (and the
+    tokenizer) in the header metadata."""
+    if (_transformer_dir(d) / "config.json").exists():
+        return _load_hf_dir(d)
+    problems = []
+    for name in NATIVE_FILES:
+        f = d / name
+        if not f.exists():
+            continue
+        try:
+            has_config = NATIVE_CONFIG_KEY in SafetensorsFile(f).metadata
+        except WeightsError as e:
+            problems.append(str(e))
+            continue
+        if has_config:
+            return _load_native(f)
+        problems.append(f"{name} has no '{NATIVE_CONFIG_KEY}' metadata")
+    why = f" ({'; '.join(problems)})" if problems else ""
+    raise ConfigError(f"{d}: no config.json, so not a Hugging Face model directory, and no nbformer "
+                      f"model.safetensors or checkpoint.safetensors (config in its metadata) either{why}")
+
+
 def load_checkpoint(path) -> Checkpoint:
     p = Path(path).expanduser()
     if not p.exists():
         raise WeightsError(f"{p}: no such file or directory")
     if p.is_dir():
-        return _load_hf_dir(p)
+        return _load_dir(p)
     if p.suffix == ".safetensors":
         return _load_native(p)
     if p.suffix == ".gguf":
