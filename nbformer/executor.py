@@ -1,4 +1,15 @@
-"""Executor: binds parameters, inputs and one planned arena, then walks the schedule."""
+"""Executor: binds parameters, inputs and one planned arena on a device, then walks the schedule.
+
+The arena is one flat float32 buffer allocated from the device (numpy on the CPU, device memory
+on CUDA) when the executor is built; every activation is a window of it at its planned offset, and
+tensors the planner aliased share one view object. Parameters, constants, gradients and states
+(KV caches) are bound from outside and must already live on the executor's device.
+
+Inputs come from the host. On the CPU they are used as they are; on CUDA each is copied into a
+staging buffer the executor owns, except (1,)-shaped inputs (cache position, dropout seed, loss
+scale), which stay host scalars on every device: the launchers read them as numbers. Only the
+outputs asked for are copied back.
+"""
 from __future__ import annotations
 
 import time
@@ -6,20 +17,33 @@ import time
 import numpy as np
 
 from . import ops
+from .devices import get_device
 from .errors import GraphError
 from .graph.ir import DTYPES, Graph
 from .graph.plan import Plan, plan_memory
 
 
+def is_host_scalar(t) -> bool:
+    """A (1,) graph input: read on the host by launchers on every device, never uploaded."""
+    return t.kind == "input" and t.shape == (1,)
+
+
 class Executor:
-    def __init__(self, graph: Graph, bound: dict, device: str = "cpu", plan: Plan | None = None):
+    def __init__(self, graph: Graph, bound: dict, device="cpu", plan: Plan | None = None):
         """bound: name -> array for every param/const/grad/state tensor of the graph (float32,
-        C-contiguous); grad arrays (parameter gradients of a training graph) and state arrays (KV
-        caches) are written by the run."""
-        self.graph, self.device = graph, device
+        C-contiguous, on `device`); grad arrays (parameter gradients of a training graph) and state
+        arrays (KV caches) are written by the run."""
+        self.graph, self.dev = graph, get_device(device)
+        self.device = self.dev.name
         self.plan = plan or plan_memory(graph)
-        self.arena = np.empty(self.plan.arena_floats, dtype=np.float32)
+        dev = self.dev
+        self.staged = [n for n in graph.inputs if dev.kind != "cpu" and not is_host_scalar(graph.tensors[n])]
+        staging = sum(graph.tensors[n].nbytes for n in self.staged)
+        dev.ensure_fits(self.plan.arena_bytes + staging, f"the activation arena of this graph "
+                                                         f"({self.plan.arena_bytes:,} bytes planned)")
+        self.arena = dev.empty(max(self.plan.arena_floats, 1), np.float32)
         self.views = {}
+        by_root = {}  # (buffer root, shape) -> view: aliased tensors get the same object
         for name, t in graph.tensors.items():
             if t.kind in ("param", "const", "grad", "state"):
                 arr = bound.get(name)
@@ -28,38 +52,69 @@ class Executor:
                 if tuple(arr.shape) != t.shape or arr.dtype != DTYPES[t.dtype]:
                     raise GraphError(f"executor: '{name}' is {arr.dtype}{tuple(arr.shape)}, "
                                      f"expected {t.dtype}{t.shape}")
+                if not dev.is_device_array(arr):
+                    raise GraphError(f"executor: '{name}' is not an array on device {dev.name}")
                 self.views[name] = arr
             elif t.kind == "act":
-                off = self.plan.offsets[name]
-                self.views[name] = self.arena[off: off + t.size].reshape(t.shape)
+                key = (self.plan.alias.get(name, name), t.shape)
+                v = by_root.get(key)
+                if v is None:
+                    v = by_root[key] = dev.view(self.arena, self.plan.offsets[name], t.shape)
+                self.views[name] = v
+        for name in self.staged:
+            t = graph.tensors[name]
+            self.views[name] = dev.empty(t.shape, DTYPES[t.dtype])
         self.steps = []
         for node in self.plan.schedule:
-            fn = ops.get(node.op, device, node.direction)
+            fn = ops.get(node.op, dev.kind, node.direction)
             self.steps.append((fn, node))
 
-    def run(self, inputs: dict, copy_outputs: bool = True, profile: dict | None = None) -> dict:
-        """Run the schedule. profile: if given, (op, direction) -> [calls, seconds] is accumulated."""
-        views = self.views
+    def _bind_inputs(self, inputs: dict):
+        views, staged = self.views, self.staged
         for name in self.graph.inputs:
             t = self.graph.tensors[name]
             a = inputs.get(name)
             if a is None:
                 raise GraphError(f"executor: missing input '{name}'")
-            if tuple(a.shape) != t.shape or a.dtype != DTYPES[t.dtype] or not a.flags.c_contiguous:
-                raise GraphError(f"executor: input '{name}' is {a.dtype}{tuple(a.shape)}, "
-                                 f"expected contiguous {t.dtype}{t.shape}")
-            views[name] = a
-        clock = time.perf_counter if profile is not None else None
-        for fn, node in self.steps:
-            kw = {role: views[t] for role, t in node.inputs.items()}
-            for role, t in node.outputs.items():
-                kw[role] = views[t]
-            if clock is None:
-                fn(**kw, **node.attrs)
+            if (not isinstance(a, np.ndarray) or tuple(a.shape) != t.shape or a.dtype != DTYPES[t.dtype]
+                    or not a.flags.c_contiguous):
+                got = f"{a.dtype}{tuple(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise GraphError(f"executor: input '{name}' is {got}, expected contiguous host {t.dtype}{t.shape}")
+            if name in staged:
+                self.dev.copy_in(views[name], a)
             else:
+                views[name] = a
+
+    def run(self, inputs: dict, copy_outputs: bool = True, profile: dict | None = None, outputs=None,
+            on_device: bool = False) -> dict:
+        """Run the schedule; -> {output name: array}. outputs: the names wanted (default all the
+        graph's outputs). Host arrays come back (copies unless copy_outputs=False on the CPU);
+        on_device=True returns the device arrays themselves (valid until the next run).
+        profile: if given, (op, direction) -> [calls, seconds] is accumulated (the device is
+        synchronised after every kernel so the seconds are the kernel's)."""
+        self._bind_inputs(inputs)
+        views = self.views
+        if profile is None:
+            for fn, node in self.steps:
+                kw = {role: views[t] for role, t in node.inputs.items()}
+                for role, t in node.outputs.items():
+                    kw[role] = views[t]
+                fn(**kw, **node.attrs)
+        else:
+            clock, sync = time.perf_counter, self.dev.synchronize
+            for fn, node in self.steps:
+                kw = {role: views[t] for role, t in node.inputs.items()}
+                for role, t in node.outputs.items():
+                    kw[role] = views[t]
                 t0 = clock()
                 fn(**kw, **node.attrs)
+                sync()
                 rec = profile.setdefault((node.op, node.direction), [0, 0.0])
                 rec[0] += 1
                 rec[1] += clock() - t0
-        return {n: (views[n].copy() if copy_outputs else views[n]) for n in self.graph.outputs}
+        names = self.graph.outputs if outputs is None else outputs
+        if on_device:
+            return {n: views[n] for n in names}
+        if self.dev.kind == "cpu":
+            return {n: (views[n].copy() if copy_outputs else views[n]) for n in names}
+        return {n: self.dev.download(views[n]) for n in names}

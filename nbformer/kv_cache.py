@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ops
+from .devices import get_device
 from .errors import InputError
 from .executor import Executor
-from .kernels.cpu.kv_cache import reorder_rows
 
 
 class KVCache:
-    def __init__(self, cfg, n_rows: int, max_len: int, src_len: int | None = None):
+    def __init__(self, cfg, n_rows: int, max_len: int, src_len: int | None = None, device="cpu"):
+        self.dev = get_device(device)
         self.layout = self.plan(cfg, n_rows, max_len, src_len)
         total = sum(int(np.prod(shape)) for _, shape in self.layout.values())
-        self.buffer = np.zeros(total, dtype=np.float32)
-        self.views = {name: self.buffer[off: off + int(np.prod(shape))].reshape(shape)
-                      for name, (off, shape) in self.layout.items()}
+        self.dev.ensure_fits(4 * total, f"the KV cache ({n_rows} rows x {max_len} positions)")
+        self.buffer = self.dev.zeros(total, np.float32)
+        self.views = {name: self.dev.view(self.buffer, off, shape) for name, (off, shape) in self.layout.items()}
         self._scratch = None
+        self._reorder = ops.get("kv_reorder", self.dev.kind)
 
     @staticmethod
     def plan(cfg, n_rows, max_len, src_len=None) -> dict:
@@ -55,7 +58,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.nbytes
+        return 4 * int(self.buffer.size)
 
     def reorder(self, rows, length):
         """Row b of every cache becomes old row rows[b]: the first `length` positions of the
@@ -63,10 +66,10 @@ class KVCache:
         if np.array_equal(rows, np.arange(len(rows))):
             return
         for name, v in self.views.items():
-            if self._scratch is None or self._scratch.size < v.size:
-                self._scratch = np.empty(v.size, dtype=np.float32)
+            if self._scratch is None or self._scratch.size < v.size:  # one scratch, as large as the largest cache
+                self._scratch = self.dev.empty(max(int(w.size) for w in self.views.values()), np.float32)
             n = length if name.startswith("cache.") else v.shape[1]
-            reorder_rows(v, self._scratch[: v.size].reshape(v.shape), rows, n)
+            self._reorder(cache=v, scratch=self.dev.view(self._scratch, 0, v.shape), rows=rows, length=n)
 
 
 def _check_rows(n_rows, max_len, cfg):
@@ -147,21 +150,21 @@ class CachedSession(_Session):
         super().__init__(model, n_rows, max_len, source_ids, source_mask)
         S = None if self.src is None else self.src["src_ids"].shape[1]
         self.S = S
-        self.cache = KVCache(self.cfg, self.n_rows, self.max_len, S)
+        self.cache = KVCache(self.cfg, self.n_rows, self.max_len, S, model.dev)
         self._executors = {}
         if self.src is not None:
             ex = self._executor(("encode_source", self.n_rows, S))
-            ex.run(self.src, copy_outputs=False)
+            ex.run(self.src, outputs=())  # fills the cross-attention caches; the encoder output stays put
 
     def _executor(self, key):
         ex = self._executors.get(key)
         if ex is None:
             graph, plan = self.model.decode_graph(key)
-            ex = Executor(graph, {**self.model.bound, **self.cache.views}, self.model.device, plan=plan)
+            ex = Executor(graph, {**self.model.bound, **self.cache.views}, self.model.dev, plan=plan)
             self._executors[key] = ex
         return ex
 
-    def _run(self, ids, pos):
+    def _run(self, ids, pos, on_device=False):
         N, Tq = ids.shape
         inputs = {"input_ids": ids, "key_mask": self.key_mask,
                   "cache_pos": np.array([self.length], dtype=np.int64),
@@ -171,22 +174,24 @@ class CachedSession(_Session):
         if self.src is not None:
             inputs["src_mask"] = self.src["src_mask"]
         ex = self._executor(("decode", N, Tq, self.max_len, self.S))
-        return ex.run(inputs)["logits"]
+        return ex.run(inputs, on_device=on_device)["logits"]
 
-    def start(self, ids, mask=None):
+    def start(self, ids, mask=None, on_device=False):
+        """-> logits (N, V) of the last prompt position: a host array, or with on_device=True
+        where the run left them (device memory on CUDA, valid until the next call)."""
         x, m = self._check_start(ids, mask)
         T0 = x.shape[1]
         pos = self._start_positions(m)
         self.key_mask[:, :T0] = m
-        logits = self._run(x, pos)
+        logits = self._run(x, pos, on_device)
         self.length = T0
         self.next_pos = pos[:, -1] + 1
         return logits
 
-    def step(self, next_ids):
+    def step(self, next_ids, on_device=False):
         ids = self._check_step(next_ids)
         self.key_mask[:, self.length] = 1
-        logits = self._run(ids[:, None], np.ascontiguousarray(self.next_pos[:, None]))
+        logits = self._run(ids[:, None], np.ascontiguousarray(self.next_pos[:, None]), on_device)
         self.length += 1
         self.next_pos += 1
         return logits

@@ -11,15 +11,15 @@ import numpy as np
 
 from . import ops
 from .config import ModelConfig
+from .devices import DeviceError, get_device
 from .errors import InputError
 from .executor import Executor
 from .graph.build import build_decode, build_encode_source, build_forward, build_seq2seq
 from .graph.plan import plan_memory
-from .kernels.cpu.embedding import position_table
 from .weights import Checkpoint
 from .weights.params import count_params
+from .weights.positions import position_table
 
-DEVICES = ("cpu",)
 _MAX_CACHED_EXECUTORS = 6
 
 
@@ -41,14 +41,20 @@ def _as_id_matrix(x, name) -> np.ndarray:
 
 
 class Model:
-    def __init__(self, ckpt: Checkpoint, device: str = "cpu"):
-        if device not in DEVICES:
-            raise InputError(f"device: {device!r} is not supported here (expected one of {DEVICES})")
-        self.ckpt, self.config, self.device = ckpt, ckpt.config, device
+    def __init__(self, ckpt: Checkpoint, device=None):
+        """device: 'cpu', 'cuda', 'cuda:N' (None: $NBFORMER_DEVICE, else 'cpu'). On CUDA the
+        parameters are uploaded once, as one flat device buffer, and every executor reads it."""
+        self.dev = get_device(device)
+        self.ckpt, self.config, self.device = ckpt, ckpt.config, self.dev.name
         cfg = self.config
-        self.bound = dict(ckpt.params)
+        host = dict(ckpt.params)
         if cfg.sinusoidal:
-            self.bound["pos_emb"] = position_table(cfg)
+            host["pos_emb"] = position_table(cfg)
+        self.param_buffer = None
+        if self.dev.kind == "cpu":
+            self.bound = host
+        else:
+            self.param_buffer, self.bound = self.dev.upload_flat(host, f"the parameters of {ckpt.path}")
         self._executors: OrderedDict = OrderedDict()
         self._graphs: OrderedDict = OrderedDict()  # decode graphs + plans; sessions bind their own caches
         self._tokenizer = None
@@ -77,7 +83,7 @@ class Model:
         ex = self._executors.get(key)
         if ex is None:
             g = build()
-            states = {n: np.empty(t.shape, np.float32) for n, t in g.tensors.items() if t.kind == "state"}
+            states = {n: self.dev.empty(t.shape, np.float32) for n, t in g.tensors.items() if t.kind == "state"}
             ex = Executor(g, {**self.bound, **states} if states else self.bound, self.device)
             self._executors[key] = ex
             while len(self._executors) > _MAX_CACHED_EXECUTORS:
@@ -244,6 +250,9 @@ class Model:
     # ------------------------------------------------------------ gradients
     def flat_buffers(self):
         """The model's parameters moved into one flat buffer (done once; inference then reads it too)."""
+        if self.dev.kind != "cpu":
+            raise DeviceError(f"device {self.device}: gradients (loss_and_grads, vjp, training) run on the CPU "
+                              f"only so far; load the model with device='cpu' for them")
         if getattr(self, "_flat", None) is None:
             from .training.state import FlatBuffers
 
@@ -354,8 +363,14 @@ class Model:
         return out, self._grads_by_checkpoint_name()
 
     def sample(self, logits_row, temperature, top_k, top_p, u) -> int:
-        return ops.get("sample", self.device)(logits=logits_row, temperature=temperature, top_k=top_k,
-                                              top_p=top_p, u=u)
+        """One host row of logits (V,) -> token id (after host-side logits processors)."""
+        return ops.get("sample", "cpu")(logits=logits_row, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
+
+    def sample_rows(self, logits, temperature, top_k, top_p, u) -> np.ndarray:
+        """logits (N, V) where the last run left them (device memory on CUDA), u (N,) host
+        uniforms -> (N,) int64 host ids; on CUDA only the N ids cross the bus."""
+        return ops.get("sample_rows", self.dev.kind)(logits=logits, temperature=temperature, top_k=top_k,
+                                                     top_p=top_p, u=u)
 
     def __repr__(self):
         c: ModelConfig = self.config

@@ -2,6 +2,11 @@
 import os
 import sys
 
+# CUDA kernels run under Numba's simulator unless the run is on a GPU machine (NBFORMER_TEST_GPU=1,
+# see benchmarks/gpu/check.sh). Numba reads this when it is first imported, so it is set first.
+if os.environ.get("NBFORMER_TEST_GPU") != "1":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
 try:  # torch (an oracle) must load its libgomp before Numba starts OpenMP threads: the two share
     import torch  # noqa: F401  the soname libgomp.so.1, and torch on Numba's copy ran ~40x slower
 except ImportError:

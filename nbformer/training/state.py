@@ -11,8 +11,8 @@ from ..config import ModelConfig
 from ..errors import InputError
 from ..executor import Executor
 from ..graph.build import build_train
-from ..kernels.cpu.embedding import position_table
-from ..weights.params import param_shapes
+from ..weights.params import flat_layout, param_shapes
+from ..weights.positions import position_table
 
 
 class FlatBuffers:
@@ -21,11 +21,7 @@ class FlatBuffers:
     def __init__(self, cfg: ModelConfig, params: dict | None = None):
         self.cfg = cfg
         self.shapes = param_shapes(cfg)
-        self.offsets, n = {}, 0
-        for name, shape in self.shapes.items():
-            size = int(np.prod(shape))
-            self.offsets[name] = (n, size)
-            n = (n + size + 15) // 16 * 16  # 64-byte aligned tensors
+        self.offsets, n = flat_layout(self.shapes)
         self.n = n
         self.params = np.zeros(n, dtype=np.float32)
         self.grads = np.zeros(n, dtype=np.float32)
@@ -61,7 +57,7 @@ class StepRunner:
 
     def __init__(self, flat: FlatBuffers, B: int, T: int, loss: str = "lm", dropout: float = 0.0,
                  attn_dropout: float | None = None, label_smoothing: float = 0.0, ignore_index: int = -100,
-                 backward: bool = True, S: int | None = None):
+                 backward: bool = True, S: int | None = None, device="cpu"):
         """Encoder-decoders: S is the source length, T the decoder length; run_lm then takes src."""
         self.flat, self.B, self.T, self.S, self.loss = flat, B, T, S, loss
         self.ignore_index = ignore_index
@@ -73,7 +69,7 @@ class StepRunner:
         for p, gname in self.grad_names.items():
             bound[gname] = flat.grad_views[p]
         self.untouched = [p for p in flat.shapes if p not in self.grad_names]  # get zero gradients
-        self.executor = Executor(self.graph, bound)
+        self.executor = Executor(self.graph, bound, device)
         self.needs_seed = "dropout_seed" in self.graph.inputs
 
     def _inputs(self, ids, mask, type_ids=None, seed: int = 0) -> dict:

@@ -63,3 +63,18 @@ def count_params(cfg: ModelConfig) -> int:
             k *= s
         n += k
     return n
+
+
+ALIGN_FLOATS = 16  # every tensor of a flat buffer starts on a 64-byte boundary
+
+
+def flat_layout(shapes: dict) -> tuple:
+    """name -> (offset, size) in floats of each tensor in one flat float32 buffer, and its length."""
+    offsets, n = {}, 0
+    for name, shape in shapes.items():
+        size = 1
+        for s in shape:
+            size *= int(s)
+        offsets[name] = (n, size)
+        n = (n + size + ALIGN_FLOATS - 1) // ALIGN_FLOATS * ALIGN_FLOATS
+    return offsets, n

@@ -27,3 +27,13 @@ def _take_rows(out, x, idx):
 def take_rows(out, x, idx):
     """Gather one position per batch row: out (B, C) = x (B, T, C)[b, idx[b]]."""
     _take_rows(out, x, idx)
+
+
+def copy(out, x):
+    """out <- x (same shape; a plain copy between two buffers of the arena)."""
+    out[...] = x
+
+
+def zero_row(table, row):
+    """table[row, :] = 0 (the padding_idx row of an embedding gradient)."""
+    table[int(row)] = 0.0

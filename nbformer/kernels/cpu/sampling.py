@@ -54,3 +54,13 @@ def sample_token(logits, temperature=0.0, top_k=None, top_p=None, u=0.0) -> int:
     """logits (V,) -> token id. temperature 0 means greedy (argmax, lowest id on ties)."""
     return int(_sample(np.ascontiguousarray(logits, dtype=np.float32), float(temperature),
                        int(top_k or 0), float(1.0 if top_p is None else top_p), float(u)))
+
+
+def sample_rows(logits, temperature=0.0, top_k=None, top_p=None, u=None) -> np.ndarray:
+    """logits (N, V), u (N,) uniforms -> (N,) int64 ids: sample_token row by row (the CUDA twin
+    chooses all rows on the device and copies back only the ids)."""
+    N = logits.shape[0]
+    u = np.zeros(N) if u is None else np.asarray(u, dtype=np.float64)
+    if u.shape != (N,):
+        raise ValueError(f"sample_rows: u must have shape ({N},), got {u.shape}")
+    return np.array([sample_token(logits[r], temperature, top_k, top_p, u[r]) for r in range(N)], dtype=np.int64)

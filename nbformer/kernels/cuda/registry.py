@@ -1,0 +1,4 @@
+"""Binds graph ops to the CUDA kernels (the adapters are shared with every device: kernels/adapters.py)."""
+from ..adapters import install
+
+install("cuda")
