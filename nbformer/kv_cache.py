@@ -206,9 +206,10 @@ class CachedSession(_Session):
 
 
 class UncachedSession(_Session):
-    """Recomputes the whole prefix each call (the reference for CachedSession)."""
+    """Recomputes the whole prefix each call (the reference for CachedSession). Its logits always
+    come back to the host (on_device is accepted for the sessions' common signature)."""
 
-    def start(self, ids, mask=None):
+    def start(self, ids, mask=None, on_device=False):
         x, m = self._check_start(ids, mask)
         self.ids, self.mask, self.pos = x, m, self._start_positions(m)
         self.length = x.shape[1]
@@ -222,7 +223,7 @@ class UncachedSession(_Session):
         inputs = self.model.prepare_inputs(self.ids, self.mask, position_ids=self.pos)
         return self.model.last_logits(inputs, last)
 
-    def step(self, next_ids):
+    def step(self, next_ids, on_device=False):
         ids = self._check_step(next_ids)
         self.ids = np.concatenate([self.ids, ids[:, None]], axis=1)
         self.mask = np.concatenate([self.mask, np.ones((self.n_rows, 1), np.uint8)], axis=1)

@@ -243,7 +243,7 @@ class Model:
         """Decoder: text in -> text out (prompt + continuation); ids (B, T) in -> ids (B, T + new) out.
         Encoder-decoder: source text / ids in -> target text / ids out. max_new_tokens None: the
         model's generation config, else 32. Options: see nbformer.generate."""
-        from .generate import generate
+        from .generation import generate
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, **options)
 
