@@ -14,8 +14,9 @@ from .config import ModelConfig
 from .errors import ConfigError, GraphError, InputError, NbformerError, WeightsError
 
 
-def load(path, device: str = "cpu"):
-    """Load a Hugging Face model directory or an nbformer .safetensors checkpoint -> Model."""
+def load(path, device=None):
+    """Load a Hugging Face model directory or an nbformer .safetensors checkpoint -> Model.
+    device: 'cpu', 'cuda' or 'cuda:N' (None: $NBFORMER_DEVICE, else 'cpu'); see available_devices()."""
     from .model import Model
     from .weights import load_checkpoint
 
@@ -31,12 +32,20 @@ def __getattr__(name):  # heavy modules load on first use, so `import nbformer` 
         from .embedder import Embedder
 
         return Embedder
+    if name == "available_devices":
+        from .devices import available_devices
+
+        return available_devices
+    if name == "DeviceError":
+        from .devices import DeviceError
+
+        return DeviceError
     if name == "stream":
-        from .generate import stream
+        from .generation import stream
 
         return stream
     raise AttributeError(f"module 'nbformer' has no attribute {name!r}")
 
 
-__all__ = ["load", "Model", "Embedder", "stream", "ModelConfig", "NbformerError", "ConfigError", "WeightsError",
+__all__ = ["load", "Model", "Embedder", "stream", "available_devices", "DeviceError", "ModelConfig", "NbformerError", "ConfigError", "WeightsError",
            "InputError", "GraphError", "__version__"]

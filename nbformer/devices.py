@@ -74,8 +74,8 @@ def _cuda_module():
             cuda.cudadrv.driver.driver.get_device_count()
             reason = "the CUDA driver loaded but reports no usable GPU"
         except Exception as e:  # the driver library itself is missing
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            reason = f"the CUDA driver library could not be loaded ({msg})"
+            msg = " ".join(str(e).replace("Error at driver init:", "").split()) or type(e).__name__
+            reason = f"no NVIDIA driver could be loaded ({msg.rstrip(':. ')})"
         raise DeviceError(f"device 'cuda': {reason}; nbformer runs on the CPU with device='cpu'")
     return cuda
 
@@ -182,6 +182,12 @@ class Device:
                               f"{_mib(self.total_bytes())} is free on the device")
 
 
+def _simulated() -> bool:
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
 def _mib(n) -> str:
     if n is None or n == float("inf"):
         return "unlimited"
@@ -220,7 +226,11 @@ class CudaDevice(Device):
         return arr if isinstance(arr, np.ndarray) else arr.copy_to_host()
 
     def is_device_array(self, a) -> bool:
-        return self.cuda.is_cuda_array(a)
+        if _simulated():
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+            return isinstance(a, FakeCUDAArray)
+        return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
 
     def synchronize(self):
         self.cuda.synchronize()

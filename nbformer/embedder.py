@@ -31,7 +31,7 @@ def _pooling_mode(cfg: dict, where: Path) -> str:
 class Embedder:
     """Embedder(path).encode(texts) -> (N, C) float32, like SentenceTransformer(path).encode(texts)."""
 
-    def __init__(self, path=None, device: str = "cpu", batch_size: int = 32, max_seq_length: int | None = None):
+    def __init__(self, path=None, device=None, batch_size: int = 32, max_seq_length: int | None = None):
         from . import load
 
         d = Path(path) if path is not None else default_embedder_path()

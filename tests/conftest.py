@@ -36,3 +36,51 @@ def assert_close(actual, ref, atol=1e-5, rtol=1e-5, what="tensor"):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def _lock_simulator_shared_arrays():
+    """Numba's CUDA simulator creates a static cuda.shared.array on its first use in a block without
+    a lock, so two threads of one block can (rarely) get different arrays: a flaky test, not a
+    kernel bug. The same lookup, under a lock."""
+    import threading
+    import traceback
+
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    lock, orig = threading.Lock(), kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory: one buffer made up front
+            return orig(self, shape, dtype, alignment)
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]  # the kernel's source line
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    try:
+        _lock_simulator_shared_arrays()
+    except ImportError:  # no numba-cuda: the CUDA tests skip themselves
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _fast_simulator_barriers(request):
+    """The simulator's blocks busy-poll their threads, so every syncthreads() costs about one GIL
+    switch interval: a short interval makes the CUDA tests 5-10x faster (restored after each)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or not request.module.__name__.startswith("test_cuda"):
+        yield
+        return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(5e-5)
+    yield
+    sys.setswitchinterval(old)
