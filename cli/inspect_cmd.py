@@ -69,4 +69,9 @@ def inspect(model_path, batch, seq, train_plan, device):
         click.echo(f"  optimizer state:   {fmt_bytes(8 * n)} (Adam m and v)")
         click.echo(f"  activations arena: {fmt_bytes(tp.arena_bytes)} (saved for backward + transient; one "
                    f"buffer per tensor would need {fmt_bytes(tp.naive_bytes)})")
-        click.echo(f"  total:             {fmt_bytes(4 * n + 4 * n_grad + 8 * n + tp.arena_bytes)}")
+        total = 4 * n + 4 * n_grad + 8 * n + tp.arena_bytes
+        click.echo(f"  total:             {fmt_bytes(total)}{where}")
+        free = dev.free_bytes()
+        if free is not None:
+            fits = "fits in" if total <= free else "does NOT fit in"
+            click.echo(f"  {fits} the {fmt_bytes(free)} free on {dev.name}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import friendly
+from .common import device_option, friendly
 
 
 PRESETS = {  # d_model, layers, heads, d_ff
@@ -61,11 +61,12 @@ PRESETS = {  # d_model, layers, heads, d_ff
 @click.option("--save-every", default=200, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.safetensors (bit-identical)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@device_option
 @friendly
 def train(text_file, out_dir, model_path, arch, eval_file, eval_pairs, tokenizer_path, vocab_size, preset, d_model,
           layers, decoder_layers, heads, d_ff, norm, activation, positions, batch_size, seq_len, steps, lr, schedule,
           warmup, optimizer, weight_decay, clip, dropout, label_smoothing, seed, eval_every, save_every, resume,
-          quiet):
+          quiet, device):
     """Train on TEXT_FILE (UTF-8), from scratch or from --model: a decoder language model on plain
     text, or (--arch encoder-decoder) a translation model on 'source<TAB>target' lines."""
     from pathlib import Path
@@ -91,7 +92,7 @@ def train(text_file, out_dir, model_path, arch, eval_file, eval_pairs, tokenizer
         cfg, params, _, _, tok_json, _ = load_training(ckpt_file)
         tok = Tokenizer(json_text=tok_json, where=str(ckpt_file))
     elif model_path is not None:
-        m = nbformer.load(model_path)
+        m = nbformer.load(model_path, device="cpu")  # host weights to start from; the trainer puts them on --device
         cfg, params = m.config, dict(m.ckpt.params)
         tok = m.tokenizer
     want = None if arch is None else arch.replace("-", "_")
@@ -158,7 +159,7 @@ def train(text_file, out_dir, model_path, arch, eval_file, eval_pairs, tokenizer
                         eval_pairs=eval_pairs)
     if params is None:
         params = init_params(cfg, seed)
-    trainer = Trainer(cfg, params, data, opts, out, tok.to_json(), progress=not quiet)
+    trainer = Trainer(cfg, params, data, opts, out, tok.to_json(), device=device, progress=not quiet)
     if resume:
         trainer.resume(ckpt_file)
     click.echo(f"{what}, {trainer.flat.num_parameters:,} parameters; {about}", err=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import ops
 from .config import ModelConfig
-from .devices import DeviceError, get_device
+from .devices import get_device
 from .errors import InputError
 from .executor import Executor
 from .graph.build import build_decode, build_encode_source, build_forward, build_seq2seq
@@ -53,6 +53,9 @@ class Model:
         self.param_buffer = None
         if self.dev.kind == "cpu":
             self.bound = host
+        elif all(self.dev.is_device_array(a) for a in ckpt.params.values()):
+            # parameters already on this device (a trainer's live flat buffer): bound as they are
+            self.bound = {**ckpt.params, **({"pos_emb": self.dev.upload(host["pos_emb"])} if cfg.sinusoidal else {})}
         else:
             self.param_buffer, self.bound = self.dev.upload_flat(host, f"the parameters of {ckpt.path}")
         self._executors: OrderedDict = OrderedDict()
@@ -250,14 +253,14 @@ class Model:
     # ------------------------------------------------------------ gradients
     def flat_buffers(self):
         """The model's parameters moved into one flat buffer (done once; inference then reads it too)."""
-        if self.dev.kind != "cpu":
-            raise DeviceError(f"device {self.device}: gradients (loss_and_grads, vjp, training) run on the CPU "
-                              f"only so far; load the model with device='cpu' for them")
         if getattr(self, "_flat", None) is None:
             from .training.state import FlatBuffers
 
-            self._flat = FlatBuffers(self.config, self.ckpt.params)
+            self.dev.ensure_fits(2 * FlatBuffers.plan_bytes(self.config), "the flat parameter and gradient buffers")
+            self._flat = FlatBuffers(self.config, self.ckpt.params, self.dev)
             self.bound.update(self._flat.views)
+            if self.param_buffer is not None:  # inference now reads the flat buffer too: one copy on the device
+                self.param_buffer = self._flat.params
             self._executors.clear()
             self._runners = OrderedDict()
         return self._flat
@@ -277,7 +280,7 @@ class Model:
 
     def _grads_by_checkpoint_name(self) -> dict:
         flat = self._flat
-        return self.ckpt.to_checkpoint_names({k: v.copy() for k, v in flat.grad_views.items()})
+        return self.ckpt.to_checkpoint_names(flat.grad_dict())
 
     def _seq2seq_loss_and_grads(self, input_ids, labels, attention_mask, decoder_input_ids, label_smoothing):
         cfg = self.config

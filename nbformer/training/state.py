@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
+from ..devices import get_device
 from ..errors import InputError
 from ..executor import Executor
 from ..graph.build import build_train
@@ -16,37 +17,74 @@ from ..weights.positions import position_table
 
 
 class FlatBuffers:
-    """params / grads: (n,) float32; views[name] and grad_views[name] are shaped windows into them."""
+    """params / grads: (n,) float32 on a device; views[name] and grad_views[name] are shaped windows
+    into them. On CUDA both buffers live in device memory: parameters are uploaded once, gradients
+    written there by the backward graph, and only checkpoints and grads() copy back."""
 
-    def __init__(self, cfg: ModelConfig, params: dict | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, params: dict | None = None, device="cpu"):
+        self.cfg, self.dev = cfg, get_device(device)
         self.shapes = param_shapes(cfg)
         self.offsets, n = flat_layout(self.shapes)
         self.n = n
-        self.params = np.zeros(n, dtype=np.float32)
-        self.grads = np.zeros(n, dtype=np.float32)
+        self.params = self.dev.zeros(n, np.float32)
+        self.grads = self.dev.zeros(n, np.float32)
         self.views = {k: self._view(self.params, k) for k in self.shapes}
         self.grad_views = {k: self._view(self.grads, k) for k in self.shapes}
         if params is not None:
             self.load(params)
         self.consts = {}
         if cfg.sinusoidal:
-            self.consts["pos_emb"] = position_table(cfg)
+            self.consts["pos_emb"] = self.dev.upload(position_table(cfg))
+
+    @staticmethod
+    def plan_bytes(cfg: ModelConfig) -> int:
+        """Bytes of one flat buffer (parameters, or gradients, or one Adam moment)."""
+        return 4 * flat_layout(param_shapes(cfg))[1]
 
     def _view(self, buf, name):
         off, size = self.offsets[name]
-        return buf[off: off + size].reshape(self.shapes[name])
+        return self.dev.view(buf, off, self.shapes[name])
 
     @property
     def num_parameters(self) -> int:
         return sum(size for _, size in self.offsets.values())
 
+    def _pack(self, arrays: dict) -> np.ndarray:
+        host = np.zeros(self.n, dtype=np.float32)
+        for k, (off, size) in self.offsets.items():
+            host[off: off + size] = np.asarray(arrays[k], dtype=np.float32).reshape(-1)
+        return host
+
+    def _unpack(self, flat_host: np.ndarray) -> dict:
+        return {k: flat_host[off: off + size].reshape(self.shapes[k]).copy() for k, (off, size) in self.offsets.items()}
+
     def load(self, params: dict):
-        for k, v in self.views.items():
-            v[...] = params[k]
+        if self.dev.kind == "cpu":
+            for k, v in self.views.items():
+                v[...] = params[k]
+        else:
+            self.dev.copy_in(self.params, self._pack(params))
 
     def state_dict(self) -> dict:
-        return {k: v.copy() for k, v in self.views.items()}
+        """name -> host copy of each parameter."""
+        if self.dev.kind == "cpu":
+            return {k: v.copy() for k, v in self.views.items()}
+        return self._unpack(self.dev.download(self.params))
+
+    def grad_dict(self) -> dict:
+        """name -> host copy of each gradient (one copy of the flat buffer on CUDA)."""
+        if self.dev.kind == "cpu":
+            return {k: v.copy() for k, v in self.grad_views.items()}
+        return self._unpack(self.dev.download(self.grads))
+
+    def zero_grads(self, names):
+        """Gradients of parameters the graph never writes (e.g. positions past T) are zero."""
+        for k in names:
+            v = self.grad_views[k]
+            if self.dev.kind == "cpu":
+                v[...] = 0.0
+            else:
+                self.dev.copy_in(v, np.zeros(v.shape, np.float32))
 
 
 class StepRunner:
@@ -57,7 +95,7 @@ class StepRunner:
 
     def __init__(self, flat: FlatBuffers, B: int, T: int, loss: str = "lm", dropout: float = 0.0,
                  attn_dropout: float | None = None, label_smoothing: float = 0.0, ignore_index: int = -100,
-                 backward: bool = True, S: int | None = None, device="cpu"):
+                 backward: bool = True, S: int | None = None):
         """Encoder-decoders: S is the source length, T the decoder length; run_lm then takes src."""
         self.flat, self.B, self.T, self.S, self.loss = flat, B, T, S, loss
         self.ignore_index = ignore_index
@@ -69,7 +107,7 @@ class StepRunner:
         for p, gname in self.grad_names.items():
             bound[gname] = flat.grad_views[p]
         self.untouched = [p for p in flat.shapes if p not in self.grad_names]  # get zero gradients
-        self.executor = Executor(self.graph, bound, device)
+        self.executor = Executor(self.graph, bound, flat.dev)
         self.needs_seed = "dropout_seed" in self.graph.inputs
 
     def _inputs(self, ids, mask, type_ids=None, seed: int = 0) -> dict:
@@ -110,8 +148,7 @@ class StepRunner:
                 inputs["src_pos"] = np.ascontiguousarray(np.broadcast_to(np.arange(S, dtype=np.int64), (B, S)))
         inputs["targets"] = targets
         inputs["loss_scale"] = np.array([1.0 / max(n_valid, 1)], dtype=np.float32)
-        for p in self.untouched:
-            self.flat.grad_views[p][...] = 0.0
+        self.flat.zero_grads(self.untouched)
         out = self.executor.run(inputs, copy_outputs=False)
         losses = out["losses"]
         loss = float(np.sum(losses, dtype=np.float64) / max(n_valid, 1))
@@ -123,6 +160,5 @@ class StepRunner:
             mask = np.ones(ids.shape, np.uint8)
         inputs = self._inputs(ids, mask, type_ids)
         inputs["grad_output"] = np.ascontiguousarray(grad_output, dtype=np.float32)
-        for p in self.untouched:
-            self.flat.grad_views[p][...] = 0.0
+        self.flat.zero_grads(self.untouched)
         return self.executor.run(inputs)[self.graph.outputs[0]]

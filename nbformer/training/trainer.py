@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import ops
 from ..config import ModelConfig
+from ..devices import get_device
 from ..errors import InputError, NbformerError
 from .checkpoint import CheckpointError, load_training, save_training
 from .data import TokenData
@@ -143,17 +144,20 @@ class Trainer:
             raise InputError(f"{data.where}: sources of {data.S} tokens exceed the model's {cfg.max_positions} "
                              f"positions")
         data.check(opts.batch_size, opts.seq_len)
-        self.cfg, self.data, self.opts, self.device = cfg, data, opts, device
+        self.dev = get_device(device)
+        self.cfg, self.data, self.opts, self.device = cfg, data, opts, self.dev.name
         self.out_dir = Path(out_dir)
         self.tokenizer_json = tokenizer_json
-        self.flat = FlatBuffers(cfg, params)
-        self.m = np.zeros_like(self.flat.params)
-        self.v = np.zeros_like(self.flat.params)
+        B, T = opts.batch_size, opts.seq_len
+        S = data.S if self.seq2seq else None
+        if self.dev.kind != "cpu":  # the whole plan must fit before anything is allocated
+            self.dev.ensure_fits(training_plan_bytes(cfg, B, T, S, opts), f"the training plan at batch {B} x {T}")
+        self.flat = FlatBuffers(cfg, params, self.dev)
+        self.m = self.dev.zeros(self.flat.n, np.float32)  # Adam moments: flat buffers like the parameters
+        self.v = self.dev.zeros(self.flat.n, np.float32)
         self.step = 0
         self.progress = progress
         self.log = log
-        B, T = opts.batch_size, opts.seq_len
-        S = data.S if self.seq2seq else None
         self.runner = StepRunner(self.flat, B, T, loss="lm", dropout=opts.dropout, attn_dropout=opts.attn_dropout,
                                  label_smoothing=opts.label_smoothing, S=S)
         if self.seq2seq:
@@ -164,9 +168,9 @@ class Trainer:
         if self.eval_set is not None:
             self.eval_runner = StepRunner(self.flat, self.eval_set[0].shape[0], T, loss="lm", backward=False, S=S)
         self._eval_model = None
-        self._adam = ops.get("adam", device)
-        self._grad_norm = ops.get("grad_norm", device)
-        self._scale = ops.get("scale", device)
+        self._adam = ops.get("adam", self.dev.kind)
+        self._grad_norm = ops.get("grad_norm", self.dev.kind)
+        self._scale = ops.get("scale", self.dev.kind)
         self._stop = False
         self.history = []
 
@@ -176,8 +180,8 @@ class Trainer:
                 "options": {k: v for k, v in asdict(self.opts).items() if k != "extra"}}
 
     def save(self):
-        save_training(self.out_dir, self.cfg, self.flat.state_dict(), self.m, self.v, self.tokenizer_json,
-                      self.state())
+        save_training(self.out_dir, self.cfg, self.flat.state_dict(), self.dev.to_host(self.m),
+                      self.dev.to_host(self.v), self.tokenizer_json, self.state())
         (self.out_dir / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
 
     def resume(self, path):
@@ -195,8 +199,8 @@ class Trainer:
                 raise InputError(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
                                  f"{getattr(self.opts, key)!r} now; resume needs the same value")
         self.flat.load(params)
-        self.m[...] = m
-        self.v[...] = v
+        self.dev.copy_in(self.m, np.ascontiguousarray(m, dtype=np.float32))
+        self.dev.copy_in(self.v, np.ascontiguousarray(v, dtype=np.float32))
         self.step = int(state["step"])
         self._trim_log()
 
@@ -230,7 +234,7 @@ class Trainer:
 
             ckpt = Checkpoint(config=self.cfg, params=dict(self.flat.views), rules=[],
                               path=self.out_dir / "model.safetensors")
-            self._eval_model = Model(ckpt)
+            self._eval_model = Model(ckpt, device=self.dev)
             self._eval_model._tokenizer = Tokenizer(json_text=self.tokenizer_json, where="training tokenizer")
         return self._eval_model
 
@@ -329,6 +333,17 @@ class Trainer:
         return {"step": self.step, "interrupted": self._stop and self.step < o.steps,
                 "final_loss": rec["loss"] if rec else None, "eval_loss": last_eval, "exact_match": last_exact,
                 "tokens_per_s": tokens0 / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
+
+
+def training_plan_bytes(cfg: ModelConfig, B: int, T: int, S: int | None, opts: TrainOptions) -> int:
+    """Bytes a training run holds on its device: parameters, gradients, Adam m and v (flat buffers)
+    and the planned arena of the training step (saved activations + transient gradients)."""
+    from ..graph.build import build_train
+    from ..graph.plan import plan_memory
+
+    g, _ = build_train(cfg, B, T, loss="lm", dropout=opts.dropout, attn_dropout=opts.attn_dropout,
+                       label_smoothing=opts.label_smoothing, S=S)
+    return 4 * FlatBuffers.plan_bytes(cfg) + plan_memory(g).arena_bytes
 
 
 def _is_layernorm(name: str) -> bool:
