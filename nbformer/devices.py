@@ -182,6 +182,13 @@ class Device:
                               f"{_mib(self.total_bytes())} is free on the device")
 
 
+def _packed(host) -> np.ndarray:
+    """A C-ordered host array with real strides: numba's copies treat a stride of 0 (e.g. ids[:, None])
+    as a broadcast axis and refuse the shapes."""
+    a = np.ascontiguousarray(host)
+    return a.copy() if a.size and 0 in a.strides else a
+
+
 def _simulated() -> bool:
     from numba import config
 
@@ -214,10 +221,10 @@ class CudaDevice(Device):
         return self.upload(np.zeros(shape, dtype=dtype))
 
     def upload(self, host):
-        return self.cuda.to_device(np.ascontiguousarray(host))
+        return self.cuda.to_device(_packed(host))
 
     def copy_in(self, dst, host):
-        dst.copy_to_device(np.ascontiguousarray(host))
+        dst.copy_to_device(_packed(host))
 
     def download(self, arr) -> np.ndarray:
         return arr.copy_to_host()
