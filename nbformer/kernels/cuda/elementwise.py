@@ -18,6 +18,7 @@ TUNABLES = {
     "add_forward": {"threads": 256, "max_blocks": 8192},
     "take_rows": {"threads": 256, "max_blocks": 8192},
     "copy": {"threads": 256, "max_blocks": 8192},
+    "zero_row": {"threads": 256, "max_blocks": 1024},
 }
 
 
@@ -99,6 +100,41 @@ def block_max_f64(sh, val, tid, nt):
     return m
 
 
+# Segmented variants: the block is `rows` groups of L consecutive threads (L a power of two dividing
+# the block), group r = tid // L reducing its own values (lane = tid - r * L). Same fixed-order tree,
+# same contract (every thread of the block calls, syncthreads inside, scratch free again on return);
+# each thread gets its group's result.
+@device_function
+def group_sum_f64(sh, val, tid, lane, L):
+    sh[tid] = val
+    cuda.syncthreads()
+    s = L // 2
+    while s > 0:
+        if lane < s:
+            sh[tid] = sh[tid] + sh[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    total = sh[tid - lane]
+    cuda.syncthreads()
+    return total
+
+
+@device_function
+def group_max_f64(sh, val, tid, lane, L):
+    sh[tid] = val
+    cuda.syncthreads()
+    s = L // 2
+    while s > 0:
+        if lane < s:
+            if sh[tid + s] > sh[tid]:
+                sh[tid] = sh[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    m = sh[tid - lane]
+    cuda.syncthreads()
+    return m
+
+
 # ---------------------------------------------------------------- kernels
 @kernel(cache=True)
 def _add_kernel(out, a, b):
@@ -123,6 +159,13 @@ def _take_rows_kernel(out, x, idx):
         b = i // C
         c = i - b * C
         out[b, c] = x[b, idx[b], c]
+
+
+@kernel(cache=True)
+def _zero_row_kernel(table, row):
+    C = table.shape[1]
+    for c in range(cuda.grid(1), C, cuda.gridsize(1)):
+        table[row, c] = 0.0
 
 
 # ---------------------------------------------------------------- launchers
@@ -169,3 +212,18 @@ def take_rows(out, x, idx, *, threads=None, max_blocks=None):
     if x.shape[1] == 0:
         raise GraphError("take_rows: 'x' has no positions to take")
     _take_rows_kernel[grid_blocks(op, tun, B * C, t, max_blocks), t](out, x, idx)
+
+
+def zero_row(table, row, *, threads=None, max_blocks=None):
+    """table[row, :] = 0 (the padding_idx row of an embedding gradient, nn.Embedding semantics).
+
+    table is a (rows, C) float32 C-contiguous device array; row an int in [0, rows) (checked)."""
+    op, tun = "zero_row", TUNABLES["zero_row"]
+    check_device_array(op, "table", table, ndim=2)
+    R, C = table.shape
+    if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)) or not 0 <= int(row) < R:
+        raise GraphError(f"zero_row: 'row' is {row!r}, expected an int in [0, {R})")
+    t = launch_threads(op, tun, threads)
+    if C == 0:
+        return
+    _zero_row_kernel[grid_blocks(op, tun, C, t, max_blocks), t](table, int(row))
