@@ -148,14 +148,3 @@ def test_kv_cache_and_arena_larger_than_free_memory_are_refused(monkeypatch):
         m.session(4, 32)
     with pytest.raises(DeviceError, match="activation arena"):
         m.forward(np.zeros((2, 8), np.int64))
-
-
-def test_gradients_on_cuda_say_they_run_on_the_cpu():
-    pytest.importorskip("numba_cuda")
-    if not SIMULATED:
-        pytest.skip("needs the simulator or a GPU")
-    from nbformer.model import Model
-
-    m = Model(_tiny_ckpt(), device="cuda")
-    with pytest.raises(DeviceError, match="run on the CPU only"):
-        m.loss_and_grads(np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64))
