@@ -1,7 +1,8 @@
-"""Our CUDA linear (tiled SGEMM / few-row path, fused epilogue) vs torch.nn.functional.linear, fp32, one GPU.
+"""Our CUDA linear (tiled SGEMM / few-row path, fused epilogue; and its backward) vs torch.nn.functional.linear
+(and its autograd backward), fp32, one GPU.
 
     PYTHONPATH=. python benchmarks/gpu/bench_linear.py [--runs 20] [--reps 10] [--warmup 3]
-        [--only prefill|decode] [--tunables '{"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8}']
+        [--only prefill|decode|backward] [--tunables '{"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8}']
         [--json benchmarks/results/gpu_linear.json] [--md benchmarks/results/gpu_linear.md]
     NUMBA_ENABLE_CUDASIM=1 PYTHONPATH=. python benchmarks/gpu/bench_linear.py --smoke   # script check, no GPU
 
@@ -16,6 +17,14 @@ median over `runs` such rounds is reported with the min-max spread. Calls go thr
 launchers (argument checks included), so host overhead counts wherever it exceeds the kernel time,
 as it would in the executor. Both sides share the same device buffers (torch tensors seen by Numba
 through __cuda_array_interface__). Every row is first checked against torch (max relative error).
+
+Backward (the same three prefill shapes, bias and activation as in the forward rows): our
+linear_backward (g = dout * act'(pre) into a scratch buffer unless act is none, dx = g @ w, dw = g.T @ x
+with db fused in: at most three kernels) vs torch.autograd.grad of act(F.linear(x, w, b)) for
+(x, w, b) on a graph built once (retain_graph: the backward only, activation backward included).
+Tunables in --tunables go to the launcher that takes them (dx_*, dw_*, bw_*, db_* to the backward).
+Backward GFLOP/s = 4 N K M / t (the two GEMMs); max rel err = the worst of dx, dw, db vs torch, each
+relative to that tensor's largest magnitude.
 
 GFLOP/s = 2 N K M / t. GB/s = the minimal traffic (x, w, b read once, out written once) / t: the
 number that matters for the memory-bound decoding rows. ratio nbformer/torch = our GFLOP/s over torch's
@@ -44,7 +53,10 @@ SMOKE = [  # tiny shapes for a check of the script itself under the simulator
     ("smoke few rows", 2, 24, 20, "none", False),
 ]
 SMOKE_TUNABLES = {"BM": 8, "BN": 8, "BK": 4, "TM": 2, "TN": 2, "fr_threads": 16, "fr_lanes": 4, "fr_cols": 2,
-                  "fr_kc": 8}
+                  "fr_kc": 8, "dx_BM": 8, "dx_BN": 8, "dx_BK": 4, "dx_TM": 2, "dx_TN": 2, "dw_BM": 8, "dw_BN": 8,
+                  "dw_BK": 4, "dw_TM": 2, "dw_TN": 2, "bw_threads": 16, "bw_max_blocks": 4}
+BACKWARD = PREFILL  # (name, N, K, M, act, bias): the backward of each prefill layer
+SMOKE_BACKWARD = [("smoke backward", 40, 24, 20, "gelu_tanh", True), ("smoke backward none", 9, 12, 10, "none", True)]
 
 
 def parse_args(argv=None):
@@ -52,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=20, help="timed rounds (median and spread over them)")
     p.add_argument("--reps", type=int, default=10, help="back-to-back calls per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (compilation, clocks)")
-    p.add_argument("--only", choices=["prefill", "decode"], default=None)
+    p.add_argument("--only", choices=["prefill", "decode", "backward"], default=None)
     p.add_argument("--tunables", default="{}", help="JSON dict of overrides for our launcher")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--md", default=None, help="also write the markdown table here")
@@ -76,6 +88,8 @@ def main(argv=None):
         if not SIMULATOR:
             print("--smoke is meant for the simulator (NUMBA_ENABLE_CUDASIM=1)", file=sys.stderr)
         shapes, tunables = SMOKE, {**SMOKE_TUNABLES, **tunables}
+        bshapes = SMOKE_BACKWARD if args.only in (None, "backward") else []
+        shapes = shapes if args.only != "backward" else []
         args.runs, args.reps, args.warmup = min(args.runs, 2), 1, 0
         tdev = "cpu"
     else:
@@ -84,12 +98,16 @@ def main(argv=None):
                   f"(simulator={SIMULATOR}, numba sees a GPU: {not SIMULATOR and cuda.is_available()}, "
                   f"torch sees a GPU: {torch.cuda.is_available()}); use --smoke to check the script", file=sys.stderr)
             return 2
-        shapes = (PREFILL if args.only != "decode" else []) + (DECODE if args.only != "prefill" else [])
+        shapes = ((PREFILL if args.only in (None, "prefill") else []) +
+                  (DECODE if args.only in (None, "decode") else []))
+        bshapes = BACKWARD if args.only in (None, "backward") else []
         tdev = "cuda"
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
 
+    fwd_tunables = {k: v for k, v in tunables.items() if k not in L.BACKWARD_TUNABLES}
+    bwd_tunables = {k: v for k, v in tunables.items() if k in L.BACKWARD_TUNABLES}
     acts = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
             "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
@@ -136,7 +154,7 @@ def main(argv=None):
         act_fn = acts[act]
 
         def ours():
-            L.linear_forward(od, xd, wd, bd, act, None, **tunables)
+            L.linear_forward(od, xd, wd, bd, act, None, **fwd_tunables)
 
         def theirs():
             return act_fn(F.linear(x, w, b))
@@ -161,17 +179,60 @@ def main(argv=None):
         })
         del x, w, b, out, xd, wd, od, bd
 
+    brows = []
+    for name, N, K, M, act, use_bias in bshapes:
+        x = torch.randn(N, K, generator=gen).to(tdev).requires_grad_(True)
+        w = (torch.randn(M, K, generator=gen) / K ** 0.5).to(tdev).requires_grad_(True)
+        b = torch.randn(M, generator=gen).to(tdev).requires_grad_(True) if use_bias else None
+        dout = torch.randn(N, M, generator=gen).to(tdev)
+        with torch.no_grad():
+            pre = F.linear(x, w, b)
+        y = acts[act](F.linear(x, w, b))  # the graph torch differentiates, built once
+        params = (x, w, b) if use_bias else (x, w)
+        grads = [torch.empty(N, K, device=tdev), torch.empty(M, K, device=tdev), torch.empty(M, device=tdev)]
+        scratch = torch.empty(N, M, device=tdev) if act != "none" else None
+        xd, wd, doutd, pred = (as_numba(t.detach()) for t in (x, w, dout, pre))
+        gd = [as_numba(g) for g in grads]
+        sd = as_numba(scratch) if scratch is not None else None
+
+        def ours():
+            L.linear_backward(gd[0], gd[1], gd[2] if use_bias else None, doutd, xd, wd, pred, act, sd,
+                              **bwd_tunables)
+
+        def theirs():
+            return torch.autograd.grad(y, params, dout, retain_graph=True)
+
+        ours()
+        sync()
+        want = [t.cpu().numpy() for t in theirs()]
+        rel = 0.0
+        for g, t in zip(gd, want):
+            got = g.copy_to_host()
+            rel = max(rel, float(np.max(np.abs(got - t)) / max(np.max(np.abs(t)), 1e-30)))
+        t_ours, t_torch = timed(ours), timed(theirs)
+        m_ours, m_torch = statistics.median(t_ours), statistics.median(t_torch)
+        flops = 4.0 * N * K * M
+        brows.append({
+            "shape": name, "N": N, "K": K, "M": M, "act": act, "bias": use_bias,
+            "ours_ms": m_ours, "ours_min_ms": min(t_ours), "ours_max_ms": max(t_ours),
+            "torch_ms": m_torch, "torch_min_ms": min(t_torch), "torch_max_ms": max(t_torch),
+            "ours_gflops": flops / m_ours / 1e6, "torch_gflops": flops / m_torch / 1e6,
+            "ratio": m_torch / m_ours, "max_rel_err_vs_torch": rel,
+        })
+        del x, w, b, dout, pre, y, params, grads, scratch, xd, wd, doutd, pred, gd, sd
+
     info = {"numba_cuda": _version("numba-cuda"), "torch": torch.__version__, "simulator": SIMULATOR,
             "tunables": {**L.TUNABLES, **tunables}, "runs": args.runs, "reps": args.reps, "smoke": args.smoke}
     if tdev == "cuda":
         dev = cuda.get_current_device()
         info["gpu"] = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
         info["compute_capability"] = list(dev.compute_capability)
-    md = table(rows, info)
+    md = "\n\n".join(t for t in (table(rows, info) if rows else "", backward_table(brows, info) if brows else "")
+                       if t)
     print(md)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=2)
+            json.dump({"info": info, "rows": rows, "backward_rows": brows}, f, indent=2)
     if args.md:
         with open(args.md, "w") as f:
             f.write(md + "\n")
@@ -202,6 +263,25 @@ def table(rows, info):
             f"| {r['torch_ms']:.4f} ({r['torch_min_ms']:.4f}-{r['torch_max_ms']:.4f}) "
             f"| {r['ours_gflops']:,.0f} | {r['torch_gflops']:,.0f} | {r['ours_gbs']:,.0f} | {r['torch_gbs']:,.0f} "
             f"| {r['ratio']:.2f} | {r['max_rel_err_vs_torch']:.1e} |")
+    return "\n".join(lines)
+
+
+def backward_table(rows, info):
+    head = (f"### linear backward fp32: nbformer linear_backward vs torch {info['torch']} autograd of "
+            f"act(F.linear){' on ' + info['gpu'] if 'gpu' in info else ''}, TF32 off\n\n"
+            f"median of {info['runs']} rounds x {info['reps']} calls (min-max); dx, dw and db (g = dout * act'(pre) "
+            "first where there is an activation)\n\n"
+            "| shape | N | K -> M | act | ours ms (min-max) | torch ms (min-max) | ours GFLOP/s | torch GFLOP/s | "
+            "ratio nbformer/torch | max rel err |\n"
+            "|---|---:|---|---|---|---|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['N']} | {r['K']} -> {r['M']} | {r['act']}{' +b' if r['bias'] else ''} "
+            f"| {r['ours_ms']:.4f} ({r['ours_min_ms']:.4f}-{r['ours_max_ms']:.4f}) "
+            f"| {r['torch_ms']:.4f} ({r['torch_min_ms']:.4f}-{r['torch_max_ms']:.4f}) "
+            f"| {r['ours_gflops']:,.0f} | {r['torch_gflops']:,.0f} | {r['ratio']:.2f} "
+            f"| {r['max_rel_err_vs_torch']:.1e} |")
     return "\n".join(lines)
 
 
