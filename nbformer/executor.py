@@ -6,8 +6,8 @@ tensors the planner aliased share one view object. Parameters, constants, gradie
 (KV caches) are bound from outside and must already live on the executor's device.
 
 Inputs come from the host. On the CPU they are used as they are; on CUDA each is copied into a
-staging buffer the executor owns, except (1,)-shaped inputs (cache position, dropout seed, loss
-scale), which stay host scalars on every device: the launchers read them as numbers. Only the
+staging buffer the executor owns, except the inputs the graph marks host (cache position, dropout
+seed, loss scale), which stay host scalars on every device: the launchers read them as numbers. Only the
 outputs asked for are copied back.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from .graph.plan import Plan, plan_memory
 
 
 def is_host_scalar(t) -> bool:
-    """A (1,) graph input: read on the host by launchers on every device, never uploaded."""
-    return t.kind == "input" and t.shape == (1,)
+    """A graph input that launchers read as a number on every device (tensor.host), never uploaded."""
+    return t.kind == "input" and t.host
 
 
 class Executor:
@@ -34,6 +34,8 @@ class Executor:
         C-contiguous, on `device`); grad arrays (parameter gradients of a training graph) and state
         arrays (KV caches) are written by the run."""
         self.graph, self.dev = graph, get_device(device)
+        from .kernels.cpu import precompile  # first run: the graph's missing kernels compile in parallel, with progress
+        precompile.ensure_compiled(graph, self.dev.kind)
         self.device = self.dev.name
         self.plan = plan or plan_memory(graph)
         dev = self.dev

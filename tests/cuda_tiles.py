@@ -6,9 +6,9 @@ import importlib
 
 import pytest
 
-FAMILIES = ("attention", "elementwise", "embedding", "kv_cache", "layernorm", "linear", "pooling", "sampling",
-            "softmax")
-TINY = {"threads": 8, "max_blocks": 4, "block_q": 4, "block_k": 4, "stage": 16}
+FAMILIES = ("attention", "attention_backward", "dropout", "elementwise", "embedding", "kv_cache", "layernorm", "linear",
+            "loss", "optim", "pooling", "sampling", "softmax")
+TINY = {"threads": 4, "max_blocks": 4, "block_q": 4, "block_k": 4, "stage": 16, "lanes": 4}
 
 
 def _shrink(tunables: dict, monkeypatch):
@@ -28,7 +28,13 @@ def tiny_cuda_tiles(monkeypatch):
         return
     for family in FAMILIES:
         mod = importlib.import_module(f"nbformer.kernels.cuda.{family}")
-        if family == "linear":  # its simulator defaults are already tiny (16 x 16 tiles, 2 x 2 per thread)
+        if family == "linear":  # 16 x 16 output tiles, 4 x 4 per thread: 16 threads per block
+            for prefix in ("", "dx_", "dw_"):
+                for key, value in (("BM", 16), ("BN", 16), ("BK", 8), ("TM", 4), ("TN", 4)):
+                    if prefix + key in mod.TUNABLES:
+                        monkeypatch.setitem(mod.TUNABLES, prefix + key, value)
+            for key, value in (("fr_threads", 16), ("fr_lanes", 4), ("fr_cols", 2), ("fr_kc", 32)):
+                monkeypatch.setitem(mod.TUNABLES, key, value)
             continue
         _shrink(getattr(mod, "TUNABLES", {}), monkeypatch)
     yield

@@ -104,6 +104,8 @@ def test_decoder_greedy_beam_and_sampled_generation_match_cpu():
         a = gpu.generate(ids, max_new_tokens=6, **opts)
         b = cpu.generate(ids, max_new_tokens=6, **opts)
         np.testing.assert_array_equal(a, b, err_msg=f"generate {opts}")
+    one = ids[:1]  # a single row: its (1,) last-position index is a device input like any other
+    np.testing.assert_array_equal(gpu.generate(one, max_new_tokens=4), cpu.generate(one, max_new_tokens=4))
     a = gpu.generate(ids[:1], max_new_tokens=5, num_beams=3, num_return_sequences=2)
     b = cpu.generate(ids[:1], max_new_tokens=5, num_beams=3, num_return_sequences=2)
     np.testing.assert_array_equal(a, b, err_msg="beam search")

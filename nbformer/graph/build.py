@@ -13,6 +13,13 @@ by a KV cache (nbformer.kv_cache) that persist across runs: self-attention cache
 written at runtime position cache_pos (1,) i64, cross-attention xcache.{i} (B, S, 2C) written once
 per source. A decode graph for Tq new tokens then costs O(Tq * L) attention work, not O(L^2).
 
+Llama-style configs (norm_type 'rmsnorm', positions 'rope', ffn_type 'glu', n_kv_heads, head_dim):
+RMSNorm nodes instead of LayerNorm; the fused qkv (B, T, (NH + 2*NKV)*HS) has RoPE applied in place
+to its Q and K columns (angles from position_ids, so left padding counts real tokens) before
+attention; query head h attends with kv head h // (NH / NKV); the FFN's first layer is one fused
+gate|up GEMM with the product act(gate) * up in its epilogue ('linear_glu'). Caches then hold the
+NKV heads only: cache.{i} (B, Tmax, 2*NKV*HS), keys stored after RoPE.
+
 Training graphs (build_train) add: linear layers that also keep their pre-activation for the
 backward pass, dropout (embeddings, attention probabilities, residual branches) driven by a
 per-step seed input, a loss, and the backward graph from graph.autodiff.
@@ -37,8 +44,14 @@ class _Builder:
         if cfg.sinusoidal:
             self.g.tensor("pos_emb", (cfg.max_positions, cfg.d_model), kind="const")
         self.cache_pos = None  # name of the (1,) i64 input of a decode graph
+        self.pos_ids = None  # positions = 'rope': the (B, T) position input the rotations read
+        self.inv_freq = None
+        if cfg.positions == "rope":
+            from ..weights.positions import rope_inv_freq_of
+
+            self.inv_freq = rope_inv_freq_of(cfg)  # (HS/2,) float64, an attr of every rope node
         if train and (self.dropout > 0 or self.attn_dropout > 0):
-            self.g.tensor("dropout_seed", (1,), "i64", "input")
+            self.g.tensor("dropout_seed", (1,), "i64", "input", host=True)
 
     def act(self, name, shape):
         return self.g.tensor(name, shape)
@@ -48,8 +61,14 @@ class _Builder:
         return self.streams
 
     def layernorm(self, x, prefix, out_name):
+        """The config's norm layer: LayerNorm (saves mean, rstd) or RMSNorm (saves rstd)."""
         g, shape = self.g, self.g.tensors[x].shape
         out = self.act(out_name, shape)
+        if self.cfg.norm_type == "rmsnorm":
+            rstd = self.act(out_name + ".rstd", shape[:-1])
+            g.node("rmsnorm", {"x": x, "w": prefix + ".w"}, {"out": out, "rstd": rstd},
+                   {"eps": float(self.cfg.layer_norm_eps)})
+            return out
         mean, rstd = self.act(out_name + ".mean", shape[:-1]), self.act(out_name + ".rstd", shape[:-1])
         g.node("layernorm", {"x": x, "w": prefix + ".w", "b": prefix + ".b"},
                {"out": out, "mean": mean, "rstd": rstd}, {"eps": float(self.cfg.layer_norm_eps)})
@@ -77,6 +96,31 @@ class _Builder:
         g.node("linear", ins, outs, {"act": act})
         return out
 
+    def linear_glu(self, x, w, b, out_name, act):
+        """out (..., F) = act(x @ Wg.T + bg) * (x @ Wu.T + bu), w = Wg|Wu (2F, C) fused; training
+        keeps pre = gate | up (..., 2F) for the backward pass."""
+        g = self.g
+        lead = g.tensors[x].shape[:-1]
+        M = g.tensors[w].shape[0]
+        out = self.act(out_name, lead + (M // 2,))
+        ins = {"x": x, "w": w}
+        if b is not None and b in g.tensors:
+            ins["b"] = b
+        outs = {"out": out}
+        if self.train:
+            outs["pre"] = self.act(out_name + ".pre", lead + (M,))
+        g.node("linear_glu", ins, outs, {"act": act})
+        return out
+
+    def ffn(self, h, p, n, residual):
+        """FFN of one layer with its residual: down(act(up(h))) or down(act(gate(h)) * up(h))."""
+        cfg = self.cfg
+        if cfg.ffn_type == "glu":
+            u = self.linear_glu(h, p + "ffn.gate_up.w", p + "ffn.gate_up.b", n + ".ffn", cfg.activation)
+        else:
+            u = self.linear(h, p + "ffn.up.w", p + "ffn.up.b", n + ".ffn", act=cfg.activation)
+        return self.linear(u, p + "ffn.down.w", p + "ffn.down.b", n + ".res2", residual=residual)
+
     def dropout_(self, x, out_name):
         if not (self.train and self.dropout > 0):
             return x
@@ -88,10 +132,12 @@ class _Builder:
     def attention(self, q, kv, mask, causal, name, q_off, k_off, v_off, cache_pos=None):
         cfg = self.cfg
         B, Tq = self.g.tensors[q].shape[:2]
-        out = self.act(name + ".attn", (B, Tq, cfg.d_model))
+        out = self.act(name + ".attn", (B, Tq, cfg.attn_width))
         lse = self.act(name + ".lse", (B, cfg.n_heads, Tq))
         attrs = {"n_heads": cfg.n_heads, "head_size": cfg.head_size, "q_off": q_off, "k_off": k_off,
                  "v_off": v_off, "causal": causal, "scale": 1.0 / math.sqrt(cfg.head_size)}
+        if cfg.kv_heads != cfg.n_heads:  # grouped-query attention (absent otherwise: graphs stay as they were)
+            attrs["n_kv_heads"] = cfg.kv_heads
         ins = {"q": q, "kv": kv, "key_mask": mask}
         if cache_pos is not None:  # keys are the cache's first cache_pos + Tq rows
             ins["cache_pos"] = cache_pos
@@ -102,13 +148,20 @@ class _Builder:
         return out
 
     def self_attention(self, x, p, mask, causal, name, cache=None):
-        C = self.cfg.d_model
-        qkv = self.linear(x, p + "attn.qkv.w", p + "attn.qkv.b", name + ".qkv")  # (B, T, 3C)
+        cfg = self.cfg
+        A, KVW = cfg.attn_width, cfg.kv_heads * cfg.head_size  # Q columns [0, A), K [A, A + KVW), V after
+        qkv = self.linear(x, p + "attn.qkv.w", p + "attn.qkv.b", name + ".qkv")  # (B, T, A + 2 KVW)
+        if cfg.positions == "rope":  # rotate Q and K in place (the planner aliases the two tensors)
+            rot = self.act(name + ".qkv.rope", self.g.tensors[qkv].shape)
+            self.g.node("rope", {"x": qkv, "pos_ids": self.pos_ids}, {"out": rot},
+                        {"inv_freq": self.inv_freq, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
+                         "head_size": cfg.head_size}, inplace={"out": "x"})
+            qkv = rot
         if cache is None:
-            return self.attention(qkv, qkv, mask, causal, name, 0, C, 2 * C)
+            return self.attention(qkv, qkv, mask, causal, name, 0, A, A + KVW)
         # decode: K, V of the new tokens go into the cache at cache_pos, then attend over the cache
-        self.g.node("kv_write", {"qkv": qkv, "pos": self.cache_pos}, {"cache": cache}, {"offset": C})
-        return self.attention(qkv, cache, mask, causal, name, 0, 0, C, cache_pos=self.cache_pos)
+        self.g.node("kv_write", {"qkv": qkv, "pos": self.cache_pos}, {"cache": cache}, {"offset": A})
+        return self.attention(qkv, cache, mask, causal, name, 0, 0, KVW, cache_pos=self.cache_pos)
 
     def cross_attention(self, x, p, name, enc_kv, src_mask):
         C = self.cfg.d_model
@@ -131,8 +184,7 @@ class _Builder:
                 a = self.cross_attention(h, p, n, *cross)
                 x = self.linear(a, p + "xattn.out.w", p + "xattn.out.b", n + ".resx", residual=x)
             h = self.layernorm(x, p + "ln2", n + ".ln2")
-            u = self.linear(h, p + "ffn.up.w", p + "ffn.up.b", n + ".ffn", act=cfg.activation)
-            return self.linear(u, p + "ffn.down.w", p + "ffn.down.b", n + ".res2", residual=x)
+            return self.ffn(h, p, n, residual=x)
         a = self.self_attention(x, p, mask, causal, n, cache)
         s = self.linear(a, p + "attn.out.w", p + "attn.out.b", n + ".res1", residual=x)
         x = self.layernorm(s, p + "ln1", n + ".ln1")
@@ -140,14 +192,15 @@ class _Builder:
             a = self.cross_attention(x, p, n, *cross)
             s = self.linear(a, p + "xattn.out.w", p + "xattn.out.b", n + ".resx", residual=x)
             x = self.layernorm(s, p + "lnx", n + ".lnx")
-        u = self.linear(x, p + "ffn.up.w", p + "ffn.up.b", n + ".ffn", act=cfg.activation)
-        s = self.linear(u, p + "ffn.down.w", p + "ffn.down.b", n + ".res2", residual=x)
+        s = self.ffn(x, p, n, residual=x)
         return self.layernorm(s, p + "ln2", n + ".ln2")
 
     def embed(self, B, T, side="", ids="input_ids", pos="position_ids"):
         cfg, g = self.cfg, self.g
         ins = {"ids": g.tensor(ids, (B, T), "i64", "input"), "wte": "tok_emb"}
-        if cfg.positions != "none":
+        if cfg.positions == "rope":  # positions enter inside attention, not as an embedding
+            self.pos_ids = g.tensor(pos, (B, T), "i64", "input")
+        elif cfg.positions != "none":
             ins["pos_ids"] = g.tensor(pos, (B, T), "i64", "input")
             ins["wpe"] = "pos_emb" if cfg.sinusoidal else side + "pos_emb"
         if cfg.type_vocab_size and side == "" and cfg.arch != "encoder_decoder":
@@ -242,11 +295,12 @@ def build_decode(cfg: ModelConfig, B: int, Tq: int, Tmax: int, S: int | None = N
     """One incremental decoding call over a KV cache: Tq new tokens per row (Tq > 1: a prompt
     prefill), appended at runtime position cache_pos. Inputs: input_ids / position_ids (B, Tq),
     key_mask (B, Tmax) (1 = a cached position this row may attend to), cache_pos (1,) i64, and for
-    encoder-decoders src_mask (B, S). States: cache.{i} (B, Tmax, 2C) [+ xcache.{i} (B, S, 2C)].
+    encoder-decoders src_mask (B, S). States: cache.{i} (B, Tmax, 2C) [+ xcache.{i} (B, S, 2C)]
+    (2*NKV*HS columns instead of 2C with grouped-query attention / head_dim).
     Output: logits (B, V) at input last_idx (B,) (the last new token: Tq - 1)."""
     b = _Builder(cfg)
     g = b.g
-    b.cache_pos = g.tensor("cache_pos", (1,), "i64", "input")
+    b.cache_pos = g.tensor("cache_pos", (1,), "i64", "input", host=True)
     if cfg.arch == "encoder_decoder":
         if S is None:
             raise GraphError("build_decode: an encoder_decoder needs the source length S")
@@ -258,7 +312,7 @@ def build_decode(cfg: ModelConfig, B: int, Tq: int, Tmax: int, S: int | None = N
         mask = g.tensor("key_mask", (B, Tmax), "u8", "input")
         x = b.embed(B, Tq)
         for i in range(cfg.n_layers):
-            cache = g.tensor(f"cache.{i}", (B, Tmax, 2 * cfg.d_model), kind="state")
+            cache = g.tensor(f"cache.{i}", (B, Tmax, 2 * cfg.kv_heads * cfg.head_size), kind="state")
             x = b.block(x, i, mask, True, cache=cache)
         if cfg.final_layernorm:
             x = b.layernorm(x, "final_ln", "final.ln")
@@ -314,7 +368,7 @@ def build_train(cfg: ModelConfig, B: int, T: int, loss: str = "lm", dropout: flo
             raise ValueError("loss='lm' needs a model with a language-model head")
         V = cfg.vocab_size
         targets = g.tensor("targets", (B, T), "i64", "input")
-        scale = g.tensor("loss_scale", (1,), "f32", "input")
+        scale = g.tensor("loss_scale", (1,), "f32", "input", host=True)
         losses, lse = b.act("losses", (B, T)), b.act("losses.lse", (B, T))
         g.node("cross_entropy", {"logits": y, "targets": targets}, {"losses": losses, "lse": lse},
                {"label_smoothing": float(label_smoothing), "ignore_index": int(ignore_index), "vocab": V})

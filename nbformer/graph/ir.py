@@ -22,6 +22,7 @@ class Tensor:
     dtype: str = "f32"
     kind: str = "act"  # input: bound per call; param/const/grad: bound from outside; act: lives in the arena;
     # state: bound from outside and kept across runs (KV caches), written by nodes of the graph
+    host: bool = False  # an input read as a number by launchers (cache position, seeds): never uploaded
 
     @property
     def size(self) -> int:
@@ -52,12 +53,14 @@ class Graph:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
 
-    def tensor(self, name, shape, dtype="f32", kind="act") -> str:
+    def tensor(self, name, shape, dtype="f32", kind="act", host=False) -> str:
         if name in self.tensors:
             raise GraphError(f"graph: tensor '{name}' defined twice")
         if dtype not in DTYPES or kind not in KINDS:
             raise GraphError(f"graph: tensor '{name}' has bad dtype/kind {dtype}/{kind}")
-        self.tensors[name] = Tensor(name, tuple(int(s) for s in shape), dtype, kind)
+        if host and kind != "input":
+            raise GraphError(f"graph: tensor '{name}': only inputs can stay on the host")
+        self.tensors[name] = Tensor(name, tuple(int(s) for s in shape), dtype, kind, bool(host))
         if kind == "input":
             self.inputs.append(name)
         return name
