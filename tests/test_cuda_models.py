@@ -21,6 +21,7 @@ from nbformer.weights import Checkpoint  # noqa: E402
 from nbformer.weights.params import param_shapes  # noqa: E402
 
 from cuda_tiles import tiny_cuda_tiles  # noqa: E402,F401  (fixture)
+from test_generate import text_model  # noqa: E402,F401  (fixture: a tiny GPT-2 with a byte-level BPE tokenizer)
 
 pytestmark = pytest.mark.usefixtures("tiny_cuda_tiles")
 
@@ -109,6 +110,19 @@ def test_decoder_greedy_beam_and_sampled_generation_match_cpu():
     a = gpu.generate(ids[:1], max_new_tokens=5, num_beams=3, num_return_sequences=2)
     b = cpu.generate(ids[:1], max_new_tokens=5, num_beams=3, num_return_sequences=2)
     np.testing.assert_array_equal(a, b, err_msg="beam search")
+
+
+def test_text_streaming_and_stop_strings_match_cpu(text_model):
+    """Text in, text out on CUDA: streamed deltas join to the final text, stop strings cut it, and
+    both are what the CPU gives."""
+    gpu = Model(text_model.ckpt, device="cuda")
+    for opts in ({}, {"stop": [" the"], "temperature": 0.8, "seed": 2}):
+        want = text_model.generate("once upon a time", max_new_tokens=8, **opts)
+        assert gpu.generate("once upon a time", max_new_tokens=8, **opts) == want, opts
+        assert "once upon a time" + "".join(nbformer.stream(gpu, "once upon a time", max_new_tokens=8,
+                                                             **opts)) == want
+    got = gpu.generate(["hello world", "the quick brown fox"], max_new_tokens=5, num_beams=2)
+    assert got == text_model.generate(["hello world", "the quick brown fox"], max_new_tokens=5, num_beams=2)
 
 
 def test_cuda_session_keeps_the_cache_on_the_device_and_matches_cpu():

@@ -92,7 +92,8 @@ def test_seeds_model_gradients_match_cpu(cfg):
     _grads_close(flats["cuda"], flats["cpu"], f"seeds' model {cfg.norm}-LN")
 
 
-def test_encoder_vjp_gradients_match_cpu():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_encoder_vjp_gradients_match_cpu(dropout):
     rng = np.random.default_rng(3)
     params = _params(BERT, 3)
     B, T = 2, 6
@@ -101,23 +102,50 @@ def test_encoder_vjp_gradients_match_cpu():
     mask = np.ones((B, T), np.uint8)
     mask[1, 4:] = 0
     go = rng.standard_normal((B, T, BERT.d_model)).astype(np.float32)
+    types = rng.integers(0, 2, (B, T))
     flats = {}
     for d in ("cpu", "cuda"):
         flats[d] = FlatBuffers(BERT, params, d)
-        StepRunner(flats[d], B, T, loss="vjp").run_vjp(ids, go, mask, rng.integers(0, 2, (B, T)) * 0)
-    _grads_close(flats["cuda"], flats["cpu"], "BERT vjp")
+        StepRunner(flats[d], B, T, loss="vjp", dropout=dropout).run_vjp(ids, go, mask, types)
+    _grads_close(flats["cuda"], flats["cpu"], f"BERT vjp, dropout {dropout}")
 
 
-def test_marian_loss_and_grads_match_cpu(tmp_path):
+def test_marian_gradients_with_dropout_and_padding_match_cpu(tmp_path):
     from test_marian import PAD, make_marian
 
     _, d = make_marian(tmp_path)
-    rng = np.random.default_rng(4)
-    src = rng.integers(1, PAD, (2, 6))
-    labels = rng.integers(1, PAD, (2, 5))
-    out = {dev: nbformer.load(d, device=dev).loss_and_grads(src, labels) for dev in ("cpu", "cuda")}
+    m = nbformer.load(d, device="cpu")
+    cfg, rng = m.config, np.random.default_rng(5)
+    B, S, T = 2, 6, 5
+    src = rng.integers(1, PAD, (B, S))
+    smask = np.ones((B, S), np.uint8)
+    smask[1, 4:] = 0
+    dec = rng.integers(1, PAD, (B, T))
+    labels = rng.integers(1, PAD, (B, T))
+    labels[0, -1] = -100
+    flats = {}
+    for dev in ("cpu", "cuda"):
+        flats[dev] = FlatBuffers(cfg, m.ckpt.params, dev)
+        r = StepRunner(flats[dev], B, T, loss="lm", dropout=0.1, label_smoothing=0.1, S=S)
+        r.run_lm(dec, labels, seed=9, src_ids=src, src_mask=smask)
+    _grads_close(flats["cuda"], flats["cpu"], "Marian, dropout 0.1")
+
+
+def test_loss_and_grads_api_on_cuda_matches_cpu():
+    """Model.loss_and_grads on device='cuda': the same loss, gradients keyed by the same names."""
+    from nbformer.model import Model
+    from nbformer.weights import Checkpoint
+    from nbformer.weights.mapping import Rule
+
+    params = _params(GPT2, 6)
+    ckpt = Checkpoint(GPT2, params, [Rule(k, (k,)) for k in params], Path("tiny-gpt2"))
+    ids = np.random.default_rng(6).integers(0, GPT2.vocab_size, (2, 6))
+    mask = np.ones((2, 6), np.int64)
+    mask[0, :2] = 0
+    out = {dev: Model(ckpt, device=dev).loss_and_grads(ids, ids, attention_mask=mask) for dev in ("cpu", "cuda")}
     assert abs(out["cuda"][0] - out["cpu"][0]) <= 1e-5
-    _check_grads(out["cuda"][1], out["cpu"][1], "Marian")
+    assert set(out["cuda"][1]) == set(out["cpu"][1])
+    _check_grads(out["cuda"][1], out["cpu"][1], "loss_and_grads")
 
 
 # ---------------------------------------------------------------- the training loop
