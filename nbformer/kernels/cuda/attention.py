@@ -56,6 +56,7 @@ from numba import float32, int32
 from nbformer.errors import GraphError
 from nbformer.kernels.cpu.attention import attention_flops  # noqa: F401  (re-export, benchmark)
 from nbformer.kernels.cuda._jit import SIMULATOR, cuda, device_function, kernel  # noqa: F401
+from nbformer.kernels.cuda.rng import _GOLDEN, add64, mix64, mul64
 
 __all__ = ["attention_forward", "attention_flops", "TUNABLES", "CANDIDATES", "check_variant",
            "default_tiles", "get_variant", "SIMULATOR"]
@@ -75,23 +76,16 @@ _NEG_INF = np.float32(-np.inf)
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 
-# rng.py's SplitMix64 constants, as device constants
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31, _S40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
-_U1 = np.uint64(1)
 _INV24 = np.float32(1.0 / 16777216.0)
+_S40 = np.uint64(40)
 
 
 @device_function
 def _keep(seed, counter, p):
-    """rng.keep on the device: True keeps the element (probability 1 - p); seed uint64,
-    counter a non-negative int64, p float64 (compared in float64 like the CPU)."""
-    z = seed + (np.uint64(counter) + _U1) * _GOLDEN
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    z = z ^ (z >> _S31)
+    """rng.keep on the device (the SplitMix64 of cuda/rng.py): True keeps the element (probability
+    1 - p); seed uint64, counter a non-negative int64, p float64 (compared in float64 like the CPU
+    attention kernels do)."""
+    z = mix64(add64(seed, mul64(add64(np.uint64(counter), np.uint64(1)), _GOLDEN)))
     return np.float32(z >> _S40) * _INV24 >= p
 
 
