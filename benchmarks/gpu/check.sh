@@ -2,21 +2,24 @@
 # The whole GPU check of nbformer, as one script for one call of the device tool (see README.md here):
 #
 #   versions -> CUDA tests on the real GPU -> compute-sanitizer racecheck + memcheck on small
-#   attention / linear launches -> kernel benchmarks (bench_attention.py, bench_linear.py, when they
-#   exist) -> whole-model benchmarks (bench_models.py)
+#   attention / linear launches -> kernel benchmarks (bench_attention.py, bench_linear.py,
+#   bench_attention_backward.py, when they exist) -> whole-model benchmarks (bench_models.py) ->
+#   training benchmarks (bench_train.py)
 #
 # Every step runs under its own `timeout` and within an overall budget (CHECK_BUDGET_S, default
 # 480 s = 8 minutes), so one hang cannot eat the rest; a step that fails does not stop the others.
-# Output goes to "$OUT" (default /tmp/nbformer-gpu), four files:
+# Output goes to "$OUT" (default /tmp/nbformer-gpu), at most 8 files (the device tool's limit):
 #   check.log         versions, the tests, every step's output and the summary
 #   sanitize.log      racecheck and memcheck output, with their summaries
 #   gpu_results.md    the benchmark tables (markdown), versions first, the step summary last
-#   gpu_results.json  bench_models.py's results (bench_attention / bench_linear add theirs when
-#                     they take --json: bench_attention.json, bench_linear.json)
+#   gpu_results.json  bench_models.py's results
+#   bench_attention.json, bench_linear.json, bench_attention_backward.json, bench_train.json
+#                     the other benchmarks' results (the kernel ones when they take --json)
 #
 #   OUT=/tmp/out bash benchmarks/gpu/check.sh
 # Caps per step (seconds) may be overridden: CAP_TESTS CAP_RACECHECK CAP_MEMCHECK CAP_BENCH_ATTENTION
-# CAP_BENCH_LINEAR CAP_BENCH_ATTENTION_BACKWARD; MODELS_EXTRA (more bench_models.py options, e.g. "--only decode,prefill");
+# CAP_BENCH_LINEAR CAP_BENCH_ATTENTION_BACKWARD CAP_BENCH_TRAIN; MODELS_EXTRA (more bench_models.py options,
+# e.g. "--only decode,prefill"); TRAIN_EXTRA (more bench_train.py options, e.g. "--only gpt2,small");
 # PYTHON (default python3); NUMBA_CACHE_DIR (default a dir under /tmp shared by
 # every step, so kernels compiled by the tests are reused by the later steps).
 set -u -o pipefail
@@ -180,10 +183,19 @@ kernel_bench bench_attention "${CAP_BENCH_ATTENTION:-60}"
 kernel_bench bench_linear "${CAP_BENCH_LINEAR:-75}"
 kernel_bench bench_attention_backward "${CAP_BENCH_ATTENTION_BACKWARD:-45}"
 
-T_MODELS=$(( $(left) - 15 ))
+# bench_models gets what is left less bench_train's cap (or half of what is left, when that is less)
+CAP_TRAIN="${CAP_BENCH_TRAIN:-100}"
+L_MODELS=$(( $(left) - 15 )); R_TRAIN=$CAP_TRAIN; (( R_TRAIN > L_MODELS / 2 )) && (( L_MODELS - R_TRAIN < 90 )) && R_TRAIN=$(( L_MODELS / 2 ))
+T_MODELS=$(( L_MODELS - R_TRAIN ))
 run_step "bench_models" "$T_MODELS" "$LOG" \
     "$PY" benchmarks/gpu/bench_models.py --json "$JSON" --md "$MD" --budget "$(( T_MODELS - 10 ))" \
     ${MODELS_ARGS[@]+"${MODELS_ARGS[@]}"} ${MODELS_EXTRA:-}
+
+# training: GPT-2 124M and bench_train.py's small step vs torch, train --device cuda vs cpu
+T_TRAIN=$(( $(left) - 10 )); (( CAP_TRAIN < T_TRAIN )) && T_TRAIN=$CAP_TRAIN
+run_step "bench_train" "$T_TRAIN" "$LOG" \
+    "$PY" benchmarks/gpu/bench_train.py --json "$OUT/bench_train.json" --md "$MD" --budget "$(( T_TRAIN - 8 ))" \
+    ${MODELS_ARGS[@]+"${MODELS_ARGS[@]}"} ${TRAIN_EXTRA:-}
 
 # ------------------------------------------------------------------ summary
 {
