@@ -44,3 +44,10 @@ def device_option(fn):
     """--device / -d for the commands that run a model."""
     return click.option("--device", "-d", "device", default=None, metavar="DEVICE",
                         help="cpu, cuda or cuda:N (default: $NBFORMER_DEVICE, else cpu); see `nbformer devices`")(fn)
+
+
+def no_compile_progress():
+    """--json output: no 'compiling kernels' progress line on stderr (a first run stays silent)."""
+    from nbformer.kernels.cpu import precompile
+
+    precompile.PROGRESS = False

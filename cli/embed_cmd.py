@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import device_option, friendly
+from .common import device_option, friendly, no_compile_progress
 
 
 @click.command()
@@ -22,6 +22,8 @@ from .common import device_option, friendly
 @friendly
 def embed(texts, model_path, text_file, as_json, no_normalize, batch_size, device):
     """Embed TEXTS (sentence embeddings, sentence-transformers semantics)."""
+    if as_json:
+        no_compile_progress()
     from nbformer.errors import InputError
 
     texts = list(texts)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import device_option, friendly
+from .common import device_option, friendly, no_compile_progress
 
 
 @click.command()
@@ -46,6 +46,8 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, repe
 
     With an encoder-decoder model PROMPT is the source and the output its translation, as in
     `nbformer translate`."""
+    if as_json:
+        no_compile_progress()
     import nbformer
     from nbformer.errors import InputError
 
@@ -273,6 +275,8 @@ def _timing(results):
 def translate(texts, model_path, input_file, num_beams, length_penalty, num_return, max_new_tokens,
               repetition_penalty, no_repeat_ngram_size, truncate, batch_size, as_json, verbose, device):
     """Translate TEXTS (and the lines of --input) with an encoder-decoder model (Marian)."""
+    if as_json:
+        no_compile_progress()
     import nbformer
     import nbformer.defaults
     from nbformer.errors import InputError

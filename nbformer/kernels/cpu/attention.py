@@ -26,6 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nbformer.errors import GraphError
+from nbformer.kernels.cpu.precompile import (BOOL, F1, F3, F32, F64, I64, RA3, RU2, U64, entry_point, kernel,
+                                             native_address, native_caller)
 from nbformer.kernels.cpu.rng import keep
 
 _LOG2E = 1.4426950408889634
@@ -197,7 +199,7 @@ _blk_1x8 = _block_intrinsic(1, 1, 8)
 _blk_1x1 = _block_intrinsic(1, 1, 1)
 
 
-@njit(cache=True)
+@njit  # (no cache=True: _attention_item is cached, with this code linked in)
 def _rank_update(C, c_off, ldc, M, N, A, a_off, a_t, a_r, Bm, b_off, ldb, nt, accumulate):
     """C[c_off + r*ldc + c] (+)= sum_{t<nt} A[a_off + t*a_t + r*a_r] * B[b_off + t*ldb + c]
     for r < M, c < N. C, A, B are float32 arrays of any shape/layout; offsets and strides are
@@ -282,9 +284,16 @@ _KC = 64  # P @ V: keys per chunk, so that the V chunk stays in L1 ...
 _QC = 48  # ... across query stripes of this many rows (a multiple of the 6-row micro-tile)
 
 
+# The work item is its own cached kernel, called by the core through its native address
+# (precompile.native_caller), not linked into it: its code is then compiled once, in parallel with
+# the core, instead of once more in the core's parallel loop and once more in the core itself.
+_ITEM_SIG = (F3, F3, RA3, I64, RA3, I64, I64, RU2, I64, I64, BOOL, I64, I64, I64, F32) + (F1,) * 9 + (F64, U64, I64)
+_call_item = native_caller(_ITEM_SIG)
+
+
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
 def _attention_forward_core(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS,
-                            causal, scale, bq, bk, n_threads, p_drop, seed):
+                            causal, scale, bq, bk, n_threads, p_drop, seed, group, item_fn):
     B = q_buf.shape[0]
     Tq = q_buf.shape[1]
     nqt = (Tq + bq - 1) // bq
@@ -311,15 +320,17 @@ def _attention_forward_core(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_ma
             item = _fetch_add(counter, 0)
             if item >= n_items:
                 break
-            _attention_item(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS,
-                            causal, bq, bk, item, qscale, qt, st, vs, acc, m, l, ma, mb, alpha,
-                            p_drop, seed)
+            _call_item(item_fn, (out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS,
+                                 causal, bq, bk, item, qscale, qt, st, vs, acc, m, l, ma, mb, alpha,
+                                 p_drop, seed, group))
 
 
+@kernel(_ITEM_SIG, cost=6.0)
 @njit(cache=True, fastmath=_FASTMATH)
 def _attention_item(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, causal, bq,
-                    bk, item, qscale, qt, st, vs, acc, m, l, ma, mb, alpha, p_drop, seed):
-    """One (batch, head, query tile) work item; items are numbered heaviest-first for causal."""
+                    bk, item, qscale, qt, st, vs, acc, m, l, ma, mb, alpha, p_drop, seed, group):
+    """One (batch, head, query tile) work item; items are numbered heaviest-first for causal.
+    group: query heads per key/value head (grouped-query attention; 1 = one kv head per head)."""
     B = q_buf.shape[0]
     Tq = q_buf.shape[1]
     Tk = kv_buf.shape[1]
@@ -349,8 +360,8 @@ def _attention_item(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, 
     j_end = Tk
     if causal:
         j_end = min(Tk, i0 + nq + shift)
-    k_base = b * kv_s0 + k_off + h * HS
-    v_base = b * kv_s0 + v_off + h * HS
+    hk = h // group  # the key/value head of query head h
+    k_base = b * kv_s0 + k_off + hk * HS
     for j0 in range(0, max(j_end, 0), bk):
         nk = min(bk, j_end - j0)
         n_valid = 0
@@ -425,7 +436,7 @@ def _attention_item(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, 
                     arow[d] *= a
         # V tile to contiguous scratch: strided rows alias in L1 when streamed repeatedly
         for j in range(nk):
-            vrow = kv_buf[b, j0 + j, v_off + h * HS:v_off + (h + 1) * HS]
+            vrow = kv_buf[b, j0 + j, v_off + hk * HS:v_off + (hk + 1) * HS]
             for d in range(HS):
                 vs[j * HS + d] = vrow[d]
         # acc (nq, HS) += P (nq, nk) @ V_tile (nk, HS), in L1-sized (keys x query-stripe) chunks
@@ -474,7 +485,8 @@ def _addressable(kv):
 
 
 def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_heads, head_size,
-                      causal, scale, block_q=256, block_k=256, dropout_p=0.0, seed=0, key_len=None):
+                      causal, scale, block_q=256, block_k=256, dropout_p=0.0, seed=0, key_len=None,
+                      n_kv_heads=None):
     """Scaled dot-product attention forward, FlashAttention-2 style, into out and lse.
 
     out (B, Tq, NH*HS) float32 C-contiguous, written fully; lse (B, NH, Tq) float32, written:
@@ -487,10 +499,15 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
     of the undropped scores. key_len: attend to the first key_len keys only (a KV-cache prefix;
     default all of kv_buf). block_q/block_k are the tile sizes (see benchmarks/bench_attention.py
     --sweep). Scratch per thread ~ 4*((bq + 8)*(bk + HS) + (bq + bk)*HS) bytes, whatever T.
+    n_kv_heads: grouped-query attention, NKV key/value heads (dividing NH) at k_off/v_off + g*HS;
+    query head h reads kv head h // (NH // NKV). None = NH (one kv head per query head).
     """
     NH, HS = int(n_heads), int(head_size)
     if NH < 1 or HS < 1:
         raise GraphError(f"attention_forward: n_heads and head_size must be >= 1, got {NH}, {HS}")
+    NKV = NH if n_kv_heads is None else int(n_kv_heads)
+    if NKV < 1 or NH % NKV:
+        raise GraphError(f"attention_forward: n_kv_heads = {NKV} must be >= 1 and divide n_heads = {NH}")
     bq, bk = int(block_q), int(block_k)
     if bq < 1 or bk < 1:
         raise GraphError(f"attention_forward: block_q and block_k must be >= 1, got {bq}, {bk}")
@@ -513,8 +530,8 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
         raise GraphError(f"attention_forward: q_buf width {Wq} cannot hold {NH} heads x {HS} "
                          f"at offset q_off={q_off}")
     for name, off in (("k_off", k_off), ("v_off", v_off)):
-        if off < 0 or off + C > Wkv:
-            raise GraphError(f"attention_forward: kv_buf width {Wkv} cannot hold {NH} heads x "
+        if off < 0 or off + NKV * HS > Wkv:
+            raise GraphError(f"attention_forward: kv_buf width {Wkv} cannot hold {NKV} heads x "
                              f"{HS} at offset {name}={off}")
     if out.shape != (B, Tq, C) or not out.flags.c_contiguous:
         raise GraphError(f"attention_forward: out must be C-contiguous {(B, Tq, C)}, got "
@@ -542,7 +559,7 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
         raise GraphError(f"attention_forward: dropout_p must be in [0, 1), got {dropout_p}")
     _core_entry()(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, bool(causal),
                   float(scale), bq, bk, numba.get_num_threads(), float(dropout_p),
-                  np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
+                  np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), NH // NKV, native_address("attention._attention_item"))
 
 
 _CORE = []
@@ -555,11 +572,17 @@ def _core_entry():
     and ranks (and made everything aligned), q/kv/mask are only read, so calling the compiled
     entry point directly is safe; out/lse are checked C-contiguous, aligned and writeable."""
     if not _CORE:
-        f32_3c = types.Array(types.float32, 3, "C")
-        ro_3a = types.Array(types.float32, 3, "A", readonly=True)
-        sig = (f32_3c, f32_3c, ro_3a, types.int64, ro_3a, types.int64, types.int64,
-               types.Array(types.uint8, 2, "C", readonly=True), types.int64, types.int64,
-               types.boolean, types.float64, types.int64, types.int64, types.int64, types.float64,
-               types.uint64)
-        _CORE.append(_attention_forward_core.compile(sig))
+        _CORE.append(entry_point("attention._attention_forward_core"))  # (its signature: _core_sig())
     return _CORE[0]
+
+
+def _core_sig():
+    f32_3c = types.Array(types.float32, 3, "C")
+    ro_3a = types.Array(types.float32, 3, "A", readonly=True)
+    return (f32_3c, f32_3c, ro_3a, types.int64, ro_3a, types.int64, types.int64,
+            types.Array(types.uint8, 2, "C", readonly=True), types.int64, types.int64,
+            types.boolean, types.float64, types.int64, types.int64, types.int64, types.float64,
+            types.uint64, types.int64, types.int64)
+
+
+kernel(_core_sig(), cost=3.0)(_attention_forward_core)  # so that precompile.py compiles it ahead

@@ -5,11 +5,13 @@ import numpy as np
 from numba import njit, prange, uint64
 
 from ...errors import GraphError
+from .precompile import F1, F32, R1, U64, kernel
 from .rng import keep
 
 _U64 = 1 << 64
 
 
+@kernel((F1, R1, F32, F32, U64, U64), cost=0.8)
 @njit(parallel=True, cache=True)
 def _dropout(out, x, p, scale, seed, offset):
     # out, x (n,) flat; out may alias x

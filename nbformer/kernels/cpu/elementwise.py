@@ -1,7 +1,10 @@
 """Small data-movement kernels of the residual stream."""
 from numba import njit, prange
 
+from .precompile import F1, F2, I64, R1, R3, RI1, kernel
 
+
+@kernel((F1, R1, R1), cost=0.9)
 @njit(parallel=True, cache=True)
 def _add_forward(out, a, b):
     N = out.shape[0]
@@ -14,6 +17,7 @@ def add_forward(out, a, b):
     _add_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
 
 
+@kernel((F2, R3, RI1), cost=1.1)
 @njit(parallel=True, cache=True)
 def _take_rows(out, x, idx):
     # out (B, C) = x[b, idx[b], :], x (B, T, C)

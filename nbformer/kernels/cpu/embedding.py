@@ -3,9 +3,11 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
+from .precompile import BOOL, F2, F3, F32, F64, I64, R2, RI1, RI2, kernel
 from ...weights.positions import position_table, sinusoidal_table  # noqa: F401  (host tables, re-exported)
 
 
+@kernel((F3, RI2, RI2, RI2, R2, R2, R2, F32, BOOL, BOOL), cost=1.3)
 @njit(parallel=True, cache=True)
 def _embedding_forward(out, ids, pos_ids, type_ids, wte, wpe, wtt, scale, use_pos, use_type):
     # out (B, T, C); ids/pos_ids/type_ids (B, T) int64, already range-checked by the launcher
@@ -53,6 +55,7 @@ def embedding_forward(out, ids, wte, pos_ids=None, wpe=None, type_ids=None, wtt=
 COLS_PER_ITEM = 128  # work item = (distinct id, block of columns): parallel even for tiny tables
 
 
+@kernel((F2, R2, RI1, RI1, RI1, F64, I64), cost=2.3)
 @njit(parallel=True, cache=True)
 def _embedding_backward_table(dtab, dout, order, starts, uniq, scale, cb):
     # dtab (V, C) written; dout (N, C); order (N,) positions sorted by id (stable);

@@ -20,6 +20,8 @@ import threading
 import numpy as np
 from numba import njit, prange
 
+from .precompile import F2, R2, kernel
+
 _lock = threading.Lock()
 _blas_pinned = False
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
@@ -64,6 +66,17 @@ def by_rows(N, M):
     return N >= 2 * ROWS or M <= COLS
 
 
+@njit(inline="always")
+def _copy_cols(a, m0, m1):
+    # np.ascontiguousarray(a[:, m0:m1]), as plain loops
+    c = np.empty((a.shape[0], m1 - m0), np.float32)
+    for i in range(a.shape[0]):
+        for j in range(m1 - m0):
+            c[i, j] = a[i, m0 + j]
+    return c
+
+
+@kernel((F2, R2, R2), cost=3.5)
 @njit(parallel=True, cache=True, nogil=True)
 def matmul_nn(out, a, b):
     """out (N, M) = a (N, K) @ b (K, M)."""
@@ -77,12 +90,15 @@ def matmul_nn(out, a, b):
         for c in prange((M + COLS - 1) // COLS):
             m0 = c * COLS
             m1 = min(M, m0 + COLS)
-            bc = np.ascontiguousarray(b[:, m0:m1])
-            tmp = np.empty((N, m1 - m0), np.float32)
+            bc = _copy_cols(b, m0, m1)  # (plain loops here and below: Numba's generic array copy and
+            tmp = np.empty((N, m1 - m0), np.float32)  # slice assignment compile slowly)
             np.dot(a, bc, tmp)
-            out[:, m0:m1] = tmp
+            for i in range(N):
+                for j in range(m1 - m0):
+                    out[i, m0 + j] = tmp[i, j]
 
 
+@kernel((F2, R2, R2), cost=2.4)
 @njit(parallel=True, cache=True, nogil=True)
 def matmul_tn(out, a, b):
     """out (M, K) = a (N, M).T @ b (N, K): the weight gradient g.T @ x, split over rows of out."""

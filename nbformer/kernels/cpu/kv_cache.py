@@ -7,8 +7,10 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
+from .precompile import F3, I64, R3, RI1, kernel
 
 
+@kernel((F3, R3, I64, I64), cost=1.0)
 @njit(parallel=True, cache=True, nogil=True)
 def _kv_write(cache, qkv, offset, pos):
     # cache (B, Tmax, 2C) <- qkv (B, Tq, W)[:, :, offset:offset + 2C] at rows [pos, pos + Tq)
@@ -36,6 +38,7 @@ def kv_write(cache, qkv, offset, pos):
     _kv_write(cache, qkv, offset, pos)
 
 
+@kernel((F3, R3, RI1, I64), cost=1.3)
 @njit(parallel=True, cache=True, nogil=True)
 def _gather_rows(dst, src, rows, length):
     # dst (B, Tmax, W)[b, :length] = src[rows[b], :length]

@@ -5,12 +5,14 @@ import numpy as np
 from numba import njit, prange
 
 from .checks import check_array as _check
+from .precompile import F1, F2, F64, I64, R1, R2, kernel
 
 
 # safe fastmath subset (no nnan/ninf): the float64 row sums may be reassociated, so they vectorise
 _FM = {"contract", "afn", "reassoc", "nsz", "arcp"}
 
 
+@kernel((F2, F1, F1, R2, R1, R1, F64), cost=1.4)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _layernorm_forward(out, mean, rstd, x, w, b, eps):
     # x, out (N, C); mean, rstd (N,); row statistics accumulated in float64
@@ -43,6 +45,7 @@ def layernorm_forward(out, mean, rstd, x, w, b, eps):
 ROWS_PER_CHUNK = 64  # fixed row chunk for the dw/db partial sums: never depends on the thread count
 
 
+@kernel((F2, F1, F1, R2, R2, R1, R1, R1, I64), cost=3.6)
 @njit(parallel=True, cache=True)
 def _layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows):
     # x, dout, dx (N, C); w, dw, db (C,); mean, rstd (N,) from the forward

@@ -15,6 +15,7 @@ from ...errors import GraphError
 from .checks import check_array as _check
 from .attention import _exp2
 from .gemm import COLS, ROWS, by_rows, matmul_nn, matmul_tn, pin_blas_to_one_thread
+from .precompile import BOOL, F1, F2, F64, I64, R1, R2, array, kernel, native_address, native_caller
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
 ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "silu": ACT_SILU}
@@ -135,7 +136,12 @@ def _act_row(o, row, res, m0, n, act, use_residual, copy):
             o[m0 + j] = row[j]
 
 
-@njit(inline="always", fastmath=_FM)
+# The epilogue is an ordinary (not IR-inlined) function called from the parallel loops: Numba then
+# types and lowers it once instead of copying its IR, with every activation's inlined body, into
+# both prange bodies (that halved this kernel's compile time); LLVM still inlines it into the
+# parallel loop bodies, where the arrays are known not to alias (as fast as the inlined original;
+# called instead through a native address, like attention's work item, it ran 10-20 % slower).
+@njit(fastmath=_FM, error_model="numpy")
 def _epilogue_row(out, pre, src, i, r, m0, m1, b, act, residual, use_bias, use_residual, keep_pre, src_kind):
     # out[i, m0:m1] = act(src[r, :] + b) (+ residual[i]); src[r] is this row's GEMM result
     n = m1 - m0
@@ -184,6 +190,7 @@ def _skinny_block(tmp, x, w, m0, m1):
 
 # error_model numpy: division without Python's zero check, and the safe fastmath subset: the
 # epilogue loops then vectorise (GELU 8x faster than with libm calls and checked division)
+@kernel((F2, F2, R2, R2, R1, I64, R2, BOOL, BOOL, BOOL), cost=9.0)
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)
 def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_pre):
     # out, pre, residual (N, M); x (N, K); w (M, K). One GEMM block per thread, epilogue right after.
@@ -273,39 +280,57 @@ def _gelu_erf_grad_f32(v):
     return cdf + v * _exp2(-_F_HALF * v * v * _F_LOG2E) * _F_INV_SQRT_2PI
 
 
+_BACKWARD_ROWS_SIG = (array(F64, 1), R2, R2, F2, I64, BOOL, I64, I64)
+
+
+@kernel(_BACKWARD_ROWS_SIG, cost=1.9)
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _backward_rows(pk, dout, pre, g, act, use_db, r0, r1):
+    # rows [r0, r1) of g = dout * act'(pre), their column sums added to pk (float64)
+    M = dout.shape[1]
+    for i in range(r0, r1):
+        d, gi = dout[i], g[i]
+        if act == ACT_GELU_TANH:
+            pi = pre[i]
+            for j in range(M):
+                gi[j] = d[j] * _gelu_tanh_grad_f32(pi[j])
+        elif act == ACT_GELU:
+            pi = pre[i]
+            for j in range(M):
+                gi[j] = d[j] * _gelu_erf_grad_f32(pi[j])
+        elif act == ACT_SILU:
+            pi = pre[i]
+            for j in range(M):
+                # d/dv v s(v) = s (1 + v (1 - s))
+                sg = _sigmoid_f32(pi[j])
+                gi[j] = d[j] * (sg * (_F_ONE + pi[j] * (_F_ONE - sg)))
+        elif act == ACT_RELU:
+            pi = pre[i]
+            for j in range(M):
+                gi[j] = d[j] if pi[j] > 0 else np.float32(0.0)
+        if use_db:
+            src = gi if act != ACT_NONE else d
+            for j in range(M):
+                pk[j] += src[j]
+
+
+_call_backward_rows = native_caller(_BACKWARD_ROWS_SIG)
+
+
+@kernel((F1, R2, R2, F2, I64, BOOL, I64, I64), cost=2.4)
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)
-def _linear_backward_elementwise(db, dout, pre, g, act, use_db, rows):
+def _linear_backward_elementwise(db, dout, pre, g, act, use_db, rows, backward_rows):
     # dout, pre, g (N, M); db (M,). g = dout * act'(pre); db = column sums of g over fixed row
     # chunks (float64 partials), reduced in a fixed order: deterministic for any thread count.
+    # The chunk body is its own cached kernel, called through its native address (backward_rows),
+    # as _linear_fwd calls its epilogue.
     N, M = dout.shape
     nchunk = (N + rows - 1) // rows
-    part = np.zeros((nchunk if use_db else 0, M))
+    part = np.zeros((nchunk if use_db else 1, M))  # (one unused row without db)
     for k in prange(nchunk):
-        for i in range(k * rows, min(N, (k + 1) * rows)):
-            d, gi = dout[i], g[i]
-            if act == ACT_GELU_TANH:
-                pi = pre[i]
-                for j in range(M):
-                    gi[j] = d[j] * _gelu_tanh_grad_f32(pi[j])
-            elif act == ACT_GELU:
-                pi = pre[i]
-                for j in range(M):
-                    gi[j] = d[j] * _gelu_erf_grad_f32(pi[j])
-            elif act == ACT_SILU:
-                pi = pre[i]
-                for j in range(M):
-                    # d/dv v s(v) = s (1 + v (1 - s))
-                    sg = _sigmoid_f32(pi[j])
-                    gi[j] = d[j] * (sg * (_F_ONE + pi[j] * (_F_ONE - sg)))
-            elif act == ACT_RELU:
-                pi = pre[i]
-                for j in range(M):
-                    gi[j] = d[j] if pi[j] > 0 else np.float32(0.0)
-            if use_db:
-                src = gi if act != ACT_NONE else d
-                pk = part[k]
-                for j in range(M):
-                    pk[j] += src[j]
+        row = np.int64(k) if use_db else np.int64(0)  # (k is unsigned in a prange)
+        r0 = np.int64(k) * rows
+        _call_backward_rows(backward_rows, (part[row], dout, pre, g, act, use_db, r0, min(N, r0 + rows)))
     if use_db:
         for j in prange(M):
             s = 0.0
@@ -387,7 +412,8 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
     else:
         g2 = pre2 = dout2
     if code != ACT_NONE or use_db:
-        _linear_backward_elementwise(db if use_db else w[0], dout2, pre2, g2, code, use_db, ROWS_PER_CHUNK)
+        _linear_backward_elementwise(db if use_db else w[0], dout2, pre2, g2, code, use_db, ROWS_PER_CHUNK,
+                                     native_address("linear._backward_rows"))
     pin_blas_to_one_thread()
     if use_dx:
         matmul_nn(dx.reshape(-1, K), g2, w)  # (N, M) @ (M, K)

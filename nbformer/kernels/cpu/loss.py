@@ -14,12 +14,14 @@ from numba import njit, prange
 from ...errors import GraphError
 from .attention import _exp2
 from .checks import check_array as _check
+from .precompile import BOOL, F1, F2, F64, I64, R1, R2, RI1, kernel
 
 
 _FM = {"contract", "afn", "reassoc", "nsz", "arcp"}  # no nnan/ninf: -inf logits stay meaningful
 _LOG2E = np.float32(1.4426950408889634)
 
 
+@kernel((F1, F1, R2, RI1, F64, I64), cost=1.5)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _cross_entropy_forward(losses, lse, logits, targets, eps, ignore_index):
     # logits (N, V); targets (N,) int64, range-checked by the launcher; losses, lse (N,).
@@ -50,6 +52,7 @@ def _cross_entropy_forward(losses, lse, logits, targets, eps, ignore_index):
             losses[i] = loss
 
 
+@kernel((F2, R2, R1, RI1, F64, I64, F64, R1, BOOL), cost=1.6)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _cross_entropy_backward(dlogits, logits, lse, targets, eps, ignore_index, dscale, drow, use_row):
     # dlogits may alias logits: each element is read before it is written
@@ -71,6 +74,7 @@ def _cross_entropy_backward(dlogits, logits, lse, targets, eps, ignore_index, ds
             out[t] = d * (_exp2((xt - l) * _LOG2E) - smooth - np.float32(1.0 - eps))
 
 
+@kernel((R1, RI1, I64), cost=0.5)
 @njit(cache=True)
 def _masked_mean(losses, targets, ignore_index):
     s = 0.0

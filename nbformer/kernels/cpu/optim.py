@@ -12,10 +12,12 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError, InputError
+from .precompile import BOOL, F1, F32, I64, R1, kernel
 
 NORM_CHUNK = 1 << 16  # fixed chunk for the norm's float64 partial sums: never depends on thread count
 
 
+@kernel((F1, R1, F1, F1) + (F32,) * 8 + (BOOL, BOOL), cost=1.3)
 @njit(parallel=True, cache=True)
 def _adam_step(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
                wd, decay, l2, use_decay):
@@ -39,6 +41,7 @@ def _adam_step(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, ep
         v[i] = vi
 
 
+@kernel((R1, I64), cost=1.35)
 @njit(parallel=True, cache=True)
 def _sumsq(x, chunk):
     n = x.shape[0]
@@ -56,6 +59,7 @@ def _sumsq(x, chunk):
     return total
 
 
+@kernel((F1, F32), cost=0.8)
 @njit(parallel=True, cache=True)
 def _scale(x, factor):
     for i in prange(x.shape[0]):

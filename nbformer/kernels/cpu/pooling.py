@@ -4,9 +4,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .precompile import F2, I64, R3, RU2, kernel
+
 MODES = {"mean": 0, "cls": 1, "max": 2, "mean_sqrt_len": 3, "lasttoken": 4}
 
 
+@kernel((F2, R3, RU2, I64), cost=1.5)
 @njit(parallel=True, cache=True)
 def _pool(out, x, mask, mode):
     # out (B, C); x (B, T, C); mask (B, T) u8 with 1 = real token
@@ -38,6 +41,7 @@ def _pool(out, x, mask, mode):
                 out[b, c] = s / d
 
 
+@kernel((F2,), cost=1.0)
 @njit(parallel=True, cache=True)
 def _l2_normalize(x):
     # x (N, C) in place; torch.nn.functional.normalize semantics (eps 1e-12)

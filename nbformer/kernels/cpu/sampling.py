@@ -8,7 +8,62 @@ import math
 import numpy as np
 from numba import njit
 
+from .precompile import F64, I64, R1, kernel
 
+
+@njit(inline="always")
+def _lt(a, b):
+    # numpy's sort order for floats: NaN after everything
+    return a < b or (b != b and a == a)
+
+
+@njit
+def _argsort_stable(key):
+    """np.argsort(key, kind="mergesort"): the same permutation (a stable sort with numpy's order),
+    as a bottom-up merge sort over insertion-sorted runs of 16; Numba's own argsort compiled for
+    longer than the rest of this kernel."""
+    n = key.shape[0]
+    idx = np.arange(n)
+    run = 16
+    for lo in range(0, n, run):
+        hi = min(lo + run, n)
+        for i in range(lo + 1, hi):
+            v = idx[i]
+            kv = key[v]
+            j = i - 1
+            while j >= lo and _lt(kv, key[idx[j]]):
+                idx[j + 1] = idx[j]
+                j -= 1
+            idx[j + 1] = v
+    tmp = np.empty(n, np.int64)
+    width = run
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if _lt(key[idx[j]], key[idx[i]]):  # strictly smaller from the right: stable
+                    tmp[k] = idx[j]
+                    j += 1
+                else:
+                    tmp[k] = idx[i]
+                    i += 1
+                k += 1
+            while i < mid:
+                tmp[k] = idx[i]
+                i += 1
+                k += 1
+            while j < hi:
+                tmp[k] = idx[j]
+                j += 1
+                k += 1
+        idx, tmp = tmp, idx
+        width *= 2
+    return idx
+
+
+@kernel((R1, F64, I64, F64, F64), cost=1.8)
 @njit(cache=True)
 def _sample(logits, temperature, top_k, top_p, u):
     # logits (V,) float32. HF order: temperature -> top-k -> top-p -> draw.
@@ -22,7 +77,7 @@ def _sample(logits, temperature, top_k, top_p, u):
     scaled = np.empty(V, dtype=np.float64)
     for j in range(V):
         scaled[j] = logits[j] / temperature
-    order = np.argsort(-scaled, kind="mergesort")  # stable: ties keep the lower id first
+    order = _argsort_stable(-scaled)  # stable: ties keep the lower id first
     k = V if top_k <= 0 or top_k > V else top_k
     m = scaled[order[0]]
     probs = np.empty(k, dtype=np.float64)

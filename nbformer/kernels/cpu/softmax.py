@@ -4,7 +4,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .precompile import BOOL, F2, R2, kernel
 
+
+@kernel((F2, R2, BOOL), cost=1.0)
 @njit(parallel=True, cache=True)
 def _softmax_forward(out, x, log):
     # x, out (N, V); rows of all -inf give NaN like torch does

@@ -1,0 +1,194 @@
+"""nbformer/kernels/cpu/precompile.py: the first run compiles the kernels it needs in parallel
+worker processes into Numba's on-disk cache, says so once on stderr, and later runs find
+everything in that cache; every kernel the graphs run is declared, with one signature.
+
+The first two tests start from an empty NUMBA_CACHE_DIR, so they compile the generation kernels
+once (tens of seconds on 2 cores); the coverage test uses whatever cache the tree has.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRESS = "compiling kernels for this CPU (first run only)"
+GEN = ["generate", "And God said", "-n", "3", "--temperature", "0.8", "--top-k", "40", "--seed", "1"]
+
+# the CLI in-process, then what Numba's cache did for the declared kernels (on stderr's last line)
+_RUN_AND_COUNT = r"""
+import json, sys
+from cli.main import main
+from nbformer.kernels.cpu import precompile as P
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    hits = sum(sum(k.disp._cache_hits.values()) for k in P._KERNELS.values())
+    misses = sum(sum(k.disp._cache_misses.values()) for k in P._KERNELS.values())
+    sys.stderr.write("\nCACHE " + json.dumps({"hits": hits, "misses": misses, "unplanned": len(P.unplanned)}) + "\n")
+"""
+
+
+def _env(cache_dir=None, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "NBFORMER_PROGRESS")}
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def _run(args, cache_dir, code=None, **extra):
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "cli.main", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(cache_dir, **extra), capture_output=True, timeout=1800)
+    # decoded by hand: text mode would turn the progress line's carriage returns into newlines
+    r.stdout, r.stderr = r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _progress_lines(stderr):
+    return [ln for ln in stderr.split("\n") if PROGRESS in ln]
+
+
+def _cache_report(stderr):
+    return json.loads(stderr.strip().splitlines()[-1].split("CACHE ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def cold_run(tmp_path_factory):
+    """`nbformer generate` once on an empty NUMBA_CACHE_DIR, with the progress line asked for."""
+    cache = tmp_path_factory.mktemp("numba-cache")
+    r = _run(GEN, cache, NBFORMER_PROGRESS="1")
+    return cache, r
+
+
+def test_first_run_says_it_compiles_once_and_the_second_run_finds_the_cache(cold_run):
+    cache, first = cold_run
+    lines = _progress_lines(first.stderr)
+    assert len(lines) == 1, first.stderr  # one line, updated in place with \r
+    states = re.findall(r"(\d+)/(\d+)", lines[0])
+    assert states and states[-1][0] == states[-1][1] and int(states[-1][1]) >= 5, lines[0]
+    assert len(states) > 2  # it showed progress, not just the start and the end
+    assert first.stdout.startswith("And God said") and len(first.stdout) > len("And God said\n")
+    assert list(Path(cache).rglob("*.nbi")), "the workers wrote no cache index into NUMBA_CACHE_DIR"
+
+    # the same command again: silent, and every kernel it runs comes from the workers' cache
+    second = _run(GEN, cache, code=_RUN_AND_COUNT, NBFORMER_PROGRESS="1")
+    assert not _progress_lines(second.stderr), second.stderr
+    report = _cache_report(second.stderr)
+    assert report["hits"] > 0 and report["misses"] == 0 and report["unplanned"] == 0, report
+    assert second.stdout == first.stdout  # same seed, same text
+
+
+def _drop_from_cache(cache, key):
+    gone = [p for p in Path(cache).rglob(f"*{key}-*") if p.suffix in (".nbi", ".nbc")]
+    assert gone, f"no cache files of {key} in {cache}"
+    for p in gone:
+        p.unlink()
+
+
+def test_json_output_prints_no_progress(cold_run):
+    cache, _ = cold_run
+    _drop_from_cache(cache, "elementwise._take_rows")  # one kernel to compile again
+    r = _run(GEN, cache, NBFORMER_PROGRESS="1")
+    assert [ln.rsplit("\r", 1)[-1].split(" in ")[0] for ln in _progress_lines(r.stderr)] == [f"{PROGRESS} 1/1"], r.stderr
+    _drop_from_cache(cache, "elementwise._take_rows")
+    r = _run(GEN + ["--json"], cache, NBFORMER_PROGRESS="1")
+    assert not _progress_lines(r.stderr), r.stderr
+    assert json.loads(r.stdout)["text"].startswith("And God said")
+
+
+def test_warm_cache_prints_nothing_even_on_a_terminal_request(cold_run):
+    cache, _ = cold_run
+    r = _run(GEN, cache, NBFORMER_PROGRESS="1")
+    assert r.stderr == "", r.stderr
+
+
+# every graph family the CLI runs: which kernels ran, which ensure_compiled listed before they ran
+_COVERAGE = r"""
+import importlib, json, pkgutil, sys, tempfile
+import numpy as np
+from numba.core.registry import CPUDispatcher
+import nbformer
+import nbformer.kernels.cpu as cpu_pkg
+from nbformer.kernels.cpu import precompile as P
+
+requested = set()
+_orig = P.kernels_for
+def _spy(graph):
+    keys = _orig(graph)
+    requested.update(keys)
+    return keys
+P.kernels_for = _spy
+
+m = nbformer.load("weights/kjv-gpt")
+ids = np.array([m.tokenizer.encode("And God said unto Moses")], dtype=np.int64)
+m.forward(ids)
+m.generate("And God said", max_new_tokens=3)
+m.generate("And God said", max_new_tokens=3, temperature=0.8, top_k=40, top_p=0.9, seed=1)
+m.generate(["And God said", "In the beginning"], max_new_tokens=3, num_beams=2)
+m.loss_and_grads(ids, labels=ids, label_smoothing=0.1)
+
+from nbformer.training.data import TokenData
+from nbformer.training.trainer import TrainOptions, Trainer, init_params
+cfg = m.config
+data = TokenData(np.resize(np.arange(50, dtype=np.int64), 4000), eval_fraction=0.1)
+opts = TrainOptions(batch_size=2, seq_len=16, steps=1, dropout=0.1, label_smoothing=0.1, eval_every=1, save_every=100)
+tr = Trainer(cfg, init_params(cfg, seed=0), data, opts, tempfile.mkdtemp(), "{}", progress=False)
+tr.train_step()
+tr.evaluate()
+
+mt = nbformer.load("weights/dates-transformer")
+mt.generate(["Thursday, March 7, 2024"])
+mt.generate(["Thursday, March 7, 2024", "7.3.1987"], num_beams=2)
+
+from nbformer.defaults import default_embedder_path
+try:
+    emb = nbformer.Embedder(default_embedder_path())
+except nbformer.NbformerError:
+    emb = None
+if emb is not None:
+    emb.encode(["hello", "a longer second sentence"])
+
+ran = {}
+for info in pkgutil.iter_modules(cpu_pkg.__path__):
+    mod = sys.modules.get(f"nbformer.kernels.cpu.{info.name}")
+    for v in vars(mod).values() if mod else ():
+        if isinstance(v, CPUDispatcher) and v.py_func.__module__ == mod.__name__ and v.signatures:
+            ran[f"{info.name}.{v.py_func.__name__}"] = len(v.signatures)
+print(json.dumps({"ran": ran, "requested": sorted(requested), "embedder": emb is not None,
+                  "declared": {k: len(v.sigs) for k, v in P._KERNELS.items()},
+                  "unplanned": [[k, [str(t) for t in tys]] for k, tys in P.unplanned]}))
+"""
+
+
+def test_every_kernel_the_graphs_run_is_declared_and_listed_before_it_runs():
+    r = _run([], None, code=_COVERAGE)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    ran, requested, declared = got["ran"], set(got["requested"]), got["declared"]
+    assert ran, "no kernel ran?"
+    assert not [k for k in ran if k not in declared], "kernels without @kernel signatures ran"
+    assert not [k for k in ran if k not in requested], "kernels ran that ensure_compiled did not list first"
+    assert {k: n for k, n in ran.items() if n != declared[k]} == {}, "a kernel compiled more than its signatures"
+    assert got["unplanned"] == []
+    must = {"linear._linear_fwd", "attention._attention_forward_core", "attention_backward._dkdv",
+            "linear._linear_backward_elementwise", "optim._adam_step", "dropout._dropout",
+            "kv_cache._gather_rows", "sampling._sample"}
+    if got["embedder"]:
+        must |= {"pooling._pool", "pooling._l2_normalize"}
+    assert must <= set(ran), must - set(ran)
+
+
+def test_ops_map_to_declared_kernels():
+    from nbformer.kernels.cpu import precompile as P
+
+    declared = P.all_kernels()
+    for (op, direction), keys in P.OPS.items():
+        for k in keys:
+            assert k in declared, (op, direction, k)
+    for k in declared.values():
+        assert k.sigs and all(isinstance(s, tuple) for s in k.sigs)
