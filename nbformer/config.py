@@ -13,7 +13,18 @@ NORMS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 # sinusoidal: PE(p, 2i) = sin, PE(p, 2i+1) = cos (Vaswani et al.); sinusoidal_split: the sines in the
 # first half of the vector, the cosines in the second (Marian / fairseq layout); both static tables.
-POSITIONS = ("learned", "sinusoidal", "sinusoidal_split", "none")
+# rope: rotary position embeddings (Su et al.) applied to queries and keys inside attention, in the
+# Hugging Face "rotate half" layout (dimension i pairs with i + HS/2). GGUF files store Q/K rows
+# permuted for llama.cpp's interleaved pairs (2i, 2i+1); a GGUF loader undoes that permutation
+# (weights.hf_llama.unpermute_gguf_qk), so one rotation layout serves every checkpoint.
+POSITIONS = ("learned", "sinusoidal", "sinusoidal_split", "rope", "none")
+NORM_TYPES = ("layernorm", "rmsnorm")
+# mlp: down(act(up(x))); glu: down(act(gate(x)) * up(x)) with gate|up one fused (2F, C) weight
+# (act = silu: SwiGLU, as Llama; gelu / gelu_tanh: GeGLU)
+FFN_TYPES = ("mlp", "glu")
+# rope_scaling: how the rotary inverse frequencies are rescaled for long contexts (Hugging Face
+# rope_type): none | linear (all divided by rope_factor) | llama3 (Llama 3.1's banded rescaling)
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -25,12 +36,12 @@ class ModelConfig:
     n_layers: int  # encoder layers for encoder / encoder_decoder, decoder layers for decoder
     d_ff: int
     max_positions: int  # length of the position table (learned) or the longest allowed T
-    norm: str = "post"  # where LayerNorm sits: post = LN(x + f(x)), pre = x + f(LN(x))
+    norm: str = "post"  # where the norm sits: post = LN(x + f(x)), pre = x + f(LN(x))
     activation: str = "gelu"
     positions: str = "learned"
     type_vocab_size: int = 0  # token-type (segment) embeddings, BERT style; 0 = none
     tie_word_embeddings: bool = True  # output projection reuses the token embedding
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # eps of every norm layer, LayerNorm or RMSNorm (Llama: rms_norm_eps)
     embedding_layernorm: bool = False  # LN right after the embedding sum (BERT)
     final_layernorm: bool = False  # LN after the last layer (pre-LN models: GPT-2)
     embedding_scale: float = 1.0  # sqrt(d_model) in the original Transformer
@@ -43,7 +54,20 @@ class ModelConfig:
     padding_idx: int | None = None  # nn.Embedding(padding_idx=...): this token row gets no gradient
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    family: str = "nbformer"  # the checkpoint naming scheme: bert | gpt2 | nbformer
+    family: str = "nbformer"  # the checkpoint naming scheme: bert | gpt2 | marian | llama | nbformer
+    # ---- Llama-style models (the defaults keep every other model as it was)
+    norm_type: str = "layernorm"  # layernorm: (x - mean) * rstd * w + b; rmsnorm: x * rstd * w (no bias)
+    ffn_type: str = "mlp"  # mlp | glu (see FFN_TYPES); glu uses `activation` for the gate
+    n_kv_heads: int | None = None  # grouped-query attention: NKV key/value heads, dividing n_heads (None = n_heads)
+    head_dim: int | None = None  # HS when it is not d_model / n_heads (Llama's head_dim); None = d_model / n_heads
+    attn_out_bias: bool = True  # the attention output projection has a bias
+    ffn_bias: bool = True  # the FFN projections (up / gate|up, down) have biases
+    rope_theta: float = 10000.0  # positions = 'rope': inverse frequencies theta^(-2i/HS)
+    rope_scaling: str = "none"  # none | linear | llama3 (see ROPE_SCALINGS)
+    rope_factor: float = 1.0  # linear / llama3: the scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_positions: int = 0  # llama3 only: the pre-training context length
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -58,15 +82,50 @@ class ModelConfig:
             bad("activation", " | ".join(ACTIVATIONS))
         if self.positions not in POSITIONS:
             bad("positions", " | ".join(POSITIONS))
+        if self.norm_type not in NORM_TYPES:
+            bad("norm_type", " | ".join(NORM_TYPES))
+        if self.ffn_type not in FFN_TYPES:
+            bad("ffn_type", " | ".join(FFN_TYPES))
+        if self.rope_scaling not in ROPE_SCALINGS:
+            bad("rope_scaling", " | ".join(ROPE_SCALINGS))
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "a positive integer")
         if not isinstance(self.n_layers, int) or self.n_layers < 0:
             bad("n_layers", "a non-negative integer")
-        if self.d_model % self.n_heads:
+        for name in ("n_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                bad(name, "None or a positive integer")
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
-                f"model config: d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}")
+                f"model config: d_model = {self.d_model} is not divisible by n_heads = {self.n_heads} "
+                f"(set head_dim for heads of another size)")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model config: 'n_kv_heads' = {self.n_kv_heads} does not divide "
+                              f"n_heads = {self.n_heads}")
+        if self.arch == "encoder_decoder" and (self.kv_heads != self.n_heads or self.attn_width != self.d_model):
+            bad("n_kv_heads" if self.kv_heads != self.n_heads else "head_dim",
+                "None for an encoder_decoder model (grouped-query attention and head_dim are for "
+                "encoders and decoders)")
+        if self.positions == "rope":
+            if self.head_size % 2:
+                bad("head_dim" if self.head_dim is not None else "n_heads",
+                    f"an even head size for rotary positions (head size is {self.head_size})")
+            if self.arch == "encoder_decoder":
+                bad("positions", "learned | sinusoidal | sinusoidal_split | none for an encoder_decoder model")
+        for name in ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                bad(name, "a positive number")
+        if self.rope_scaling != "none" and self.positions != "rope":
+            bad("rope_scaling", "'none' unless positions is 'rope'")
+        if self.rope_scaling == "llama3":
+            if not isinstance(self.rope_original_max_positions, int) or self.rope_original_max_positions <= 0:
+                bad("rope_original_max_positions", "a positive integer for rope_scaling 'llama3'")
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                bad("rope_high_freq_factor", f"a number > rope_low_freq_factor = {self.rope_low_freq_factor}")
         if self.sinusoidal and self.d_model % 2:
             bad("d_model", "an even number for sinusoidal positions")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
@@ -89,7 +148,19 @@ class ModelConfig:
 
     @property
     def head_size(self) -> int:  # HS
-        return self.d_model // self.n_heads
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:  # NKV: key/value heads (grouped-query attention when < n_heads)
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def attn_width(self) -> int:  # NH * HS: width of the attention output (= d_model unless head_dim says otherwise)
+        return self.n_heads * self.head_size
+
+    @property
+    def qkv_width(self) -> int:  # (NH + 2 NKV) * HS: rows of the fused Q|K|V projection
+        return (self.n_heads + 2 * self.kv_heads) * self.head_size
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -18,15 +18,16 @@ import re
 
 import numpy as np
 
-from .errors import NbformerError
+from .errors import InputError
 
 DEVICE_KINDS = ("cpu", "cuda")  # the one list of device kinds; ops.py and the CLI read it
 ENV_VAR = "NBFORMER_DEVICE"
 CUDA_INSTALL_HINT = 'pip install "nbformer[cuda]"'
 
 
-class DeviceError(NbformerError):
-    """A device was asked for that is unknown, absent, or too small for the job."""
+class DeviceError(InputError):
+    """A device was asked for that is unknown, absent, or too small for the job (an InputError: the
+    device is an argument like any other)."""
 
 
 _NAME = re.compile(r"^(cpu|cuda)(?::(\d+))?$")

@@ -39,8 +39,9 @@ class KVCache:
 
     @staticmethod
     def plan(cfg, n_rows, max_len, src_len=None) -> dict:
-        """name -> (offset in floats, shape) of every cache tensor."""
-        C2 = 2 * cfg.d_model
+        """name -> (offset in floats, shape) of every cache tensor. Self-attention caches hold the
+        key/value heads only: 2 * NKV * HS columns (2C unless grouped-query attention / head_dim)."""
+        C2 = 2 * cfg.kv_heads * cfg.head_size
         n_layers = cfg.n_decoder_layers if cfg.arch == "encoder_decoder" else cfg.n_layers
         layout, off = {}, 0
         for i in range(n_layers):

@@ -206,3 +206,99 @@ def model_forward(cfg, params, ids, mask=None, type_ids=None, pos_ids=None):
         return x
     w = p["tok_emb"] if cfg.tie_word_embeddings else p["lm_head.w"]
     return linear(x, w, p.get("lm_head.b"))
+
+
+# ---------------------------------------------------------------- Llama family (issue 12)
+def rmsnorm(x, w, eps):
+    """x (..., C) -> (out, rstd): out = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) of shape x.shape[:-1]."""
+    x = f64(x)
+    rstd = 1.0 / np.sqrt((x * x).mean(-1) + eps)
+    return x * rstd[..., None] * f64(w), rstd
+
+
+def rope_inv_freq(HS, theta, scaling="none", factor=1.0, low=1.0, high=4.0, original_max=0):
+    """theta^(-2i/HS), i < HS/2, with Hugging Face's 'linear' / 'llama3' rescaling, element by element."""
+    out = []
+    for i in range(HS // 2):
+        f = theta ** (-2.0 * i / HS)
+        if scaling == "linear":
+            f /= factor
+        elif scaling == "llama3":
+            wl = 2 * math.pi / f
+            if wl > original_max / low:
+                f /= factor
+            elif wl >= original_max / high:
+                s = (original_max / wl - low) / (high - low)
+                f = (1 - s) * f / factor + s * f
+        out.append(f)
+    return np.array(out)
+
+
+def rope(x, pos_ids, inv_freq):
+    """Rotate-half RoPE of x (B, T, n, HS) at positions pos_ids (B, T): pairs (i, i + HS/2)."""
+    x = f64(x).copy()
+    half = x.shape[-1] // 2
+    ang = np.asarray(pos_ids, np.float64)[..., None] * f64(inv_freq)  # (B, T, half)
+    c, s = np.cos(ang)[:, :, None, :], np.sin(ang)[:, :, None, :]
+    x1, x2 = x[..., :half].copy(), x[..., half:].copy()
+    x[..., :half] = x1 * c - x2 * s
+    x[..., half:] = x2 * c + x1 * s
+    return x
+
+
+def rope_qkv(qkv, pos_ids, inv_freq, NH, NKV, HS):
+    """RoPE on the Q and K heads of a fused qkv (B, T, (NH + 2 NKV) HS); V columns unchanged."""
+    out = f64(qkv).copy()
+    B, T, _ = out.shape
+    n = (NH + NKV) * HS
+    out[..., :n] = rope(out[..., :n].reshape(B, T, NH + NKV, HS), pos_ids, inv_freq).reshape(B, T, n)
+    return out
+
+
+def glu(pre, act="silu"):
+    """act(pre[..., :F]) * pre[..., F:] for pre (..., 2F) = gate | up."""
+    pre = f64(pre)
+    F = pre.shape[-1] // 2
+    return ACTIVATIONS[act](pre[..., :F]) * pre[..., F:]
+
+
+def linear_glu(x, w, b=None, act="silu"):
+    """The gated FFN input layer: act(x @ Wg.T + bg) * (x @ Wu.T + bu) with w = Wg | Wu (2F, K)."""
+    return glu(linear(x, w, b), act)
+
+
+def attention_gqa(q, k, v, key_mask=None, causal=False, scale=None):
+    """Grouped-query attention: q (B, NH, Tq, HS), k/v (B, NKV, Tk, HS); query head h uses kv head
+    h // (NH / NKV). Returns out (B, NH, Tq, HS), lse (B, NH, Tq)."""
+    G = q.shape[1] // k.shape[1]
+    return attention(q, np.repeat(f64(k), G, axis=1), np.repeat(f64(v), G, axis=1), key_mask, causal, scale)
+
+
+def llama_forward(cfg, params, ids, mask=None, pos_ids=None):
+    """Whole Llama-style decoder forward (RMSNorm, RoPE, GQA, gated FFN) over canonical names -> logits."""
+    p = {k: f64(v) for k, v in params.items()}
+    ids = np.asarray(ids)
+    B, T = ids.shape
+    NH, NKV, HS = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    mask = np.ones((B, T)) if mask is None else np.asarray(mask)
+    if pos_ids is None:
+        pos_ids = np.broadcast_to(np.arange(T), (B, T))
+    inv = rope_inv_freq(HS, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+                        cfg.rope_high_freq_factor, cfg.rope_original_max_positions)
+    eps = cfg.layer_norm_eps
+    x = p["tok_emb"][ids] * cfg.embedding_scale
+    for i in range(cfg.n_layers):
+        h = f"h{i}."
+        qkv = rope_qkv(linear(rmsnorm(x, p[h + "ln1.w"], eps)[0], p[h + "attn.qkv.w"], p.get(h + "attn.qkv.b")),
+                       pos_ids, inv, NH, NKV, HS)
+        q = split_heads(qkv[..., :NH * HS], NH)
+        k = split_heads(qkv[..., NH * HS:(NH + NKV) * HS], NKV)
+        v = split_heads(qkv[..., (NH + NKV) * HS:], NKV)
+        o, _ = attention_gqa(q, k, v, mask, causal=True, scale=1.0 / math.sqrt(HS))
+        x = x + linear(merge_heads(o), p[h + "attn.out.w"], p.get(h + "attn.out.b"))
+        u = linear_glu(rmsnorm(x, p[h + "ln2.w"], eps)[0], p[h + "ffn.gate_up.w"], p.get(h + "ffn.gate_up.b"),
+                       cfg.activation)
+        x = x + linear(u, p[h + "ffn.down.w"], p.get(h + "ffn.down.b"))
+    x = rmsnorm(x, p["final_ln.w"], eps)[0]
+    w = p["tok_emb"] if cfg.tie_word_embeddings else p["lm_head.w"]
+    return linear(x, w, p.get("lm_head.b"))

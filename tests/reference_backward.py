@@ -189,3 +189,67 @@ def cosine_lr(step, base_lr, warmup, total, min_lr=0.0):
         return base_lr * step / warmup
     t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------- Llama family (issue 12)
+def rmsnorm_backward(dout, x, w, eps):
+    """dx (..., C), dw (C,) of out = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps)."""
+    x, dout, w = f64(x), f64(dout), f64(w)
+    rstd = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    norm = x * rstd
+    dnorm = dout * w
+    dx = rstd * (dnorm - norm * (dnorm * norm).mean(-1, keepdims=True))
+    C = x.shape[-1]
+    return dx, (dout * norm).reshape(-1, C).sum(0)
+
+
+def rope_backward(dout, pos_ids, inv_freq, NH, NKV, HS):
+    """Adjoint of reference.rope_qkv on a qkv gradient (B, T, W): the transposed rotation of each
+    (i, i + HS/2) pair of the Q and K heads, the V columns passed through."""
+    d = f64(dout).copy()
+    B, T, _ = d.shape
+    half = HS // 2
+    ang = np.asarray(pos_ids, np.float64)[..., None] * f64(inv_freq)
+    c, s = np.cos(ang)[:, :, None, :], np.sin(ang)[:, :, None, :]
+    n = (NH + NKV) * HS
+    h = d[..., :n].reshape(B, T, NH + NKV, HS)
+    d1, d2 = h[..., :half].copy(), h[..., half:].copy()
+    h[..., :half] = d1 * c + d2 * s  # R^T: x1' = x1 c - x2 s, x2' = x2 c + x1 s
+    h[..., half:] = d2 * c - d1 * s
+    d[..., :n] = h.reshape(B, T, n)
+    return d
+
+
+def glu_backward(dout, pre, act="silu"):
+    """dpre (..., 2F) of out = act(gate) * up, pre = gate | up: [dout * up * act'(gate) | dout * act(gate)]."""
+    pre, dout = f64(pre), f64(dout)
+    F = pre.shape[-1] // 2
+    g, u = pre[..., :F], pre[..., F:]
+    return np.concatenate([dout * u * activation_grad(g, act), dout * ACTIVATIONS[act](g)], axis=-1)
+
+
+def attention_gqa_backward(q, k, v, dout, key_mask, causal, scale):
+    """float64 grouped-query attention backward: q (B, NH, Tq, HS), k/v (B, NKV, Tk, HS) ->
+    (dq, dk, dv); dk/dv of a kv head sum its NH / NKV query heads."""
+    q, k, v, dout = (f64(a) for a in (q, k, v, dout))
+    B, NH, Tq, HS = q.shape
+    NKV, Tk = k.shape[1], k.shape[2]
+    G = NH // NKV
+    kr, vr = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    s = np.einsum("bhqd,bhkd->bhqk", q, kr) * scale
+    allowed = np.ones((B, 1, Tq, Tk), bool) & np.asarray(key_mask, bool)[:, None, None, :]
+    if causal:
+        allowed &= (np.arange(Tk)[None, :] <= np.arange(Tq)[:, None] + (Tk - Tq))[None, None]
+    allowed = np.broadcast_to(allowed, s.shape)
+    s = np.where(allowed, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    has = np.isfinite(m)
+    e = np.where(allowed, np.exp(s - np.where(has, m, 0)), 0.0)
+    den = e.sum(-1, keepdims=True)
+    p = np.where(has, e / np.where(den > 0, den, 1), 0.0)
+    dv = np.einsum("bhqk,bhqd->bhkd", p, dout)
+    dp = np.einsum("bhqd,bhkd->bhqk", dout, vr)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    dq = np.einsum("bhqk,bhkd->bhqd", ds, kr) * scale
+    dk = np.einsum("bhqk,bhqd->bhkd", ds, q) * scale
+    return dq, dk.reshape(B, NKV, G, Tk, HS).sum(2), dv.reshape(B, NKV, G, Tk, HS).sum(2)

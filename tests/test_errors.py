@@ -101,9 +101,9 @@ def test_dir_without_config(tmp_path):
 def test_unknown_model_type(tmp_path, bert_dir):
     d = _copy(bert_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "falcon"  # (was "llama", supported since issue 12)
     (d / "config.json").write_text(json.dumps(cfg))
-    _raises(ConfigError, lambda: nbformer.load(d), str(d / "config.json"), "llama", "bert", "gpt2")
+    _raises(ConfigError, lambda: nbformer.load(d), str(d / "config.json"), "falcon", "bert", "gpt2", "llama")
 
 
 def test_config_not_json(tmp_path, bert_dir):

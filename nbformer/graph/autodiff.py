@@ -101,6 +101,43 @@ def _attention(c: _Ctx, node, gout):
     return grads
 
 
+@vjp("rmsnorm")
+def _rmsnorm(c: _Ctx, node, gout):
+    x, w = node.inputs["x"], node.inputs["w"]
+    dx, dw = c.grad_tensor(x, x), c.grad_tensor(w, w)
+    c.g.node("rmsnorm", {"dout": gout["out"], "x": x, "w": w, "rstd": node.outputs["rstd"]},
+             {"dx": dx, "dw": dw}, direction="backward")
+    return {"x": dx, "w": dw}
+
+
+@vjp("rope")
+def _rope(c: _Ctx, node, gout):
+    # the rotation is orthogonal: its adjoint rotates the q/k gradient columns back, in place
+    x = node.inputs["x"]
+    dx = c.grad_tensor(x, x)
+    c.g.node("rope", {"dout": gout["out"], "pos_ids": node.inputs["pos_ids"]}, {"dx": dx}, dict(node.attrs),
+             inplace={"dx": "dout"}, direction="backward")
+    return {"x": dx}
+
+
+@vjp("linear_glu")
+def _linear_glu(c: _Ctx, node, gout):
+    # out = act(gate) * up with pre = x @ w.T + b = gate | up: dpre from the glu backward, then the
+    # plain linear backward of the fused weight
+    x, w, pre = node.inputs["x"], node.inputs["w"], node.outputs["pre"]
+    dpre = c.scratch(c.g.tensors[pre].shape, "dglu")
+    c.g.node("glu", {"dout": gout["out"], "pre": pre}, {"dpre": dpre}, {"act": node.attrs["act"]},
+             direction="backward")
+    outs = {"dw": c.grad_tensor(w, w)}
+    grads = {"w": outs["dw"]}
+    if c.differentiable(x):
+        outs["dx"] = grads["x"] = c.grad_tensor(x, x)
+    if "b" in node.inputs:
+        outs["db"] = grads["b"] = c.grad_tensor(node.inputs["b"], node.inputs["b"])
+    c.g.node("linear", {"dout": dpre, "x": x, "w": w}, outs, {"act": "none"}, direction="backward")
+    return grads
+
+
 @vjp("add")
 def _add(c: _Ctx, node, gout):
     return {"a": gout["out"], "b": gout["out"]}

@@ -14,10 +14,30 @@ Launchers are looked up at call time (one getattr), so tests may patch a kernel 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import numpy as np
 
+from ..errors import GraphError
 from ..ops import register
+
+
+_GQA_LAUNCHERS = {}  # launcher -> whether it takes n_kv_heads
+
+
+def kv_heads_kw(fn, kind, n_heads, n_kv_heads) -> dict:
+    """{'n_kv_heads': NKV} for grouped-query attention (NKV < NH), {} otherwise, so that launchers
+    without grouped-query support keep serving every other model; a GQA node on such a device is a
+    clear error, not a wrong result."""
+    if n_kv_heads is None or int(n_kv_heads) == int(n_heads):
+        return {}
+    ok = _GQA_LAUNCHERS.get(fn)
+    if ok is None:
+        ok = _GQA_LAUNCHERS[fn] = "n_kv_heads" in inspect.signature(fn).parameters
+    if not ok:
+        raise GraphError(f"attention on device '{kind}': grouped-query attention (n_kv_heads = {n_kv_heads} < "
+                         f"n_heads = {n_heads}) has no kernel on this device yet")
+    return {"n_kv_heads": int(n_kv_heads)}
 
 
 def node_seed(seed, stream) -> int:
@@ -81,12 +101,13 @@ def install(kind: str):
 
     @op("attention", "attention", "attention_forward")
     def _attention(out, lse, q, kv, key_mask, n_heads, head_size, q_off, k_off, v_off, causal, scale, seed=None,
-                   dropout_p=0.0, stream=0, cache_pos=None):
+                   dropout_p=0.0, stream=0, cache_pos=None, n_kv_heads=None):
         # decoding: the keys are the cache's first cache_pos + Tq rows (cache_pos: a (1,) host input)
         key_len = None if cache_pos is None else int(cache_pos[0]) + q.shape[1]
         extra = {} if dropout_p <= 0 else {"dropout_p": dropout_p, "seed": node_seed(seed, stream)}
-        K.get("attention", "attention_forward")(out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads, head_size,
-                                                causal, scale, key_len=key_len, **extra)
+        fn = K.get("attention", "attention_forward")
+        extra.update(kv_heads_kw(fn, kind, n_heads, n_kv_heads))
+        fn(out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads, head_size, causal, scale, key_len=key_len, **extra)
 
     @op("add", "elementwise", "add_forward")
     def _add(out, a, b):
@@ -166,10 +187,44 @@ def install(kind: str):
 
     @op("attention", "attention_backward", "attention_backward", "backward")
     def _attention_bwd(dq, delta, dout, out, lse, q, kv, key_mask, n_heads, head_size, q_off, k_off, v_off, causal,
-                       scale, dkv=None, seed=None, dropout_p=0.0, stream=0):
-        K.get("attention_backward", "attention_backward")(
-            dq, dq if dkv is None else dkv, delta, dout, out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads,
-            head_size, causal, scale, dropout_p=dropout_p, seed=0 if seed is None else node_seed(seed, stream))
+                       scale, dkv=None, seed=None, dropout_p=0.0, stream=0, n_kv_heads=None):
+        fn = K.get("attention_backward", "attention_backward")
+        fn(dq, dq if dkv is None else dkv, delta, dout, out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads,
+           head_size, causal, scale, dropout_p=dropout_p, seed=0 if seed is None else node_seed(seed, stream),
+           **kv_heads_kw(fn, kind, n_heads, n_kv_heads))
+
+    # ------------------------------------------------------------ Llama family: RMSNorm, RoPE, gated FFN
+    @op("rmsnorm", "rmsnorm", "rmsnorm_forward")
+    def _rmsnorm(out, rstd, x, w, eps):
+        K.get("rmsnorm", "rmsnorm_forward")(out, rstd, x, w, eps)
+
+    @op("rmsnorm", "rmsnorm", "rmsnorm_backward", "backward")
+    def _rmsnorm_bwd(dx, dw, dout, x, w, rstd):
+        K.get("rmsnorm", "rmsnorm_backward")(dx, dw, dout, x, w, rstd)
+
+    @op("rope", "rope", "rope_forward")
+    def _rope(out, x, pos_ids, inv_freq, n_heads, n_kv_heads, head_size):
+        # in place on the q/k columns: out is x when the planner aliased them, else a copy first
+        if out is not x:
+            K.get("elementwise", "copy")(out, x)
+        K.get("rope", "rope_forward")(out, pos_ids, inv_freq, n_heads, n_kv_heads, head_size)
+
+    @op("rope", "rope", "rope_backward", "backward")
+    def _rope_bwd(dx, dout, pos_ids, inv_freq, n_heads, n_kv_heads, head_size):
+        if dx is not dout:
+            K.get("elementwise", "copy")(dx, dout)
+        K.get("rope", "rope_backward")(dx, pos_ids, inv_freq, n_heads, n_kv_heads, head_size)
+
+    @op("linear_glu", "swiglu", "swiglu_linear_forward")
+    def _linear_glu(out, x, w, b=None, pre=None, act="silu"):
+        if pre is None:
+            K.get("swiglu", "swiglu_linear_forward")(out, x, w, b, act)
+        else:  # training: also keep gate | up for the backward pass
+            K.get("swiglu", "swiglu_linear_forward_train")(out, pre, x, w, b, act)
+
+    @op("glu", "swiglu", "swiglu_backward", "backward")
+    def _glu_bwd(dpre, dout, pre, act="silu"):
+        K.get("swiglu", "swiglu_backward")(dpre, dout, pre, act)
 
     # ------------------------------------------------------------ optimizer (flat buffers)
     @op("adam", "optim", "adam_step")

@@ -13,12 +13,12 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError, WeightsError
-from . import hf_bert, hf_gpt2, hf_marian
+from . import hf_bert, hf_gpt2, hf_llama, hf_marian
 from .mapping import Rule, apply_rules
 from .params import param_shapes
 from .safetensors_io import SafetensorsFile
 
-FAMILIES = {"bert": hf_bert, "gpt2": hf_gpt2, "marian": hf_marian}
+FAMILIES = {"bert": hf_bert, "gpt2": hf_gpt2, "marian": hf_marian, "llama": hf_llama}
 NATIVE_CONFIG_KEY = "nbformer_config"
 
 
@@ -161,7 +161,7 @@ def _load_hf_dir(d: Path) -> Checkpoint:
             raw_gen = _read_json(gen_path, "generation_config.json")
             gen.update({k: raw_gen[k] for k in hf_marian.GENERATION_KEYS if raw_gen.get(k) is not None})
             cfg = cfg.replace(extra={**cfg.extra, "generation": gen})
-    if mt in ("gpt2", "marian") and cfg.tie_word_embeddings is False and not shards.has("lm_head.weight"):
+    if mt in ("gpt2", "marian", "llama") and cfg.tie_word_embeddings is False and not shards.has("lm_head.weight"):
         raise WeightsError(f"{d}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
     where = str(d / "model.safetensors") if len(shards.files) == 1 else str(d)
     params = apply_rules(rules, shards.get, shards.has, param_shapes(cfg), where)

@@ -17,6 +17,7 @@ class Rule:
     canonical: str
     sources: tuple  # checkpoint names
     how: str = "copy"  # copy | transpose (Conv1D (in, out) -> (out, in)) | cat0 (stack rows) | flat ((1, n) -> (n,))
+    sizes: tuple = ()  # cat0 of unequal parts (grouped-query Q|K|V): rows of each source, for the inverse
 
     def forward(self, arrays: list) -> np.ndarray:
         if self.how == "copy":
@@ -39,7 +40,10 @@ class Rule:
             return {self.sources[0]: np.ascontiguousarray(a.T)}
         if self.how == "flat":
             return {self.sources[0]: a.reshape(1, -1)}
-        parts = np.split(a, len(self.sources), axis=0)
+        if self.sizes:
+            parts = np.split(a, np.cumsum(self.sizes)[:-1], axis=0)
+        else:
+            parts = np.split(a, len(self.sources), axis=0)
         return {s: np.ascontiguousarray(p) for s, p in zip(self.sources, parts)}
 
 
@@ -67,6 +71,8 @@ def apply_rules(rules, get, has, expected_shapes: dict, where: str) -> dict:
             src_shapes = ", ".join(f"'{s}' {tuple(a.shape)}" for s, a in zip(r.sources, arrays))
             if r.how == "transpose":
                 want_src = want[::-1]
+            elif r.how == "cat0" and r.sizes:
+                want_src = " + ".join(str((n,) + want[1:]) for n in r.sizes)
             elif r.how == "cat0":
                 want_src = (want[0] // len(r.sources),) + want[1:]
             else:

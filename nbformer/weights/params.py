@@ -2,28 +2,49 @@
 
 Linear weights use the nn.Linear layout (out_features, in_features); the attention input
 projection is one fused (3C, C) matrix so Q, K and V come out of a single GEMM.
+
+Llama-style configs: with grouped-query attention / head_dim the fused projection has
+(NH + 2*NKV)*HS rows (Q | K | V) and attn.out.w is (C, NH*HS); RMSNorm layers have a weight and
+no bias; a gated FFN (ffn_type 'glu') has one fused ffn.gate_up.w (2F, C) (gate rows first, then
+up) and ffn.down.w (C, F); biases follow qkv_bias / attn_out_bias / ffn_bias.
 """
 from __future__ import annotations
 
 from ..config import ModelConfig
 
 
-def _layer(p: dict, h: str, C: int, F: int, qkv_bias: bool, cross: bool):
-    p[h + "ln1.w"], p[h + "ln1.b"] = (C,), (C,)
-    p[h + "attn.qkv.w"] = (3 * C, C)
+def _norm(p: dict, name: str, C: int, cfg: ModelConfig):
+    p[name + ".w"] = (C,)
+    if cfg.norm_type == "layernorm":
+        p[name + ".b"] = (C,)
+
+
+def _layer(p: dict, h: str, C: int, F: int, qkv_bias: bool, cross: bool, cfg: ModelConfig):
+    A, W = cfg.attn_width, cfg.qkv_width  # NH*HS, (NH + 2*NKV)*HS: both 3C / C for classic models
+    _norm(p, h + "ln1", C, cfg)
+    p[h + "attn.qkv.w"] = (W, C)
     if qkv_bias:
-        p[h + "attn.qkv.b"] = (3 * C,)
-    p[h + "attn.out.w"], p[h + "attn.out.b"] = (C, C), (C,)
+        p[h + "attn.qkv.b"] = (W,)
+    p[h + "attn.out.w"] = (C, A)
+    if cfg.attn_out_bias:
+        p[h + "attn.out.b"] = (C,)
     if cross:  # decoder layer of an encoder-decoder: queries from the decoder, keys/values from the encoder
-        p[h + "lnx.w"], p[h + "lnx.b"] = (C,), (C,)
+        _norm(p, h + "lnx", C, cfg)
         p[h + "xattn.q.w"] = (C, C)
         p[h + "xattn.kv.w"] = (2 * C, C)
         if qkv_bias:
             p[h + "xattn.q.b"], p[h + "xattn.kv.b"] = (C,), (2 * C,)
-        p[h + "xattn.out.w"], p[h + "xattn.out.b"] = (C, C), (C,)
-    p[h + "ln2.w"], p[h + "ln2.b"] = (C,), (C,)
-    p[h + "ffn.up.w"], p[h + "ffn.up.b"] = (F, C), (F,)
-    p[h + "ffn.down.w"], p[h + "ffn.down.b"] = (C, F), (C,)
+        p[h + "xattn.out.w"] = (C, C)
+        if cfg.attn_out_bias:
+            p[h + "xattn.out.b"] = (C,)
+    _norm(p, h + "ln2", C, cfg)
+    up = "ffn.gate_up" if cfg.ffn_type == "glu" else "ffn.up"
+    p[h + up + ".w"] = (2 * F if cfg.ffn_type == "glu" else F, C)
+    if cfg.ffn_bias:
+        p[h + up + ".b"] = (2 * F if cfg.ffn_type == "glu" else F,)
+    p[h + "ffn.down.w"] = (C, F)
+    if cfg.ffn_bias:
+        p[h + "ffn.down.b"] = (C,)
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
@@ -42,12 +63,12 @@ def param_shapes(cfg: ModelConfig) -> dict:
         if cfg.type_vocab_size and side == "":
             p["type_emb"] = (cfg.type_vocab_size, C)
         if cfg.embedding_layernorm:
-            p[side + "emb_ln.w"], p[side + "emb_ln.b"] = (C,), (C,)
+            _norm(p, side + "emb_ln", C, cfg)
         n = cfg.n_decoder_layers if side == "dec." else cfg.n_layers
         for i in range(n):
-            _layer(p, f"{side}h{i}.", C, F, cfg.qkv_bias, cross=side == "dec.")
+            _layer(p, f"{side}h{i}.", C, F, cfg.qkv_bias, cross=side == "dec.", cfg=cfg)
         if cfg.final_layernorm:
-            p[side + "final_ln.w"], p[side + "final_ln.b"] = (C,), (C,)
+            _norm(p, side + "final_ln", C, cfg)
     if cfg.lm_head and not cfg.tie_word_embeddings:
         p["lm_head.w"] = (V, C)
     if cfg.lm_head and cfg.lm_head_bias:

@@ -26,3 +26,33 @@ def position_table(cfg) -> np.ndarray:
     """The static position table of a model with sinusoidal positions (bound as const 'pos_emb')."""
     layout = "split" if cfg.positions == "sinusoidal_split" else "interleaved"
     return sinusoidal_table(cfg.max_positions, cfg.d_model, layout)
+
+
+def rope_inv_freq(head_size: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_positions: int = 0) -> np.ndarray:
+    """(HS/2,) float64 rotary inverse frequencies theta^(-2i/HS), rescaled as Hugging Face's
+    rope_type says: 'linear' divides them all by factor; 'llama3' divides the low frequencies
+    (wavelength > original_max_positions / low_freq_factor) by factor, keeps the high ones
+    (wavelength < original_max_positions / high_freq_factor) and interpolates in between."""
+    inv = 1.0 / np.power(float(theta), np.arange(0, head_size, 2, dtype=np.float64) / head_size)
+    if scaling == "none":
+        return inv
+    if scaling == "linear":
+        return inv / factor
+    if scaling == "llama3":
+        old = float(original_max_positions)
+        low_wl, high_wl = old / low_freq_factor, old / high_freq_factor
+        wl = 2 * np.pi / inv
+        scaled = np.where(wl > low_wl, inv / factor, inv)
+        smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < high_wl) & ~(wl > low_wl)
+        return np.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_inv_freq: scaling must be none | linear | llama3, got {scaling!r}")
+
+
+def rope_inv_freq_of(cfg) -> np.ndarray:
+    """rope_inv_freq for a ModelConfig with positions = 'rope'."""
+    return rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+                         cfg.rope_high_freq_factor, cfg.rope_original_max_positions)
