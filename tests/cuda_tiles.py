@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 FAMILIES = ("attention", "attention_backward", "dropout", "elementwise", "embedding", "kv_cache", "layernorm", "linear",
-            "loss", "optim", "pooling", "sampling", "softmax")
+            "loss", "optim", "pooling", "sampling", "softmax", "rmsnorm", "rope", "swiglu")
 TINY = {"threads": 4, "max_blocks": 4, "block_q": 4, "block_k": 4, "stage": 16, "lanes": 4}
 
 

@@ -29,6 +29,9 @@ row sums are reduced in a fixed order at the end. Nothing of size Tq x Tk exists
 shared memory is O((BQ + 2*BK) * HS_MAX). Key tiles beyond the causal diagonal of the tile's
 last row are never visited. No atomics: same inputs, same bits.
 
+Grouped-query attention (n_kv_heads = NKV < NH): query head h reads key/value head
+h // (NH // NKV); the grid and everything else are unchanged (a kernel argument, not a variant).
+
 A row with no visible key gets out = 0 and lse = -inf (m stays -inf; exp is taken against
 0 instead of -inf, so no -inf - -inf). Dropout (dropout_p > 0) uses the CPU's counter-based
 hash (nbformer/kernels/cpu/rng.py) ported as a device function, with the CPU counter layout
@@ -274,7 +277,7 @@ def _build(BQ, BK, NT, HSM, DROP, *, TY, TX, RQ, RK, G, RD, W, HSP, BKP, SQ, SKP
 
     @kernel(cache=True)  # closure: plain ints, bools and None only (the disk cache keys on them)
     def attention_fwd(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, Tk, causal,
-                      scale, p_drop, seed):
+                      scale, p_drop, seed, group):
         sQ = cuda.shared.array(SQ, float32, alignment=ALIGN)    # (BQ, HSP) scale * Q tile
         sKP = cuda.shared.array(SKP, float32, alignment=ALIGN)  # (BK, HSP) K, then (BQ, BKP) P
         sV = cuda.shared.array(SV, float32, alignment=ALIGN)    # (BK, HSP) V tile
@@ -297,9 +300,10 @@ def _build(BQ, BK, NT, HSM, DROP, *, TY, TX, RQ, RK, G, RD, W, HSP, BKP, SQ, SKP
         i0 = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BQ
         nq = min(BQ, Tq - i0)
         shift = Tk - Tq  # causal: query i sees key j iff j <= i + shift
+        hk = h // group  # grouped-query attention: the key/value head of query head h
         qc = q_off + h * HS
-        kc = k_off + h * HS
-        vc = v_off + h * HS
+        kc = k_off + hk * HS
+        vc = v_off + hk * HS
         inv_keep = _ONE
         if DROP:
             inv_keep = np.float32(1.0 / (1.0 - p_drop))
@@ -507,7 +511,7 @@ def _device_array(name, a, dtype, ndim):
 
 def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_heads, head_size,
                       causal, scale, block_q=None, block_k=None, dropout_p=0.0, seed=0,
-                      key_len=None, threads=None, hs_max=None):
+                      key_len=None, threads=None, hs_max=None, n_kv_heads=None):
     """Scaled dot-product attention forward on CUDA, FlashAttention-2 style, into out and lse.
 
     Same contract as nbformer.kernels.cpu.attention.attention_forward, on device arrays:
@@ -521,12 +525,18 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
     dropout with the CPU's counter-based mask (counter ((b*NH+h)*Tq + i)*Tk + j); lse is that of
     the undropped scores. All arrays C-contiguous device arrays (numba, or anything with
     __cuda_array_interface__). block_q/block_k/threads/hs_max override TUNABLES (None: default;
-    hs_max None = head_size). Runs on numba's default stream, asynchronously.
+    hs_max None = head_size). n_kv_heads: grouped-query attention, NKV key/value heads (dividing
+    NH) at k_off/v_off + g*HS; query head h reads kv head h // (NH // NKV); None = NH. Runs on
+    numba's default stream, asynchronously.
     """
     NH, HS = int(n_heads), int(head_size)
     if NH < 1 or HS < 1:
         raise GraphError(f"attention_forward on cuda: n_heads and head_size must be >= 1, "
                          f"got {NH}, {HS}")
+    NKV = NH if n_kv_heads is None else int(n_kv_heads)
+    if NKV < 1 or NH % NKV:
+        raise GraphError(f"attention_forward on cuda: n_kv_heads = {NKV} must be >= 1 and divide "
+                         f"n_heads = {NH}")
     hsm = TUNABLES["hs_max"] if hs_max is None else hs_max
     hsm = HS if hsm is None else int(hsm)
     if block_q is None and block_k is None and threads is None:
@@ -553,8 +563,8 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
         raise GraphError(f"attention_forward on cuda: q_buf width {Wq} cannot hold {NH} heads x "
                          f"{HS} at offset q_off={q_off}")
     for name, off in (("k_off", k_off), ("v_off", v_off)):
-        if off < 0 or off + C > Wkv:
-            raise GraphError(f"attention_forward on cuda: kv_buf width {Wkv} cannot hold {NH} "
+        if off < 0 or off + NKV * HS > Wkv:
+            raise GraphError(f"attention_forward on cuda: kv_buf width {Wkv} cannot hold {NKV} "
                              f"heads x {HS} at offset {name}={off}")
     if tuple(out.shape) != (B, Tq, C):
         raise GraphError(f"attention_forward on cuda: out must be {(B, Tq, C)}, got "
@@ -583,4 +593,4 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
         return
     kern[(B * NH, nqt), nt](out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, Tk,
                             bool(causal), np.float32(scale), p,
-                            np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
+                            np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), NH // NKV)

@@ -13,6 +13,11 @@ gradient element (no float atomics; same inputs, same bits, every run):
       reads `delta`): stages the K and V tiles once, then walks the query tiles from the first row
       that sees the tile (causal): S, dP as above, dV += P^T dO, dK += dS^T Q.
 
+Grouped-query attention (n_kv_heads = NKV < NH): query head h reads key/value head h // (NH // NKV);
+the dq pass is unchanged, and a dkdv block is (batch*kv head, key tile), walking the query tiles of
+each query head of its group in increasing head order, summing into the same registers: dK/dV of a
+kv head are the group's sums in a fixed order (no atomics, deterministic).
+
 Both passes write every element of their column ranges (zeros for keys no row sees, for rows that
 see no key, for key tiles that are all padding), exactly as the CPU kernel does; dq_buf and
 dkv_buf may be the same array (self-attention on a fused QKV buffer): the column ranges written
@@ -207,7 +212,7 @@ def _build_dq(BQ, BK, NT, HS, DROP, *, TY, TX, RQ, RK, TI, TDQ, RI, RDQ, HSP, BK
 
     @kernel(cache=True)  # closure: plain ints and bools only (the disk cache keys on them)
     def attention_bwd_dq(dq_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
-                         NH, causal, scale, p_drop, seed):
+                         NH, causal, scale, p_drop, seed, group):
         sh = cuda.shared.array(0, float32)
         s = cuda.local.array(NS, float32)    # scores s[r*RK + c]: row ty + r*TY, key tx + c*TX
         dp = cuda.local.array(NS, float32)   # dO V^T, same layout
@@ -232,9 +237,10 @@ def _build_dq(BQ, BK, NT, HS, DROP, *, TY, TX, RQ, RK, TI, TDQ, RI, RDQ, HSP, BK
         shift = Tk - Tq
         i0 = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BQ  # last query tiles first
         nq = min(BQ, Tq - i0)
+        hk = h // group  # grouped-query attention: the key/value head of query head h
         qc = q_off + h * HS
-        kc = k_off + h * HS
-        vc = v_off + h * HS
+        kc = k_off + hk * HS
+        vc = v_off + hk * HS
         oc = h * HS
         inv_keep = _ONE
         if DROP:
@@ -380,7 +386,7 @@ def _build_dkdv(BQ, BK, NT, HS, DROP, *, TY, TX, RQ, RK, TJ, TDK, RJ, RDK, HSP, 
 
     @kernel(cache=True)  # closure: plain ints and bools only
     def attention_bwd_dkdv(dkv_buf, delta, dout, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
-                           NH, causal, scale, p_drop, seed):
+                           NH, causal, scale, p_drop, seed, group):
         sh = cuda.shared.array(0, float32)
         s = cuda.local.array(NS, float32)
         dp = cuda.local.array(NS, float32)
@@ -398,18 +404,17 @@ def _build_dkdv(BQ, BK, NT, HS, DROP, *, TY, TX, RQ, RK, TJ, TDK, RJ, RDK, HSP, 
         tx = tid - ty * TX
         tj = tid // TD
         td = tid - tj * TD
+        NKV = NH // group  # one block per (batch, kv head, key tile): the group's query heads in order
         bh = cuda.blockIdx.x
-        b = bh // NH
-        h = bh - b * NH
+        b = bh // NKV
+        hk = bh - b * NKV
         Tq = q_buf.shape[1]
         Tk = kv_buf.shape[1]
         shift = Tk - Tq
         k0 = cuda.blockIdx.y * BK  # first key tiles first (most causal work)
         nk = min(BK, Tk - k0)
-        qc = q_off + h * HS
-        kc = k_off + h * HS
-        vc = v_off + h * HS
-        oc = h * HS
+        kc = k_off + hk * HS
+        vc = v_off + hk * HS
         inv_keep = _ONE
         if DROP:
             inv_keep = float32(1.0 / (1.0 - p_drop))
@@ -447,85 +452,88 @@ def _build_dkdv(BQ, BK, NT, HS, DROP, *, TY, TX, RQ, RK, TJ, TDK, RJ, RDK, HSP, 
             uss = np.uint32(OS + tj)
             uqd = np.uint32(OQ + td)
             ugd = np.uint32(OG + td)
-            for i0 in range((i_first // BQ) * BQ, Tq, BQ):
-                nq = min(BQ, Tq - i0)
-                # Q, dO tiles, lse and D of the rows (zeros past nq); the first barrier after
-                # staging K, V; at the end of the loop body the last one ends the reads
-                for e in range(tid, BQ * HS, NT):
-                    r = e // HS
-                    c = e - r * HS
-                    xq = _ZERO
-                    xg = _ZERO
-                    if r < nq:
-                        xq = q_buf[b, i0 + r, qc + c]
-                        xg = dout[b, i0 + r, oc + c]
-                    sh[OQ + r * HSP + c] = xq
-                    sh[OG + r * HSP + c] = xg
-                for r in range(tid, BQ, NT):
-                    L = _NEG_INF
-                    Di = _ZERO
-                    if r < nq:
-                        L = lse[b, h, i0 + r]
-                        Di = delta[b, h, i0 + r]
-                    sh[OL + r] = L
-                    sh[OD + r] = Di
-                cuda.syncthreads()
-                for x in range(NS):
-                    s[x] = _ZERO
-                    dp[x] = _ZERO
-                for d in range(HS):
-                    ud = np.uint32(d)
-                    for r in range(RQ):
-                        qa[r] = sh[uq + ud + np.uint32(r * TY * HSP)]
-                        ga[r] = sh[ug + ud + np.uint32(r * TY * HSP)]
-                    for c in range(RK):
-                        ka[c] = sh[uk + ud + np.uint32(c * TX * HSP)]
-                        va[c] = sh[uv + ud + np.uint32(c * TX * HSP)]
-                    for r in range(RQ):
+            for h in range(hk * group, (hk + 1) * group):  # the group's query heads, in order
+                qc = q_off + h * HS
+                oc = h * HS
+                for i0 in range((i_first // BQ) * BQ, Tq, BQ):
+                    nq = min(BQ, Tq - i0)
+                    # Q, dO tiles, lse and D of the rows (zeros past nq); the first barrier after
+                    # staging K, V; at the end of the loop body the last one ends the reads
+                    for e in range(tid, BQ * HS, NT):
+                        r = e // HS
+                        c = e - r * HS
+                        xq = _ZERO
+                        xg = _ZERO
+                        if r < nq:
+                            xq = q_buf[b, i0 + r, qc + c]
+                            xg = dout[b, i0 + r, oc + c]
+                        sh[OQ + r * HSP + c] = xq
+                        sh[OG + r * HSP + c] = xg
+                    for r in range(tid, BQ, NT):
+                        L = _NEG_INF
+                        Di = _ZERO
+                        if r < nq:
+                            L = lse[b, h, i0 + r]
+                            Di = delta[b, h, i0 + r]
+                        sh[OL + r] = L
+                        sh[OD + r] = Di
+                    cuda.syncthreads()
+                    for x in range(NS):
+                        s[x] = _ZERO
+                        dp[x] = _ZERO
+                    for d in range(HS):
+                        ud = np.uint32(d)
+                        for r in range(RQ):
+                            qa[r] = sh[uq + ud + np.uint32(r * TY * HSP)]
+                            ga[r] = sh[ug + ud + np.uint32(r * TY * HSP)]
                         for c in range(RK):
-                            s[r * RK + c] += qa[r] * ka[c]
-                            dp[r * RK + c] += ga[r] * va[c]
-                # P (dropped and rescaled for dV) and dS, the CPU's formulas
-                for r in range(RQ):
-                    row = ty + r * TY
-                    i = i0 + row
-                    L = sh[OL + row]
-                    Di = sh[OD + row]
-                    for c in range(RK):
-                        jl = tx + c * TX
-                        j = k0 + jl
-                        pd = _ZERO
-                        ds = _ZERO
-                        if row < nq and L != _NEG_INF and sh[OM + jl] != _ZERO and (not causal or j <= i + shift):
-                            p = math.exp(min(s[r * RK + c] * scale - L, _ZERO))
-                            if DROP:
-                                if _keep(seed, ((b * NH + h) * Tq + i) * Tk + j, p_drop):
-                                    ds = p * (dp[r * RK + c] * inv_keep - Di) * scale
-                                    pd = p * inv_keep
+                            ka[c] = sh[uk + ud + np.uint32(c * TX * HSP)]
+                            va[c] = sh[uv + ud + np.uint32(c * TX * HSP)]
+                        for r in range(RQ):
+                            for c in range(RK):
+                                s[r * RK + c] += qa[r] * ka[c]
+                                dp[r * RK + c] += ga[r] * va[c]
+                    # P (dropped and rescaled for dV) and dS, the CPU's formulas
+                    for r in range(RQ):
+                        row = ty + r * TY
+                        i = i0 + row
+                        L = sh[OL + row]
+                        Di = sh[OD + row]
+                        for c in range(RK):
+                            jl = tx + c * TX
+                            j = k0 + jl
+                            pd = _ZERO
+                            ds = _ZERO
+                            if row < nq and L != _NEG_INF and sh[OM + jl] != _ZERO and (not causal or j <= i + shift):
+                                p = math.exp(min(s[r * RK + c] * scale - L, _ZERO))
+                                if DROP:
+                                    if _keep(seed, ((b * NH + h) * Tq + i) * Tk + j, p_drop):
+                                        ds = p * (dp[r * RK + c] * inv_keep - Di) * scale
+                                        pd = p * inv_keep
+                                    else:
+                                        ds = -p * Di * scale
                                 else:
-                                    ds = -p * Di * scale
-                            else:
-                                ds = p * (dp[r * RK + c] - Di) * scale
-                                pd = p
-                        sh[OP + row * BKP + jl] = pd
-                        sh[OS + row * BKP + jl] = ds
-                cuda.syncthreads()
-                # dV += P^T dO, dK += dS^T Q, query rows in order
-                for ii in range(nq):
-                    ui = np.uint32(ii)
-                    for e in range(RD):
-                        qb[e] = _ZERO
-                        gb[e] = _ZERO
-                        if td + e * TD < HS:
-                            qb[e] = sh[uqd + ui * np.uint32(HSP) + np.uint32(e * TD)]
-                            gb[e] = sh[ugd + ui * np.uint32(HSP) + np.uint32(e * TD)]
-                    for a in range(RJ):
-                        pj = sh[up + ui * np.uint32(BKP) + np.uint32(a * TJ)]
-                        sj = sh[uss + ui * np.uint32(BKP) + np.uint32(a * TJ)]
+                                    ds = p * (dp[r * RK + c] - Di) * scale
+                                    pd = p
+                            sh[OP + row * BKP + jl] = pd
+                            sh[OS + row * BKP + jl] = ds
+                    cuda.syncthreads()
+                    # dV += P^T dO, dK += dS^T Q, query rows in order
+                    for ii in range(nq):
+                        ui = np.uint32(ii)
                         for e in range(RD):
-                            dv[a * RD + e] += pj * gb[e]
-                            dk[a * RD + e] += sj * qb[e]
-                cuda.syncthreads()  # before the next query tile overwrites sQ, sG, sP, sS
+                            qb[e] = _ZERO
+                            gb[e] = _ZERO
+                            if td + e * TD < HS:
+                                qb[e] = sh[uqd + ui * np.uint32(HSP) + np.uint32(e * TD)]
+                                gb[e] = sh[ugd + ui * np.uint32(HSP) + np.uint32(e * TD)]
+                        for a in range(RJ):
+                            pj = sh[up + ui * np.uint32(BKP) + np.uint32(a * TJ)]
+                            sj = sh[uss + ui * np.uint32(BKP) + np.uint32(a * TJ)]
+                            for e in range(RD):
+                                dv[a * RD + e] += pj * gb[e]
+                                dk[a * RD + e] += sj * qb[e]
+                    cuda.syncthreads()  # before the next query tile overwrites sQ, sG, sP, sS
 
         for a in range(RJ):
             key = tj + a * TJ
@@ -590,7 +598,7 @@ def attention_backward_flops(B, NH, Tq, Tk, HS, causal):
 
 def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off,
                        key_mask, n_heads, head_size, causal, scale, dropout_p=0.0, seed=0, block_q=None,
-                       block_k=None, threads=None):
+                       block_k=None, threads=None, n_kv_heads=None):
     """Gradients of attention_forward on CUDA (the CPU kernel's contract, on device arrays).
 
     dq_buf (shape of q_buf): columns q_off + h*HS written with dQ; dkv_buf (shape of kv_buf):
@@ -602,8 +610,11 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     causal (bottom-right aligned), scale, dropout_p, seed as in attention_forward (dropout_p/seed
     must be those of the forward call). All arrays C-contiguous device arrays (numba, or anything
     with __cuda_array_interface__); the gradient buffers must not overlap the inputs.
-    block_q/block_k/threads override TUNABLES (None: default_tiles). Two launches on numba's
-    default stream (dq pass, which also writes delta, then dK/dV), asynchronous.
+    block_q/block_k/threads override TUNABLES (None: default_tiles). n_kv_heads: grouped-query
+    attention as in attention_forward (NKV kv heads dividing NH, widths NKV*HS); dK/dV of a kv head
+    are the sums over its NH // NKV query heads, in increasing head order inside one block (no
+    atomics: deterministic). Two launches on numba's default stream (dq pass, which also writes
+    delta, then dK/dV), asynchronous.
     """
     op = "attention_backward on cuda"
     for name, v in (("n_heads", n_heads), ("head_size", head_size)):
@@ -611,6 +622,12 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
             raise GraphError(f"{op}: {name} must be an int >= 1, got {v!r}")
     NH, HS = int(n_heads), int(head_size)
     C = NH * HS
+    if n_kv_heads is not None and (isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, (int, np.integer))):
+        raise GraphError(f"{op}: n_kv_heads must be an int or None, got {n_kv_heads!r}")
+    NKV = NH if n_kv_heads is None else int(n_kv_heads)
+    if NKV < 1 or NH % NKV:
+        raise GraphError(f"{op}: n_kv_heads = {NKV} must be >= 1 and divide n_heads = {NH}")
+    CKV = NKV * HS
     if block_q is None and block_k is None and threads is None:
         bq, bk, nt = default_tiles(HS)
     else:
@@ -641,17 +658,17 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     if q_off < 0 or q_off + C > Wq:
         raise GraphError(f"{op}: q_buf width {Wq} cannot hold {NH} heads x {HS} at offset q_off={q_off}")
     for name, off in (("k_off", k_off), ("v_off", v_off)):
-        if off < 0 or off + C > Wkv:
-            raise GraphError(f"{op}: kv_buf width {Wkv} cannot hold {NH} heads x {HS} at offset "
+        if off < 0 or off + CKV > Wkv:
+            raise GraphError(f"{op}: kv_buf width {Wkv} cannot hold {NKV} heads x {HS} at offset "
                              f"{name}={off}")
-    if abs(k_off - v_off) < C:
-        raise GraphError(f"{op}: k_off={k_off} and v_off={v_off} overlap ({NH} heads x {HS}): dK and dV "
+    if abs(k_off - v_off) < CKV:
+        raise GraphError(f"{op}: k_off={k_off} and v_off={v_off} overlap ({NKV} heads x {HS}): dK and dV "
                          f"would be written over each other")
     dq_buf, dkv_buf = arrays["dq_buf"], arrays["dkv_buf"]
     if _overlap(dq_buf, dkv_buf):
         if not (dq_buf is dkv_buf or _span(dq_buf) == _span(dkv_buf)) or (B, Tq, Wq) != (B, Tk, Wkv):
             raise GraphError(f"{op}: dq_buf and dkv_buf overlap but are not the same array")
-        if abs(q_off - k_off) < C or abs(q_off - v_off) < C:
+        if any(q_off < off + CKV and off < q_off + C for off in (k_off, v_off)):
             raise GraphError(f"{op}: dq_buf is dkv_buf, but q_off={q_off} overlaps k_off={k_off} or "
                              f"v_off={v_off} ({NH} heads x {HS}): the gradients would overwrite each other")
     for gname, g in (("dq_buf", dq_buf), ("dkv_buf", dkv_buf), ("delta", arrays["delta"])):
@@ -675,9 +692,9 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     # dq pass first: it writes delta, which the dK/dV pass reads (same stream: ordered)
     kq[(B * NH, nqt), nt, 0, g["smem_dq"]](dq_buf, arrays["delta"], arrays["dout"], arrays["out"],
                                            arrays["lse"], q_buf, q_off, kv_buf, k_off, v_off, key_mask,
-                                           NH, causal, sc, p, sd)
+                                           NH, causal, sc, p, sd, NH // NKV)
     if Tk == 0:
         return
-    kkv[(B * NH, nkt), nt, 0, g["smem_dkdv"]](dkv_buf, arrays["delta"], arrays["dout"], arrays["lse"],
+    kkv[(B * NKV, nkt), nt, 0, g["smem_dkdv"]](dkv_buf, arrays["delta"], arrays["dout"], arrays["lse"],
                                               q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, causal,
-                                              sc, p, sd)
+                                              sc, p, sd, NH // NKV)
