@@ -73,6 +73,8 @@ class Model:
                 self._tokenizer = Tokenizer(self.ckpt.tokenizer_file)
             elif embedded:
                 self._tokenizer = Tokenizer(json_text=embedded, where=f"{self.ckpt.path} (embedded tokenizer)")
+            elif getattr(self.ckpt, "tokenizer_json", None) is not None:  # GGUF: rebuilt from its metadata
+                self._tokenizer = Tokenizer(json_text=self.ckpt.tokenizer_json(), where=f"{self.ckpt.path} (GGUF tokenizer)")
             else:
                 raise InputError(f"{self.ckpt.path}: no tokenizer.json beside the model, so text input is "
                                  f"not possible; pass token ids instead")

@@ -31,6 +31,7 @@ class Checkpoint:
     model_dir: Path | None = None  # where tokenizer.json / modules.json live
     tokenizer_file: Path | None = None
     metadata: dict = field(default_factory=dict)
+    tokenizer_json: object = None  # callable -> tokenizer.json text, built on first use (GGUF metadata)
 
     def to_checkpoint_names(self, canonical: dict) -> dict:
         """Re-key canonical arrays (e.g. gradients) by the checkpoint's own tensor names."""
@@ -228,8 +229,9 @@ def load_checkpoint(path) -> Checkpoint:
     if p.suffix == ".safetensors":
         return _load_native(p)
     if p.suffix == ".gguf":
-        raise WeightsError(f"{p}: GGUF files are not supported yet; use a Hugging Face directory or a "
-                           f".safetensors checkpoint")
+        from .gguf_io import load_gguf
+
+        return load_gguf(p)
     raise WeightsError(f"{p}: expected a model directory, a .safetensors file or a .gguf file")
 
 
