@@ -486,7 +486,7 @@ def _addressable(kv):
 
 def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_heads, head_size,
                       causal, scale, block_q=256, block_k=256, dropout_p=0.0, seed=0, key_len=None,
-                      n_kv_heads=None):
+                      n_kv_heads=None, threads=None):
     """Scaled dot-product attention forward, FlashAttention-2 style, into out and lse.
 
     out (B, Tq, NH*HS) float32 C-contiguous, written fully; lse (B, NH, Tq) float32, written:
@@ -501,7 +501,13 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
     --sweep). Scratch per thread ~ 4*((bq + 8)*(bk + HS) + (bq + bk)*HS) bytes, whatever T.
     n_kv_heads: grouped-query attention, NKV key/value heads (dividing NH) at k_off/v_off + g*HS;
     query head h reads kv head h // (NH // NKV). None = NH (one kv head per query head).
+    threads: Numba threads for this call (None: the current count); never changes the bits (items
+    own disjoint outputs). block_q / block_k change the order of the online softmax, so they may
+    change the last bits: the tuner (nbformer/tuning/space.py) validates them at the tests' tolerance.
     """
+    from nbformer.kernels.cpu.gemm import check_threads, num_threads
+
+    threads = check_threads("attention_forward", threads)
     NH, HS = int(n_heads), int(head_size)
     if NH < 1 or HS < 1:
         raise GraphError(f"attention_forward: n_heads and head_size must be >= 1, got {NH}, {HS}")
@@ -557,9 +563,10 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
         key_mask = np.ascontiguousarray(key_mask)  # (B, Tk) bytes
     if not 0.0 <= float(dropout_p) < 1.0:
         raise GraphError(f"attention_forward: dropout_p must be in [0, 1), got {dropout_p}")
-    _core_entry()(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, bool(causal),
-                  float(scale), bq, bk, numba.get_num_threads(), float(dropout_p),
-                  np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), NH // NKV, native_address("attention._attention_item"))
+    with num_threads(threads):
+        _core_entry()(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, bool(causal),
+                      float(scale), bq, bk, numba.get_num_threads(), float(dropout_p),
+                      np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), NH // NKV, native_address("attention._attention_item"))
 
 
 _CORE = []

@@ -10,7 +10,11 @@ runs on each block straight after its GEMM, while the block is still in cache.
 
 Blocks have a fixed size (ROWS rows, or COLS columns when there are few rows), independent of
 the thread count, so every element is computed by the same sgemm call shape whatever the number
-of threads: results are bit-identical across runs and thread counts.
+of threads: results are bit-identical across runs and thread counts. ROWS / COLS are the defaults;
+the forward linear kernel takes its block sizes as run-time arguments (the tuner's `rows`/`cols`,
+see nbformer/tuning/space.py), so a tuned value needs no recompilation. Other block sizes give
+other sgemm call shapes, so they may change the last bits (the tuner validates them at the
+tests' tolerance); the thread count never does.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import threading
 import numpy as np
 from numba import njit, prange
 
+from ...errors import GraphError
 from .precompile import F2, R2, kernel
 
 _lock = threading.Lock()
@@ -64,6 +69,50 @@ COLS = 256  # columns per block when there are fewer than 2 * ROWS rows
 def by_rows(N, M):
     """Split over rows (True) or columns (False)?"""
     return N >= 2 * ROWS or M <= COLS
+
+
+@njit(inline="always")
+def by_rows_with(N, M, rows, cols):
+    """by_rows with run-time block sizes (the tuned linear forward)."""
+    return N >= 2 * rows or M <= cols
+
+
+class num_threads:
+    """`with num_threads(n):` run the Numba kernels inside on n threads (None: unchanged), then
+    restore. Thread counts never change results here (fixed blocks), only speed."""
+
+    __slots__ = ("n", "old")
+
+    def __init__(self, n):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            import numba
+
+            self.old = numba.get_num_threads()
+            if self.old != self.n:
+                numba.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None and self.old != self.n:
+            import numba
+
+            numba.set_num_threads(self.old)
+        return False
+
+
+def check_threads(op, threads):
+    """threads: None or an int in [1, NUMBA_NUM_THREADS]; GraphError otherwise."""
+    if threads is None:
+        return None
+    from numba import config
+
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= config.NUMBA_NUM_THREADS:
+        raise GraphError(f"{op}: 'threads' is {threads!r}, expected an int in [1, {config.NUMBA_NUM_THREADS}] "
+                         f"(NUMBA_NUM_THREADS)")
+    return int(threads)
 
 
 @njit(inline="always")

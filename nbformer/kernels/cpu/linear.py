@@ -14,7 +14,7 @@ from numba import njit, prange
 from ...errors import GraphError
 from .checks import check_array as _check
 from .attention import _exp2
-from .gemm import COLS, ROWS, by_rows, matmul_nn, matmul_tn, pin_blas_to_one_thread
+from .gemm import COLS, ROWS, by_rows_with, check_threads, matmul_nn, matmul_tn, num_threads, pin_blas_to_one_thread
 from .precompile import BOOL, F1, F2, F64, I64, R1, R2, array, kernel, native_address, native_caller
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
@@ -155,7 +155,7 @@ def _epilogue_row(out, pre, src, i, r, m0, m1, b, act, residual, use_bias, use_r
     _act_row(out[i], row, residual[i], m0, n, act, use_residual, src_kind != SRC_OUT)
 
 
-SKINNY_MAX_ROWS = 16  # 2..16 rows (batched / beam decoding): our kernel instead of sgemm
+SKINNY_MAX_ROWS = 16  # 2..16 rows (batched / beam decoding): our kernel instead of sgemm (default; tunable)
 
 
 @njit(inline="always", fastmath=_FM)
@@ -190,16 +190,18 @@ def _skinny_block(tmp, x, w, m0, m1):
 
 # error_model numpy: division without Python's zero check, and the safe fastmath subset: the
 # epilogue loops then vectorise (GELU 8x faster than with libm calls and checked division)
-@kernel((F2, F2, R2, R2, R1, I64, R2, BOOL, BOOL, BOOL), cost=9.0)
+@kernel((F2, F2, R2, R2, R1, I64, R2, BOOL, BOOL, BOOL, I64, I64, I64), cost=9.0)
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)
-def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_pre):
+def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_pre, rows, cols, skinny):
     # out, pre, residual (N, M); x (N, K); w (M, K). One GEMM block per thread, epilogue right after.
+    # rows / cols: block sizes (gemm.ROWS / COLS by default); skinny: up to this many rows (>= 2)
+    # use _skinny_block instead of sgemm. Run-time values: tuning them compiles nothing.
     N, M = out.shape
     plain = not use_bias and act == ACT_NONE and not use_residual and not keep_pre
-    if by_rows(N, M):
-        for c in prange((N + ROWS - 1) // ROWS):
-            r0 = c * ROWS
-            r1 = min(N, r0 + ROWS)
+    if by_rows_with(N, M, rows, cols):
+        for c in prange((N + rows - 1) // rows):
+            r0 = c * rows
+            r1 = min(N, r0 + rows)
             if plain:
                 np.dot(x[r0:r1], w.T, out[r0:r1])
             else:
@@ -211,11 +213,11 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
                     _epilogue_row(out, pre, blk, i, i - r0, 0, M, b, act, residual, use_bias, use_residual,
                                   keep_pre, SRC_PRE if keep_pre else SRC_TMP)
     else:  # few rows (decoding): blocks of columns
-        for c in prange((M + COLS - 1) // COLS):
-            m0 = c * COLS
-            m1 = min(M, m0 + COLS)
+        for c in prange((M + cols - 1) // cols):
+            m0 = c * cols
+            m1 = min(M, m0 + cols)
             tmp = np.empty((N, m1 - m0), np.float32)
-            if 2 <= N <= SKINNY_MAX_ROWS:
+            if 2 <= N <= skinny:
                 _skinny_block(tmp, x, w, m0, m1)
             else:  # one row: BLAS sgemv is at the bandwidth already
                 np.dot(x, w[m0:m1].T, tmp)
@@ -224,14 +226,36 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
                               SRC_TMP)
 
 
-def linear_forward(out, x, w, b=None, act="none", residual=None):
-    """out (..., M) = act(x (..., K) @ w.T + b) [+ residual (..., M)]; out must not alias x or residual (BLAS writes it first)."""
+def _blocks(op, rows, cols, skinny_max_rows):
+    """The block tunables (None: the defaults ROWS, COLS, SKINNY_MAX_ROWS), checked."""
+    vals = []
+    for name, v, default, lo in (("rows", rows, ROWS, 1), ("cols", cols, COLS, 1),
+                                 ("skinny_max_rows", skinny_max_rows, SKINNY_MAX_ROWS, 0)):
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= 1 << 20:
+            raise GraphError(f"{op}: tunable '{name}' is {v!r}, expected an int in [{lo}, {1 << 20}]")
+        vals.append(int(v))
+    return vals
+
+
+def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, cols=None, skinny_max_rows=None,
+                   threads=None):
+    """out (..., M) = act(x (..., K) @ w.T + b) [+ residual (..., M)]; out must not alias x or residual (BLAS writes it first).
+
+    Tunables (None: defaults; see nbformer/tuning/space.py): rows / cols, the GEMM block sizes
+    (gemm.ROWS / COLS); skinny_max_rows, the most rows (>= 2) that use the few-row kernel instead of
+    sgemm; threads, the Numba threads for this call. Blocks and skinny_max_rows may change the last
+    bits (other sgemm call shapes), threads never does."""
     K, M = x.shape[-1], w.shape[0]
+    rows, cols, skinny = _blocks("linear_forward", rows, cols, skinny_max_rows)
+    threads = check_threads("linear_forward", threads)
     out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
     use_bias, use_res = b is not None, residual is not None
     pin_blas_to_one_thread()
-    _linear_fwd(out2, out2, x2, w, b if use_bias else w[0], ACT_CODES[act],
-                residual.reshape(-1, M) if use_res else out2, use_bias, use_res, False)
+    with num_threads(threads):
+        _linear_fwd(out2, out2, x2, w, b if use_bias else w[0], ACT_CODES[act],
+                    residual.reshape(-1, M) if use_res else out2, use_bias, use_res, False, rows, cols, skinny)
 
 
 # ---------------------------------------------------------------- training: forward that saves pre, backward
@@ -368,7 +392,7 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
     pre2 = pre.reshape(-1, M)
     pin_blas_to_one_thread()
     _linear_fwd(out.reshape(-1, M), pre2, x.reshape(-1, K), w, b if use_bias else w[0], code,
-                residual.reshape(-1, M) if use_res else pre2, use_bias, use_res, True)
+                residual.reshape(-1, M) if use_res else pre2, use_bias, use_res, True, ROWS, COLS, SKINNY_MAX_ROWS)
 
 
 def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
