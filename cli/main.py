@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from .chat_cmd import chat
 from .devices_cmd import devices
 from .embed_cmd import embed
 from .generate_cmd import generate, translate
@@ -20,7 +21,7 @@ def main():
     """nbformer: transformer models on Numba kernels, no torch at run time."""
 
 
-for _command in (embed, generate, translate, inspect, train, devices):
+for _command in (embed, generate, translate, chat, inspect, train, devices):
     main.add_command(_command)
 
 
