@@ -37,6 +37,11 @@ def inspect(model_path, batch, seq, train_plan, device):
                f"d_ff: {cfg.d_ff}   vocab: {cfg.vocab_size}   max positions: {cfg.max_positions}")
     n = m.num_parameters
     click.echo(f"parameters: {n:,} ({fmt_bytes(4 * n)} float32)")
+    if (m.ckpt.metadata or {}).get("gguf_tensors"):  # a .gguf file: its metadata, tensor types, bytes per token
+        from nbformer.weights.gguf_io import summary_lines
+
+        for line in summary_lines(m.ckpt):
+            click.echo(line)
     dev = m.dev
     where = "" if dev.kind == "cpu" else f" on {dev.name}"
     if dev.kind != "cpu":

@@ -143,14 +143,15 @@ def template_for(model) -> tuple:
     gguf_meta = meta.get("gguf_metadata") or {}
     if isinstance(src, str):
         where = f"{ck.path}: tokenizer.chat_template"
+        src_name = "the GGUF file's tokenizer.chat_template"
         add_bos = bool(gguf_meta.get("tokenizer.ggml.add_bos_token", gguf_meta.get("tokenizer.ggml.model") == "llama"))
-        return ChatTemplate(src, name(cfg.bos_token_id), name(cfg.eos_token_id), where), where, add_bos
+        return ChatTemplate(src, name(cfg.bos_token_id), name(cfg.eos_token_id), where), src_name, add_bos
     src, tcfg = _hf_template(ck.model_dir if ck.model_dir is not None and ck.model_dir.is_dir() else None)
     bos = _token_text(tcfg.get("bos_token")) or name(cfg.bos_token_id)
     eos = _token_text(tcfg.get("eos_token")) or name(cfg.eos_token_id)
     if isinstance(src, str):
         where = f"{ck.model_dir}: chat_template"
-        return ChatTemplate(src, bos, eos, where), where, False
+        return ChatTemplate(src, bos, eos, where), "tokenizer_config.json chat_template", False
     if tok.token_to_id("<|im_start|>") is not None and tok.token_to_id("<|im_end|>") is not None:
         return ChatTemplate(CHATML, bos, eos, "ChatML (built in)"), "ChatML (built in; the model has no template)", False
     return ChatTemplate(PLAIN, bos, eos, "plain (built in)"), "plain User:/Assistant: (the model has no template)", False

@@ -552,7 +552,8 @@ def load_gguf(path):
     from .gguf_tokenizer import has_tokenizer, tokenizer_json_from_gguf
 
     factory = (lambda: tokenizer_json_from_gguf(gf.metadata, str(gf.path))) if has_tokenizer(gf.metadata) else None
-    meta = {"gguf_types": types, "gguf_metadata": _small_metadata(gf.metadata)}
+    meta = {"gguf_types": types, "gguf_metadata": _small_metadata(gf.metadata), "gguf_version": gf.version,
+            "gguf_tensors": {n: (r.type_name, tuple(r.shape), r.n_bytes) for n, r in gf.tensors.items()}}
     tmpl = gf.metadata.get("tokenizer.chat_template")
     if isinstance(tmpl, str):
         meta["chat_template"] = tmpl
@@ -573,3 +574,55 @@ def _dequantizable() -> tuple:
             continue
         names.append(qt.name)
     return tuple(names)
+
+
+def bytes_per_token(ckpt) -> dict:
+    """Weight bytes a decoder reads to produce one token: every matrix once, the input embedding's
+    one row only (unless tied to the output projection). 'stored': with the file's own types (what
+    kernels that keep the blocks quantized read); 'loaded': with what the model binds now."""
+    stored_tensors = (ckpt.metadata or {}).get("gguf_tensors") or {}
+    tied = ckpt.config.tie_word_embeddings
+    stored = 0
+    for name, (_t, shape, nb) in stored_tensors.items():
+        if name == "token_embd.weight" and not tied:
+            nb = nb // max(int(shape[0]), 1)
+        stored += nb
+    loaded = 0
+    for name, a in ckpt.params.items():
+        nb = int(getattr(a, "nbytes", 0))
+        if name == "tok_emb" and not tied:
+            nb = nb // max(int(ckpt.config.vocab_size), 1)
+        loaded += nb
+    return {"stored": stored, "loaded": loaded}
+
+
+def summary_lines(ckpt) -> list:
+    """What `nbformer inspect file.gguf` prints about the file itself."""
+    from collections import Counter
+
+    md = (ckpt.metadata or {}).get("gguf_metadata") or {}
+    tensors = (ckpt.metadata or {}).get("gguf_tensors") or {}
+    arch = md.get("general.architecture")
+    lines = [f"GGUF v{ckpt.metadata.get('gguf_version')}: {len(tensors)} tensors, {len(md)} metadata keys; "
+             f"architecture {arch!r}, name {md.get('general.name')!r}"]
+    keys = [k for k in md if k.startswith(f"{arch}.")] + [
+        k for k in ("general.file_type", "general.quantization_version", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                    "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+                    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token")
+        if k in md]
+    for k in keys:
+        lines.append(f"  {k} = {md[k]}")
+    tmpl = md.get("tokenizer.chat_template")
+    if isinstance(tmpl, str):
+        lines.append(f"  tokenizer.chat_template = {len(tmpl)} characters: {tmpl[:60]!r}...")
+    by_type = Counter()
+    bytes_by_type = Counter()
+    for _n, (t, _s, nb) in tensors.items():
+        by_type[t] += 1
+        bytes_by_type[t] += nb
+    parts = [f"{t} x{by_type[t]} ({bytes_by_type[t] / 2**20:.1f} MiB)" for t in sorted(by_type)]
+    lines.append("tensor types: " + ", ".join(parts))
+    bpt = bytes_per_token(ckpt)
+    lines.append(f"weight bytes read per decoded token: {bpt['stored'] / 2**20:.1f} MiB as stored in the file, "
+                 f"{bpt['loaded'] / 2**20:.1f} MiB as loaded now")
+    return lines
