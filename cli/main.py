@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from .bench_cmd import bench
 from .chat_cmd import chat
 from .devices_cmd import devices
 from .embed_cmd import embed
@@ -21,7 +22,7 @@ def main():
     """nbformer: transformer models on Numba kernels, no torch at run time."""
 
 
-for _command in (embed, generate, translate, chat, inspect, train, devices):
+for _command in (embed, generate, translate, chat, inspect, train, devices, bench):
     main.add_command(_command)
 
 

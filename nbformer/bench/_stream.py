@@ -1,0 +1,20 @@
+"""The CPU streaming-read kernel of the roofline measurement (a module of its own so importing
+nbformer.bench.roofline does not start Numba)."""
+import numpy as np
+from numba import njit, prange
+
+
+# reassociation lets LLVM keep several vector accumulators (a plain sum is one serial chain and
+# would measure the add latency, not the memory); no masks or infinities here
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def stream_sum(a, partial):
+    """partial[c] = sum of chunk c of a (a read once, in len(partial) contiguous chunks)."""
+    n, nc = a.size, partial.size
+    chunk = (n + nc - 1) // nc
+    for c in prange(nc):
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        s = np.float32(0.0)
+        for i in range(lo, hi):
+            s += a[i]
+        partial[c] = s

@@ -1,0 +1,400 @@
+"""This machine's roofline: peak GEMM rate and streaming-read bandwidth, measured once, cached.
+
+The two numbers that bound a kernel (Williams et al.'s roofline model) are measured, not taken
+from a data sheet, with the code paths nbformer's kernels use:
+  * peak compute: a large square sgemm through nbformer's own GEMM (kernels/cpu/gemm.py: BLAS
+    sgemm blocks on Numba's thread pool; on CUDA the tiled SGEMM of kernels/cuda/linear.py),
+    2*N^3 FLOPs per call, best of a few calls after a warm-up;
+  * bandwidth: a parallel sum over a buffer much larger than the caches (each byte read once),
+    best of a few calls.
+Both depend on the thread count on the CPU, so an entry is kept per (machine, device, threads).
+Entries live in `cache_dir()/roofline.json` (NBFORMER_CACHE_DIR overrides the directory), keyed by
+the machine key of nbformer.tuning.machine: an entry from another machine or library version
+has another key and is never used. `nbformer bench --remeasure` measures again.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import InputError, NbformerError
+
+CACHE_FILE = "roofline.json"
+FORMAT_VERSION = 1
+PLOT_HINT = 'pip install "nbformer[plot]"'
+
+# default measurement sizes: large enough to leave the caches and amortise call overhead
+CPU_GEMM_N = 1536  # 7.2 GFLOP per call; best of several short calls finds a quiet moment on a busy machine
+CPU_READ_MIB = 256
+CUDA_GEMM_N = 8192  # 1.1 TFLOP per call
+CUDA_READ_MIB = 2048
+
+
+@dataclass
+class Roofline:
+    device: str  # 'cpu' or 'cuda:N'
+    threads: int | None  # Numba threads (cpu); None on cuda
+    peak_gflops: float
+    read_gbs: float
+    measured_at: str = ""
+    source: str = "measured"  # 'measured' now, or 'cache'
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ridge(self) -> float:
+        """Arithmetic intensity (FLOP/byte) where the bandwidth roof meets the compute roof."""
+        return self.peak_gflops / self.read_gbs
+
+    def attainable(self, intensity: float) -> float:
+        """GFLOP/s the roofline allows at this arithmetic intensity."""
+        return min(self.peak_gflops, self.read_gbs * intensity)
+
+    def label(self) -> str:
+        return self.device if self.threads is None else f"{self.device}, {self.threads} thread{'s' * (self.threads != 1)}"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ridge_flop_per_byte"] = self.ridge
+        return d
+
+
+# ---------------------------------------------------------------- the cache
+def cache_path() -> Path:
+    from ..tuning.machine import cache_dir
+
+    return cache_dir() / CACHE_FILE
+
+
+def entry_key(device: str, threads: int | None) -> str:
+    """'<machine key id>/<device>/t<threads>': another machine or version gives another key."""
+    from ..tuning.machine import key_id, machine_key
+
+    kind = device.split(":")[0]
+    return f"{key_id(machine_key(device if kind == 'cuda' else 'cpu'))}/{device}/t{threads or 0}"
+
+
+def _read_cache(path: Path, log) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or not isinstance(
+                data.get("entries"), dict):
+            raise ValueError("not a roofline cache of this version")
+        return data["entries"]
+    except (OSError, ValueError) as e:
+        log(f"roofline: ignoring unreadable cache {path} ({e}); it will be rewritten")
+        return {}
+
+
+def _write_cache(path: Path, entries: dict, log):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": FORMAT_VERSION, "entries": entries}, indent=1, sort_keys=True),
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop a benchmark
+        log(f"roofline: could not write the cache {path} ({e.strerror or e}); the numbers are not kept")
+
+
+def cached(device: str, threads: int | None) -> Roofline | None:
+    """The cached roofline of this machine for (device, threads), or None."""
+    e = _read_cache(cache_path(), lambda msg: None).get(entry_key(device, threads))
+    return None if e is None else _from_entry(e)
+
+
+def store(roof: Roofline, log=None):
+    """Keep a roofline in the cache (replacing the entry of the same machine, device and threads)."""
+    from ..tuning.machine import machine_key
+
+    log = log or _stderr
+    path = cache_path()
+    entries = _read_cache(path, log)
+    kind = roof.device.split(":")[0]
+    e = {k: v for k, v in roof.to_json().items() if k not in ("source", "ridge_flop_per_byte")}
+    e["machine"] = machine_key(roof.device if kind == "cuda" else "cpu")
+    entries[entry_key(roof.device, roof.threads)] = e
+    _write_cache(path, entries, log)
+
+
+def _from_entry(e: dict) -> Roofline:
+    try:
+        r = Roofline(device=str(e["device"]), threads=e.get("threads"), peak_gflops=float(e["peak_gflops"]),
+                     read_gbs=float(e["read_gbs"]), measured_at=str(e.get("measured_at", "")), source="cache",
+                     details=dict(e.get("details") or {}))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (r.peak_gflops > 0 and r.read_gbs > 0):
+        return None
+    return r
+
+
+def _stderr(msg: str):
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def get(device: str = "cpu", threads: int | None = None, remeasure: bool = False, log=None, **sizes) -> Roofline:
+    """The roofline of this machine for a device (and Numba thread count on the CPU): from the
+    cache, or measured now (a few seconds) and cached. sizes: see measure_cpu / measure_cuda."""
+    log = log or _stderr
+    if not remeasure:
+        r = cached(device, threads)
+        if r is not None:
+            return r
+    log(f"roofline: measuring {device}{'' if threads is None else f' with {threads} threads'} "
+        f"(peak sgemm and read bandwidth; once, kept in {cache_path()})")
+    r = measure_cuda(device, **sizes) if device.startswith("cuda") else measure_cpu(threads, **sizes)
+    store(r, log)
+    return r
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- CPU
+_CUDA_KERNELS = {}
+
+
+def _best(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _check_host_memory(nbytes: int, what: str):
+    avail = available_host_bytes()
+    if avail is not None and nbytes > 0.8 * avail:
+        raise InputError(f"{what}: needs {nbytes / 2 ** 30:.2f} GiB of memory, this machine has "
+                         f"{avail / 2 ** 30:.2f} GiB available")
+
+
+def available_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: int = CPU_READ_MIB,
+                repeat: int = 7) -> Roofline:
+    """Peak sgemm GFLOP/s (nbformer's GEMM, gemm_n^3) and read GB/s (a parallel sum over
+    read_mib MiB) with `threads` Numba threads (None: the current count)."""
+    import numpy as np
+
+    from ..kernels.cpu.gemm import matmul_nn
+    from .env import current_threads, set_threads
+
+    if threads is not None:
+        set_threads(threads)
+    else:
+        set_threads(current_threads())
+    threads = current_threads()
+    n = int(gemm_n)
+    _check_host_memory(3 * 4 * n * n + read_mib * 2 ** 20, "roofline measurement")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    matmul_nn(c, a, b)  # warm-up (compile or cache load, first touch)
+    t_gemm = _best(lambda: matmul_nn(c, a, b), repeat)
+    del a, b, c
+    x = np.ones(int(read_mib) * 2 ** 20 // 4, np.float32)
+    partial = np.empty(64 * max(1, threads), np.float32)
+    from ._stream import stream_sum as read
+
+    read(x, partial)
+    if abs(float(partial.sum(dtype=np.float64)) - x.size) > 1e-3 * x.size:
+        raise NbformerError("roofline: the read-bandwidth kernel summed to a wrong value")  # pragma: no cover
+    t_read = _best(lambda: read(x, partial), max(repeat, 5))
+    return Roofline(device="cpu", threads=threads, peak_gflops=2.0 * n ** 3 / t_gemm / 1e9,
+                    read_gbs=x.nbytes / t_read / 1e9, measured_at=_now(),
+                    details={"gemm": f"sgemm {n}x{n}x{n} (nbformer matmul_nn), best of {repeat}",
+                             "gemm_s": t_gemm, "read": f"parallel sum of {x.nbytes / 2 ** 20:.0f} MiB, best of "
+                                                        f"{max(repeat, 5)}", "read_s": t_read})
+
+
+# ---------------------------------------------------------------- CUDA
+def _cuda_read_kernel(threads: int):
+    key = ("cuda_read", threads)
+    fn = _CUDA_KERNELS.get(key)
+    if fn is None:
+        from numba import float32
+
+        from ..kernels.cuda._jit import cuda, kernel
+
+        @kernel
+        def read_sum(a, partial):
+            sh = cuda.shared.array(threads, float32)
+            tid = cuda.threadIdx.x
+            i = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            s = float32(0.0)
+            while i < a.size:
+                s += a[i]
+                i += stride
+            sh[tid] = s
+            cuda.syncthreads()
+            w = threads // 2
+            while w > 0:
+                if tid < w:
+                    sh[tid] += sh[tid + w]
+                cuda.syncthreads()
+                w //= 2
+            if tid == 0:
+                partial[cuda.blockIdx.x] = sh[0]
+
+        fn = _CUDA_KERNELS[key] = read_sum
+    return fn
+
+
+def cuda_timer(dev):
+    """-> time_it(fn, inner) giving seconds per call of fn on the GPU: CUDA events around `inner`
+    back-to-back launches (wall clock + synchronize under the simulator, whose events are dummies)."""
+    from ..kernels.cuda._jit import SIMULATOR, cuda
+
+    def time_it(fn, inner=1):
+        if SIMULATOR:
+            dev.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            dev.synchronize()
+            return (time.perf_counter() - t0) / inner
+        start, end = cuda.event(), cuda.event()
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return cuda.event_elapsed_time(start, end) / 1e3 / inner
+
+    return time_it
+
+
+def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: int = CUDA_READ_MIB,
+                 repeat: int = 3, read_threads: int = 256) -> Roofline:
+    """Peak sgemm GFLOP/s (nbformer's tiled CUDA SGEMM, gemm_n^3) and read GB/s (a grid-stride sum
+    over read_mib MiB of device memory) of one GPU."""
+    import numpy as np
+
+    from ..devices import get_device
+    from ..kernels.cuda.linear import linear_forward
+
+    dev = get_device(device)
+    if dev.kind != "cuda":
+        raise InputError(f"roofline: {device!r} is not a CUDA device")
+    n = int(gemm_n)
+    read_n = int(read_mib) * 2 ** 20 // 4
+    dev.ensure_fits(3 * 4 * n * n, f"the roofline sgemm ({n}x{n}x{n})")
+    time_it = cuda_timer(dev)
+    rng = np.random.default_rng(0)
+    x = dev.upload(rng.standard_normal((n, n), dtype=np.float32))
+    w = dev.upload(rng.standard_normal((n, n), dtype=np.float32))
+    out = dev.empty((n, n), np.float32)
+    linear_forward(out, x, w)
+    dev.synchronize()
+    t_gemm = min(time_it(lambda: linear_forward(out, x, w)) for _ in range(repeat))
+    del x, w, out
+    dev.ensure_fits(4 * read_n, f"the roofline read buffer ({read_mib} MiB)")
+    a = dev.upload(np.ones(read_n, np.float32))
+    nblocks = max(1, min(4096, (read_n + read_threads - 1) // read_threads // 8))
+    partial = dev.empty(nblocks, np.float32)
+    k = _cuda_read_kernel(read_threads)
+    launch = lambda: k[nblocks, read_threads](a, partial)  # noqa: E731
+    launch()
+    dev.synchronize()
+    total = float(dev.download(partial).astype(np.float64).sum())
+    if abs(total - read_n) > 1e-3 * read_n:
+        raise NbformerError(f"roofline: the CUDA read kernel summed to {total}, expected {read_n}")
+    t_read = min(time_it(launch) for _ in range(max(repeat, 5)))
+    name = getattr(dev, "gpu_name", device)
+    return Roofline(device=dev.name, threads=None, peak_gflops=2.0 * n ** 3 / t_gemm / 1e9,
+                    read_gbs=4.0 * read_n / t_read / 1e9, measured_at=_now(),
+                    details={"gpu": name, "gemm": f"sgemm {n}x{n}x{n} (nbformer tiled CUDA SGEMM, no tensor "
+                                                  f"cores), best of {repeat}", "gemm_s": t_gemm,
+                             "read": f"grid-stride sum of {4 * read_n / 2 ** 20:.0f} MiB, {nblocks} blocks x "
+                                     f"{read_threads} threads, best of {max(repeat, 5)}", "read_s": t_read})
+
+
+# ---------------------------------------------------------------- plot
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NbformerError(f"--plot needs matplotlib, which is not installed: {PLOT_HINT}") from None
+    return plt
+
+
+def plot(path, rooflines: list, points: list):
+    """Draw the roofline(s) (log-log: arithmetic intensity in FLOP/byte vs GFLOP/s, ridge points
+    marked) with the benchmarked kernels on them, into an image file.
+
+    points: dicts with 'label', 'intensity' (FLOP/byte), 'gflops' and 'roof' (index into rooflines)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise InputError(f"--plot {path}: expected a .png, .svg, .pdf or .jpg file name")
+    if not path.parent.exists():
+        raise InputError(f"--plot {path}: the directory {path.parent} does not exist")
+    plt = _pyplot()
+    import math
+
+    ais = [p["intensity"] for p in points if p["intensity"] > 0] + [r.ridge for r in rooflines]
+    lo = 10 ** math.floor(math.log10(min(ais) / 4))
+    hi = 10 ** math.ceil(math.log10(max(ais) * 4))
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_steps = 200
+    xs = [lo * (hi / lo) ** (i / n_steps) for i in range(n_steps + 1)]
+    for i, r in enumerate(rooflines):
+        c = colors[i % len(colors)]
+        ax.plot(xs, [r.attainable(x) for x in xs], color=c, lw=2,
+                label=f"{r.label()}: {r.peak_gflops:,.1f} GFLOP/s, {r.read_gbs:,.1f} GB/s")
+        ax.plot([r.ridge], [r.peak_gflops], "o", color=c, ms=6, mfc="white")
+        ax.annotate(f"ridge {r.ridge:.2f} FLOP/B", (r.ridge, r.peak_gflops), textcoords="offset points",
+                    xytext=(6, -14), fontsize=8, color=c)
+    markers = "sD^v<>pP*X"
+    for j, p in enumerate(points):
+        c = colors[p.get("roof", 0) % len(colors)]
+        x = max(p["intensity"], lo)
+        y = max(p["gflops"], 1e-9)
+        ax.plot([x], [y], markers[j % len(markers)], color=c, ms=7, mec="black", mew=0.6)
+        ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ymin = min([p["gflops"] for p in points if p["gflops"] > 0] + [r.read_gbs * lo for r in rooflines])
+    ax.set_ylim(ymin / 3, max(r.peak_gflops for r in rooflines) * 3)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte, compulsory traffic)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title("nbformer kernels on this machine's measured roofline")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise InputError(f"--plot {path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+    return path
