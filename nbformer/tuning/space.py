@@ -1,0 +1,547 @@
+"""Tunable spaces: what each kernel family may change, within which limits, and what it costs in bits.
+
+A `Family` is one launcher on one device kind (the CPU linear forward, the CUDA attention
+forward, ...). It declares:
+
+* its `Tunable`s: name, candidate values, default, and `bit_exact` (True: a change never alters
+  the result bits, e.g. the CPU thread count, whose blocks are fixed; the validator then demands
+  bit-identical output to the default config. False: it changes a reduction order or a GEMM call
+  shape, e.g. a key-tile size of the online softmax; such candidates are validated against the
+  float64 reference at the tests' tolerance and that is all they promise);
+* `check(config, case)`: the constraints (scratch fits in L2, threads per block and shared memory
+  within the device's limits, register tiles dividing the block tiles ...), a reason string when
+  a candidate is invalid;
+* `effective(config, case)`: configs that run identically at this shape (a query tile larger than
+  the sequence, a thread count above the number of work items) are timed once;
+* `case_from_node(node, graph)`: the shapes a graph node runs at (None: not tunable, e.g. the
+  training forward that keeps pre-activations);
+* `bucket(case)`: the cache key of a shape (row counts rounded up to a power of two, model dims
+  exact); `nearest` fields may differ when the exact bucket was not tuned;
+* `workload(case, seed)`: seeded inputs on the device, the launcher call, the float64 reference;
+* `launch_kwargs(config)`: the keywords the adapter passes to the launcher at run time.
+
+Reduction chunks that fix the bits of a training reduction (kernels/cpu/linear.py
+ROWS_PER_CHUNK, kernels/cuda/linear.py DB_ROWS) are deliberately not declared: they stay fixed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Tunable:
+    name: str
+    values: tuple
+    default: object
+    bit_exact: bool
+    doc: str = ""
+
+
+@dataclass
+class Workload:
+    """One shape of one family, ready to run: inputs live on the device; outputs are made fresh."""
+
+    out_shapes: dict                     # name -> shape of every output the launcher writes
+    run: object                          # run(outs: dict, config: dict) -> None (launch, not synchronised)
+    reference: object                    # reference() -> {name: float64 array}, the oracle's answer
+    tolerance: dict                      # name -> (atol, rtol), the tests' tolerances
+    device: object                       # nbformer.devices.Device
+    flops: float = 0.0
+    bytes: float = 0.0
+    compare_mask: dict = field(default_factory=dict)  # name -> bool mask of elements to check (None: all)
+
+    def fresh_outputs(self) -> dict:
+        """New output buffers filled with NaN, so that a config that writes nothing cannot pass."""
+        outs = {}
+        for k, shape in self.out_shapes.items():
+            host = np.full(shape, np.nan, np.float32)
+            outs[k] = host if self.device.kind == "cpu" else self.device.upload(host)
+        return outs
+
+    def download(self, arr):
+        return arr if self.device.kind == "cpu" else self.device.download(arr)
+
+
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _source_hash(modules) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        spec = importlib.util.find_spec(m)
+        if spec is None or spec.origin is None:
+            h.update(f"<missing {m}>".encode())
+            continue
+        h.update(m.encode())
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _l2_bytes() -> int:
+    """Per-core L2 size from sysfs (1 MiB when unknown)."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in sorted(base.glob("index*")):
+            if (idx / "level").read_text().strip() == "2":
+                s = (idx / "size").read_text().strip().upper()
+                mult = {"K": 1024, "M": 1 << 20}.get(s[-1], 1)
+                return int(s.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
+def cpu_thread_values() -> tuple:
+    """1, 2, 4, ... up to NUMBA_NUM_THREADS, and NUMBA_NUM_THREADS itself."""
+    from numba import config
+
+    n = max(1, int(config.NUMBA_NUM_THREADS))
+    vals = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return tuple(sorted(set(vals + [n])))
+
+
+class Family:
+    name = ""         # kernel family, as on the command line: 'linear', 'attention'
+    device = "cpu"    # device kind
+    op = ""           # graph op and direction it serves
+    direction = "forward"
+    sources: tuple = ()  # modules whose source decides the tuned values (hashed into the cache key)
+    nearest: tuple = ()  # bucket fields that may differ in a nearest-bucket lookup
+    dtype = "f32"
+
+    @property
+    def key(self) -> str:
+        return f"{self.device}.{self.name}"
+
+    def tunables(self) -> tuple:
+        raise NotImplementedError
+
+    def tunable(self, name) -> Tunable:
+        for t in self.tunables():
+            if t.name == name:
+                return t
+        raise InputError(f"{self.key}: no tunable {name!r} (expected one of {[t.name for t in self.tunables()]})")
+
+    def source_hash(self) -> str:
+        h = getattr(self, "_hash", None)
+        if h is None:
+            h = self._hash = _source_hash(self.sources)
+        return h
+
+    def defaults(self, case) -> dict:
+        return {t.name: t.default for t in self.tunables()}
+
+    def candidates(self, case) -> list:
+        """Every config of the grid, the default first (the caller filters, dedupes and orders)."""
+        ts = self.tunables()
+        grid = [dict(zip([t.name for t in ts], vals)) for vals in itertools.product(*[t.values for t in ts])]
+        return [self.defaults(case)] + grid
+
+    def check(self, config, case):
+        """None if config is valid at this case, else the reason."""
+        return None
+
+    def effective(self, config, case):
+        return tuple(sorted(config.items()))
+
+    def bit_exact_change(self, config, default) -> bool:
+        """True when config differs from default only in bit-exact tunables."""
+        return all(t.bit_exact or config.get(t.name) == default.get(t.name) for t in self.tunables())
+
+    def launch_kwargs(self, config) -> dict:
+        return dict(config)
+
+    def case_from_node(self, node, graph):
+        return None
+
+    def bucket(self, case) -> dict:
+        raise NotImplementedError
+
+    def describe(self, case) -> str:
+        return ", ".join(f"{k}={v}" for k, v in case.items())
+
+    def workload(self, case, seed=0) -> Workload:
+        raise NotImplementedError
+
+
+def _dev(kind):
+    from ..devices import get_device
+
+    return get_device(kind)
+
+
+# ---------------------------------------------------------------- linear (forward, inference)
+def _linear_case_from_node(node, graph):
+    if node.op != "linear" or node.direction != "forward" or "pre" in node.outputs:
+        return None  # the training forward keeps fixed blocks (its backward reuses them)
+    x = graph.tensors[node.inputs["x"]].shape
+    w = graph.tensors[node.inputs["w"]].shape
+    return {"N": int(np.prod(x[:-1], dtype=np.int64)), "K": int(x[-1]), "M": int(w[0]),
+            "act": str(node.attrs.get("act", "none")), "bias": "b" in node.inputs,
+            "residual": "residual" in node.inputs}
+
+
+def _linear_bucket(case):
+    return {"N": pow2_bucket(case["N"]), "K": case["K"], "M": case["M"], "act": case["act"],
+            "bias": bool(case["bias"]), "residual": bool(case["residual"])}
+
+
+def _linear_workload(case, seed, dev, launcher, kwargs_of):
+    from ..reference.forward import linear as ref_linear
+
+    N, K, M = case["N"], case["K"], case["M"]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, K), dtype=np.float32)
+    w = (rng.standard_normal((M, K), dtype=np.float32) / np.float32(math.sqrt(K)))
+    b = rng.standard_normal(M, dtype=np.float32) * np.float32(0.1) if case["bias"] else None
+    r = rng.standard_normal((N, M), dtype=np.float32) if case["residual"] else None
+    xd, wd = dev.upload(x), dev.upload(w)
+    bd = None if b is None else dev.upload(b)
+    rd = None if r is None else dev.upload(r)
+    act = case["act"]
+
+    def run(outs, config):
+        launcher(outs["out"], xd, wd, bd, act, rd, **kwargs_of(config))
+
+    def reference():
+        return {"out": ref_linear(x, w, b, act, r)}
+
+    # the tests' fp32-forward tolerance (1e-5), widened as sqrt(K / 64) for the longer dot products
+    # of model shapes (the tests use K <= 64): fp32 rounding grows with the square root of K
+    tol = 1e-5 * max(1.0, math.sqrt(K / 64.0))
+    return Workload(out_shapes={"out": (N, M)}, run=run, reference=reference, tolerance={"out": (tol, tol)},
+                    device=dev, flops=2.0 * N * K * M, bytes=4.0 * (N * K + M * K + N * M * (2 if r is not None else 1)))
+
+
+class CpuLinear(Family):
+    name, device, op = "linear", "cpu", "linear"
+    sources = ("nbformer.kernels.cpu.linear", "nbformer.kernels.cpu.gemm")
+    nearest = ("N",)
+    SCRATCH_LIMIT = 64 << 20  # bytes of GEMM block scratch per thread
+
+    def tunables(self):
+        from ..kernels.cpu import gemm, linear
+
+        return (
+            Tunable("rows", (32, 64, 128, 256, 512), gemm.ROWS, False,
+                    "rows per GEMM block (row split: N >= 2*rows or M <= cols); other sgemm call shapes"),
+            Tunable("cols", (64, 128, 256, 512, 1024), gemm.COLS, False,
+                    "columns per block when rows are few (decoding)"),
+            Tunable("skinny_max_rows", (0, 4, 8, 16, 32), linear.SKINNY_MAX_ROWS, False,
+                    "at most this many rows (>= 2) use the few-row kernel instead of sgemm"),
+            Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
+                    "Numba threads for the call; blocks are fixed, so bits never change"),
+        )
+
+    def check(self, config, case):
+        from numba import config as nconfig
+
+        N, M = case["N"], case["M"]
+        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
+            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        by_rows = N >= 2 * config["rows"] or M <= config["cols"]
+        scratch = 4 * (min(config["rows"], N) * M if by_rows else N * min(config["cols"], M))
+        if scratch > self.SCRATCH_LIMIT:
+            return f"{scratch / 2**20:.0f} MiB of block scratch per thread (> {self.SCRATCH_LIMIT >> 20} MiB)"
+        return None
+
+    def effective(self, config, case):
+        N, M = case["N"], case["M"]
+        rows, cols = config["rows"], config["cols"]
+        if N >= 2 * rows or M <= cols:
+            nblk = -(-N // rows)
+            return ("rows", min(rows, N), min(config["threads"], nblk))
+        nblk = -(-M // cols)
+        return ("cols", min(cols, M), 2 <= N <= config["skinny_max_rows"], min(config["threads"], nblk))
+
+    def case_from_node(self, node, graph):
+        return _linear_case_from_node(node, graph)
+
+    def bucket(self, case):
+        return _linear_bucket(case)
+
+    def describe(self, case):
+        extra = "".join(s for s, on in ((" +b", case["bias"]), (" +res", case["residual"])) if on)
+        act = "" if case["act"] == "none" else f" {case['act']}"
+        return f"linear {case['N']}x{case['K']} @ {case['K']}x{case['M']}{act}{extra}"
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.linear import linear_forward
+
+        return _linear_workload(case, seed, _dev("cpu"), linear_forward, self.launch_kwargs)
+
+
+# ---------------------------------------------------------------- attention (forward, inference)
+def _attention_case_from_node(node, graph):
+    if node.op != "attention" or node.direction != "forward" or float(node.attrs.get("dropout_p", 0.0)) > 0:
+        return None
+    q = graph.tensors[node.inputs["q"]].shape
+    kv = graph.tensors[node.inputs["kv"]].shape
+    a = node.attrs
+    NH = int(a["n_heads"])
+    NKV = int(a.get("n_kv_heads") or NH)
+    # decoding: the keys are a prefix of the cache that grows every step; its capacity stands for it
+    return {"B": int(q[0]), "NH": NH, "NKV": NKV, "HS": int(a["head_size"]), "Tq": int(q[1]), "Tk": int(kv[1]),
+            "causal": bool(a.get("causal", False))}
+
+
+def _attention_bucket(case):
+    return {"B": case["B"], "NH": case["NH"], "NKV": case["NKV"], "HS": case["HS"], "Tq": pow2_bucket(case["Tq"]),
+            "Tk": pow2_bucket(case["Tk"]), "causal": bool(case["causal"])}
+
+
+def _attention_workload(case, seed, dev, launcher, kwargs_of):
+    from ..reference.forward import attention_gqa
+
+    B, NH, NKV, HS, Tq, Tk = (case[k] for k in ("B", "NH", "NKV", "HS", "Tq", "Tk"))
+    causal = bool(case["causal"])
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Tq, NH * HS), dtype=np.float32)
+    kv = rng.standard_normal((B, Tk, 2 * NKV * HS), dtype=np.float32)
+    mask = np.ones((B, Tk), np.uint8)
+    if B > 1 and Tk > 1:  # padded keys in the last row: the masked paths run too
+        mask[-1, : max(1, Tk // 4)] = 0
+    scale = 1.0 / math.sqrt(HS)
+    qd, kvd, md = dev.upload(q), dev.upload(kv), dev.upload(mask)
+
+    def run(outs, config):
+        kw = kwargs_of(config)
+        if NKV != NH:
+            kw["n_kv_heads"] = NKV
+        launcher(outs["out"], outs["lse"], qd, 0, kvd, 0, NKV * HS, md, NH, HS, causal, scale, **kw)
+
+    def reference():
+        q4 = q.reshape(B, Tq, NH, HS).transpose(0, 2, 1, 3)
+        k4 = kv[:, :, : NKV * HS].reshape(B, Tk, NKV, HS).transpose(0, 2, 1, 3)
+        v4 = kv[:, :, NKV * HS:].reshape(B, Tk, NKV, HS).transpose(0, 2, 1, 3)
+        o, lse = attention_gqa(q4, k4, v4, mask, causal, scale)
+        return {"out": o.transpose(0, 2, 1, 3).reshape(B, Tq, NH * HS), "lse": lse}
+
+    nk = Tk * (Tk + 1) / 2 if causal and Tq == Tk else Tq * Tk
+    return Workload(out_shapes={"out": (B, Tq, NH * HS), "lse": (B, NH, Tq)}, run=run, reference=reference,
+                    tolerance={"out": (1e-5, 0.0), "lse": (2e-6, 1e-5)}, device=dev,
+                    flops=4.0 * B * NH * nk * HS, bytes=4.0 * (q.size + kv.size + B * Tq * NH * HS))
+
+
+class CpuAttention(Family):
+    name, device, op = "attention", "cpu", "attention"
+    sources = ("nbformer.kernels.cpu.attention",)
+    nearest = ("Tq", "Tk", "B")
+
+    def tunables(self):
+        import inspect
+
+        from ..kernels.cpu.attention import attention_forward
+
+        p = inspect.signature(attention_forward).parameters  # the launcher's own defaults
+        return (
+            Tunable("block_q", (16, 32, 64, 128, 256), p["block_q"].default, False,
+                    "queries per work item; changes the micro-kernel's grouping (validated at tolerance)"),
+            Tunable("block_k", (32, 64, 128, 256, 512), p["block_k"].default, False,
+                    "keys per tile of the online softmax; changes its summation order (validated at tolerance)"),
+            Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
+                    "Numba threads; items own disjoint outputs, so bits never change"),
+        )
+
+    def check(self, config, case):
+        from numba import config as nconfig
+
+        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
+            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        bq, bk, HS = min(config["block_q"], case["Tq"]), min(config["block_k"], case["Tk"]), case["HS"]
+        scratch = 4 * ((bq + 8) * (bk + HS) + (bq + bk) * HS)
+        limit = _l2_bytes()
+        if scratch > limit:
+            return f"per-thread scratch {scratch >> 10} KiB does not fit L2 ({limit >> 10} KiB)"
+        return None
+
+    def effective(self, config, case):
+        bq = min(config["block_q"], case["Tq"])
+        items = case["B"] * case["NH"] * -(-case["Tq"] // bq)
+        return (bq, min(config["block_k"], case["Tk"]), min(config["threads"], items))
+
+    def case_from_node(self, node, graph):
+        return _attention_case_from_node(node, graph)
+
+    def bucket(self, case):
+        return _attention_bucket(case)
+
+    def describe(self, case):
+        gqa = f"/{case['NKV']}kv" if case["NKV"] != case["NH"] else ""
+        return (f"attention B{case['B']} H{case['NH']}{gqa} D{case['HS']} Tq{case['Tq']} Tk{case['Tk']}"
+                f"{' causal' if case['causal'] else ''}")
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.attention import attention_forward
+
+        return _attention_workload(case, seed, _dev("cpu"), attention_forward, self.launch_kwargs)
+
+
+# ---------------------------------------------------------------- CUDA twins
+class CudaLinear(Family):
+    """The CUDA linear forward: tiled SGEMM tiles (N > few_rows) or the few-row variant (decoding).
+    Candidates are the kernel file's CANDIDATES lists (whole tile configurations, not a product)."""
+
+    name, device, op = "linear", "cuda", "linear"
+    sources = ("nbformer.kernels.cuda.linear", "nbformer.kernels.cuda._jit")
+    nearest = ("N",)
+    TILED = ("BM", "BN", "BK", "TM", "TN")
+    FEW = ("fr_threads", "fr_lanes", "fr_cols", "fr_kc")
+
+    def _mod(self):
+        from ..kernels.cuda import linear
+
+        return linear
+
+    def tunables(self):
+        L = self._mod()
+        tiled, few = L.CANDIDATES["tiled"], L.CANDIDATES["few_rows"]
+        out = []
+        for name in self.TILED:
+            out.append(Tunable(name, tuple(sorted({c[name] for c in tiled})), L.TUNABLES[name],
+                               not L.BIT_CHANGING[name], "tiled SGEMM tile (N > few_rows)"))
+        for name in self.FEW:
+            out.append(Tunable(name, tuple(sorted({c[name] for c in few})), L.TUNABLES[name],
+                               not L.BIT_CHANGING[name], "few-row kernel (N <= few_rows)"))
+        return tuple(out)
+
+    def _few(self, case):
+        return case["N"] <= self._mod().TUNABLES["few_rows"]
+
+    def defaults(self, case):
+        L = self._mod()
+        return {k: L.TUNABLES[k] for k in (self.FEW if self._few(case) else self.TILED)}
+
+    def candidates(self, case):
+        L = self._mod()
+        lst = L.CANDIDATES["few_rows"] if self._few(case) else L.CANDIDATES["tiled"]
+        return [self.defaults(case)] + [dict(c) for c in lst]
+
+    def check(self, config, case):
+        from ..errors import GraphError
+        from .machine import machine_key
+
+        L = self._mod()
+        t = {**L.TUNABLES, **config}
+        try:
+            if self._few(case):
+                threads, _, smem = L.few_rows_config(max(case["N"], 1), **t)
+            else:
+                threads, smem = L.tiled_config(**t)
+        except GraphError as e:
+            return str(e)
+        key = machine_key("cuda")
+        if threads > key["max_threads_per_block"]:
+            return f"{threads} threads per block > the device's {key['max_threads_per_block']}"
+        if smem > key["max_shared_memory_per_block"]:
+            return f"{smem} bytes of shared memory > the device's {key['max_shared_memory_per_block']}"
+        return None
+
+    def case_from_node(self, node, graph):
+        return _linear_case_from_node(node, graph)
+
+    def bucket(self, case):
+        return _linear_bucket(case)
+
+    describe = CpuLinear.describe
+
+    def workload(self, case, seed=0):
+        return _linear_workload(case, seed, _dev("cuda"), self._mod().linear_forward, self.launch_kwargs)
+
+
+class CudaAttention(Family):
+    name, device, op = "attention", "cuda", "attention"
+    sources = ("nbformer.kernels.cuda.attention", "nbformer.kernels.cuda._jit")
+    nearest = ("Tq", "Tk", "B")
+
+    def _mod(self):
+        from ..kernels.cuda import attention
+
+        return attention
+
+    def tunables(self):
+        A = self._mod()
+        c = A.CANDIDATES
+        return (Tunable("block_q", tuple(sorted({x[0] for x in c})), A.TUNABLES["block_q"], False, "queries per block"),
+                Tunable("block_k", tuple(sorted({x[1] for x in c})), A.TUNABLES["block_k"], False,
+                        "keys per tile of the online softmax (summation order)"),
+                Tunable("threads", tuple(sorted({x[2] for x in c})), A.TUNABLES["threads"], False,
+                        "threads per block (the split of the score tile)"))
+
+    def defaults(self, case):
+        bq, bk, nt = self._mod().default_tiles(case["HS"])
+        return {"block_q": bq, "block_k": bk, "threads": nt}
+
+    def candidates(self, case):
+        return [self.defaults(case)] + [{"block_q": a, "block_k": b, "threads": c} for a, b, c in self._mod().CANDIDATES]
+
+    def check(self, config, case):
+        from ..errors import GraphError
+        from .machine import machine_key
+
+        A = self._mod()
+        try:
+            g = A.check_variant(config["block_q"], config["block_k"], config["threads"], case["HS"], case["HS"])
+        except GraphError as e:
+            return str(e)
+        key = machine_key("cuda")
+        if config["threads"] > key["max_threads_per_block"]:
+            return f"{config['threads']} threads per block > the device's {key['max_threads_per_block']}"
+        if g["shared_bytes"] > key["max_shared_memory_per_block"]:
+            return f"{g['shared_bytes']} bytes of shared memory > the device's {key['max_shared_memory_per_block']}"
+        return None
+
+    def case_from_node(self, node, graph):
+        return _attention_case_from_node(node, graph)
+
+    def bucket(self, case):
+        return _attention_bucket(case)
+
+    describe = CpuAttention.describe
+
+    def workload(self, case, seed=0):
+        return _attention_workload(case, seed, _dev("cuda"), self._mod().attention_forward, self.launch_kwargs)
+
+
+# ---------------------------------------------------------------- registry
+FAMILIES: dict = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.key] = family
+    return family
+
+
+for _f in (CpuLinear(), CpuAttention(), CudaLinear(), CudaAttention()):
+    register(_f)
+
+
+def families(device_kind: str) -> list:
+    return [f for f in FAMILIES.values() if f.device == device_kind]
+
+
+def get_family(device_kind: str, name: str) -> Family:
+    f = FAMILIES.get(f"{device_kind}.{name}")
+    if f is None:
+        names = sorted(f.name for f in families(device_kind))
+        raise InputError(f"--kernels: no tunable kernel family {name!r} on {device_kind} (expected one of {names})")
+    return f
+
+
+def family_for(op: str, direction: str, device_kind: str):
+    for f in FAMILIES.values():
+        if f.op == op and f.direction == direction and f.device == device_kind:
+            return f
+    return None
