@@ -12,6 +12,7 @@ outputs asked for are copied back.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -67,8 +68,15 @@ class Executor:
             t = graph.tensors[name]
             self.views[name] = dev.empty(t.shape, DTYPES[t.dtype])
         self.steps = []
-        for node in self.plan.schedule:
+        # tuned launcher keywords per node (nbformer.tuning.runtime; NBFORMER_TUNING=off|cached|tune),
+        # bound once here: self.tuning[i] says which config node i runs and where it came from
+        from .tuning.runtime import bind_schedule
+
+        self.tuning = bind_schedule(graph, self.plan.schedule, dev.kind)
+        for node, tuned in zip(self.plan.schedule, self.tuning):
             fn = ops.get(node.op, dev.kind, node.direction)
+            if tuned is not None and tuned.kwargs:
+                fn = functools.partial(fn, **tuned.kwargs)
             self.steps.append((fn, node))
 
     def _bind_inputs(self, inputs: dict):

@@ -89,9 +89,10 @@ def install(kind: str):
         K.get("layernorm", "layernorm_forward")(out, mean, rstd, x, w, b, eps)
 
     @op("linear", "linear", "linear_forward")
-    def _linear(out, x, w, b=None, residual=None, pre=None, act="none"):
+    def _linear(out, x, w, b=None, residual=None, pre=None, act="none", **tuned):
+        # tuned: launcher keywords the executor bound from the tuning cache (nbformer.tuning.runtime)
         if pre is None:
-            K.get("linear", "linear_forward")(out, x, w, b, act, residual)
+            K.get("linear", "linear_forward")(out, x, w, b, act, residual, **tuned)
         else:  # training: also keep the pre-activation for the backward pass
             K.get("linear", "linear_forward_train")(out, pre, x, w, b, act, residual)
 
@@ -101,13 +102,14 @@ def install(kind: str):
 
     @op("attention", "attention", "attention_forward")
     def _attention(out, lse, q, kv, key_mask, n_heads, head_size, q_off, k_off, v_off, causal, scale, seed=None,
-                   dropout_p=0.0, stream=0, cache_pos=None, n_kv_heads=None):
+                   dropout_p=0.0, stream=0, cache_pos=None, n_kv_heads=None, **tuned):
         # decoding: the keys are the cache's first cache_pos + Tq rows (cache_pos: a (1,) host input)
         key_len = None if cache_pos is None else int(cache_pos[0]) + q.shape[1]
         extra = {} if dropout_p <= 0 else {"dropout_p": dropout_p, "seed": node_seed(seed, stream)}
         fn = K.get("attention", "attention_forward")
         extra.update(kv_heads_kw(fn, kind, n_heads, n_kv_heads))
-        fn(out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads, head_size, causal, scale, key_len=key_len, **extra)
+        fn(out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads, head_size, causal, scale, key_len=key_len, **extra,
+           **tuned)
 
     @op("add", "elementwise", "add_forward")
     def _add(out, a, b):
