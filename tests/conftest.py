@@ -7,6 +7,10 @@ import sys
 if os.environ.get("NBFORMER_TEST_GPU") != "1":
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
+# Tests run the kernels' defaults, whatever a tuning cache on this machine holds (a cache from
+# `nbformer tune` must not change what the tests check); tests/test_tuning*.py opt back in.
+os.environ.setdefault("NBFORMER_TUNING", "off")
+
 try:  # torch (an oracle) must load its libgomp before Numba starts OpenMP threads: the two share
     import torch  # noqa: F401  the soname libgomp.so.1, and torch on Numba's copy ran ~40x slower
 except ImportError:
