@@ -17,6 +17,7 @@ from .executor import Executor
 from .graph.build import build_decode, build_encode_source, build_forward, build_seq2seq
 from .graph.plan import plan_memory
 from .weights import Checkpoint
+from .quant.binding import bind_quantized, split_quantized
 from .weights.params import count_params
 from .weights.positions import position_table
 
@@ -45,6 +46,7 @@ class Model:
         """device: 'cpu', 'cuda', 'cuda:N' (None: $NBFORMER_DEVICE, else 'cpu'). On CUDA the
         parameters are uploaded once, as one flat device buffer, and every executor reads it."""
         self.dev = get_device(device)
+        split_quantized(ckpt)  # linear weights kept quantized (nbformer.quant): ckpt.quantized, config.extra
         self.ckpt, self.config, self.device = ckpt, ckpt.config, self.dev.name
         cfg = self.config
         host = dict(ckpt.params)
@@ -58,6 +60,8 @@ class Model:
             self.bound = {**ckpt.params, **({"pos_emb": self.dev.upload(host["pos_emb"])} if cfg.sinusoidal else {})}
         else:
             self.param_buffer, self.bound = self.dev.upload_flat(host, f"the parameters of {ckpt.path}")
+        self.quant_buffer, qviews = bind_quantized(self.dev, ckpt.quantized, f"the quantized weights of {ckpt.path}")
+        self.bound.update(qviews)
         self._executors: OrderedDict = OrderedDict()
         self._graphs: OrderedDict = OrderedDict()  # decode graphs + plans; sessions bind their own caches
         self._tokenizer = None
@@ -257,6 +261,12 @@ class Model:
         """The model's parameters moved into one flat buffer (done once; inference then reads it too)."""
         if getattr(self, "_flat", None) is None:
             from .training.state import FlatBuffers
+
+            if self.ckpt.quantized:
+                kinds = ", ".join(sorted({q.qtype.name.upper() for q in self.ckpt.quantized.values()}))
+                raise InputError(f"{self.ckpt.path}: this model keeps {len(self.ckpt.quantized)} weights quantized "
+                                 f"({kinds}); quantized models run inference only, so gradients and training "
+                                 f"need a float checkpoint (a Hugging Face directory, or a GGUF of F32/F16 tensors)")
 
             self.dev.ensure_fits(2 * FlatBuffers.plan_bytes(self.config), "the flat parameter and gradient buffers")
             self._flat = FlatBuffers(self.config, self.ckpt.params, self.dev)

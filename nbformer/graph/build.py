@@ -20,6 +20,11 @@ attention; query head h attends with kv head h // (NH / NKV); the FFN's first la
 gate|up GEMM with the product act(gate) * up in its epilogue ('linear_glu'). Caches then hold the
 NKV heads only: cache.{i} (B, Tmax, 2*NKV*HS), keys stored after RoPE.
 
+Quantized weights (nbformer.quant; config.extra['quantized'] = {name: qtype}): a linear layer
+whose weight is listed becomes a 'qlinear' node (a gated FFN input 'qlinear_glu') reading the
+packed ggml blocks from a uint8 param '<name>.q' (M, row_bytes); the float32 param is then not in
+the graph (except tok_emb, whose float table still serves the embedding lookup of a tied head).
+
 Training graphs (build_train) add: linear layers that also keep their pre-activation for the
 backward pass, dropout (embeddings, attention probabilities, residual branches) driven by a
 per-step seed input, a loss, and the backward graph from graph.autodiff.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import math
 
 from ..config import ModelConfig
+from ..quant import q_param_name, quantized_names, row_bytes
 from ..weights.params import param_shapes
 from ..errors import GraphError
 from .ir import Graph
@@ -39,8 +45,20 @@ class _Builder:
         self.cfg, self.g = cfg, Graph()
         self.train, self.dropout, self.attn_dropout = train, float(dropout), float(attn_dropout)
         self.streams = 0  # each dropout site draws from its own counter stream
-        for name, shape in param_shapes(cfg).items():
-            self.g.tensor(name, shape, kind="param")
+        # weights kept quantized (nbformer.quant): read as uint8 '<name>.q' tensors by qlinear nodes
+        self.quant = quantized_names(cfg)
+        if self.quant and train:
+            raise GraphError("this model holds quantized weights (" + ", ".join(sorted(set(self.quant.values())))
+                             + "), which cannot be trained; load a float checkpoint (or dequantize) to train")
+        self.shapes = shapes = param_shapes(cfg)
+        for name, shape in shapes.items():
+            if name not in self.quant or name == "tok_emb":  # tok_emb: the float table serves the lookup
+                self.g.tensor(name, shape, kind="param")
+        for name, qtype in self.quant.items():
+            if name not in shapes:
+                raise GraphError(f"quantized weight '{name}' is not a parameter of this model")
+            M, K = shapes[name]
+            self.g.tensor(q_param_name(name), (M, row_bytes(qtype, K)), "u8", "param")
         if cfg.sinusoidal:
             self.g.tensor("pos_emb", (cfg.max_positions, cfg.d_model), kind="const")
         self.cache_pos = None  # name of the (1,) i64 input of a decode graph
@@ -78,6 +96,8 @@ class _Builder:
         """out = act(x @ w.T + b) [+ residual]; with dropout in training the residual add is split
         off: out = residual + dropout(x @ w.T + b)."""
         g = self.g
+        if w in self.quant:
+            return self.qlinear("qlinear", x, w, b, out_name, act, residual)
         if residual is not None and self.train and self.dropout > 0:
             branch = self.dropout_(self.linear(x, w, b, out_name + ".branch", act), out_name + ".drop")
             out = self.act(out_name, g.tensors[branch].shape)
@@ -100,6 +120,8 @@ class _Builder:
         """out (..., F) = act(x @ Wg.T + bg) * (x @ Wu.T + bu), w = Wg|Wu (2F, C) fused; training
         keeps pre = gate | up (..., 2F) for the backward pass."""
         g = self.g
+        if w in self.quant:
+            return self.qlinear("qlinear_glu", x, w, b, out_name, act)
         lead = g.tensors[x].shape[:-1]
         M = g.tensors[w].shape[0]
         out = self.act(out_name, lead + (M // 2,))
@@ -110,6 +132,21 @@ class _Builder:
         if self.train:
             outs["pre"] = self.act(out_name + ".pre", lead + (M,))
         g.node("linear_glu", ins, outs, {"act": act})
+        return out
+
+    def qlinear(self, op, x, w, b, out_name, act, residual=None):
+        """A linear layer (op 'qlinear') or gated FFN input (op 'qlinear_glu') whose weight w is
+        kept quantized: the node reads its packed blocks '<w>.q' (M, row_bytes) uint8."""
+        g = self.g
+        M = self.shapes[w][0]
+        shape = g.tensors[x].shape[:-1] + ((M // 2,) if op == "qlinear_glu" else (M,))
+        out = self.act(out_name, shape)
+        ins = {"x": x, "w": q_param_name(w)}
+        if b is not None and b in g.tensors:
+            ins["b"] = b
+        if residual is not None:
+            ins["residual"] = residual
+        g.node(op, ins, {"out": out}, {"act": act, "qtype": self.quant[w]})
         return out
 
     def ffn(self, h, p, n, residual):

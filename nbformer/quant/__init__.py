@@ -20,12 +20,11 @@ How a quantized model is put together (the interface between loaders and the run
 
 `linear_weight_from_record` is the hook GGUF loading calls for each linear weight.
 """
-from .formats import (BY_GGML, Q4_0, Q4_1, Q8_0, QK, QTYPES, QType, QuantizedTensor, check_k, dequantize,
+from .formats import (BY_GGML, Q4_0, Q4_1, Q8_0, QK, QTYPES, QUANT_KEY, QType, QuantizedTensor, check_k, dequantize,
                       dequantize64, qtype_of, quantize, row_bytes, unpack)
 from .reference import qlinear_glu_reference, qlinear_reference
 
 KEEP_QUANTIZED = ("q8_0", "q4_0", "q4_1")
-QUANT_KEY = "quantized"  # config.extra[QUANT_KEY]: {canonical name: qtype name}
 
 
 def quantized_names(cfg) -> dict:

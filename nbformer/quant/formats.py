@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import InputError
 
 QK = 32  # weights per block, every format here
+QUANT_KEY = "quantized"  # ModelConfig.extra[QUANT_KEY]: {canonical weight name: qtype name}
 
 
 @dataclass(frozen=True)

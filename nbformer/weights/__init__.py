@@ -31,6 +31,9 @@ class Checkpoint:
     model_dir: Path | None = None  # where tokenizer.json / modules.json live
     tokenizer_file: Path | None = None
     metadata: dict = field(default_factory=dict)
+    # linear weights kept quantized (nbformer.quant.QuantizedTensor), by canonical name; absent from params
+    # (except 'tok_emb' of a tied head: params keeps the float32 table for the lookup)
+    quantized: dict = field(default_factory=dict)
     tokenizer_json: object = None  # callable -> tokenizer.json text, built on first use (GGUF metadata)
 
     def to_checkpoint_names(self, canonical: dict) -> dict:

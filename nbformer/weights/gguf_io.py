@@ -145,7 +145,13 @@ def tensor_to_float32(record: TensorRecord) -> np.ndarray:
 
 
 def linear_weight_from_record(record: TensorRecord, name: str):
-    """What the model binds for canonical linear weight `name` (see the module docstring)."""
+    """What the model binds for canonical linear weight `name` (see the module docstring):
+    Q8_0 / Q4_0 / Q4_1 matrices stay quantized (an nbformer.quant.QuantizedTensor over the
+    stored bytes, run by the qlinear kernels); every other type becomes float32."""
+    from ..quant import KEEP_QUANTIZED, QuantizedTensor
+
+    if record.type_name.lower() in KEEP_QUANTIZED and len(record.shape) == 2:
+        return QuantizedTensor.from_ggml(record.type_name, record.shape, record.data)
     return tensor_to_float32(record)
 
 
@@ -549,6 +555,12 @@ def load_gguf(path):
             raise WeightsError(f"{gf.path}: tensor {list(rule.sources)} contains NaN or Inf")
         params[rule.canonical] = arr
         types[rule.canonical] = rec.type_name
+    quantized = {}
+    emb = gf.tensors.get("token_embd.weight")
+    if cfg.lm_head and cfg.tie_word_embeddings and emb is not None and "tok_emb" in params:
+        head = linear_weight_from_record(emb, "tok_emb")  # the tied output head reads the table quantized
+        if not isinstance(head, np.ndarray):
+            quantized["tok_emb"] = head
     from .gguf_tokenizer import has_tokenizer, tokenizer_json_from_gguf
 
     factory = (lambda: tokenizer_json_from_gguf(gf.metadata, str(gf.path))) if has_tokenizer(gf.metadata) else None
@@ -558,7 +570,7 @@ def load_gguf(path):
     if isinstance(tmpl, str):
         meta["chat_template"] = tmpl
     return Checkpoint(cfg, params, rules, path=gf.path, model_dir=gf.path.parent, tokenizer_file=None,
-                      metadata=meta, tokenizer_json=factory)
+                      metadata=meta, tokenizer_json=factory, quantized=quantized)
 
 
 def _small_metadata(md: dict) -> dict:

@@ -226,7 +226,8 @@ def native_address(key) -> int:
 
 
 _MODULES = ("attention", "attention_backward", "dropout", "elementwise", "embedding", "gemm", "kv_cache",
-            "layernorm", "linear", "loss", "optim", "pooling", "sampling", "softmax", "rmsnorm", "rope", "swiglu")
+            "layernorm", "linear", "loss", "optim", "pooling", "sampling", "softmax", "rmsnorm", "rope", "swiglu",
+            "qlinear")
 
 
 def _import_all():
@@ -289,6 +290,8 @@ OPS = {
     ("linear_glu", "forward"): ["swiglu._glu_linear_fwd"],
     ("glu", "forward"): ["swiglu._glu_fwd"],
     ("glu", "backward"): ["swiglu._glu_bwd"],
+    ("qlinear", "forward"): ["qlinear._qlinear_fwd"],
+    ("qlinear_glu", "forward"): ["qlinear._qlinear_fwd"],
 }
 # kernels run next to a graph rather than in it: the optimizer after a training step, the
 # sampler and the beam-search cache reorder after a decoding step

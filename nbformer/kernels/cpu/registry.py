@@ -2,3 +2,7 @@
 from ..adapters import install
 
 install("cpu")
+
+from ...quant.adapters import install as _install_quantized  # noqa: E402  (qlinear ops)
+
+_install_quantized("cpu")
