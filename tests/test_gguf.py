@@ -1,0 +1,394 @@
+"""GGUF files (issue 12): random-init LlamaForCausalLM weights written as GGUF the way llama.cpp's
+converter does (Q/K permuted, llama.* keys), loaded by nbformer: F32 logits vs transformers (the HF
+model on the same weights, and transformers' own GGUF loader), quantized files vs a float64
+reference on the dequantized weights, gradients keyed by the GGUF names, the tokenizer rebuilt
+from the metadata, inspect / generate on a .gguf path, and hostile files (one NbformerError each,
+no memory blow-up)."""
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+import nbformer  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from cli.main import main as cli_main  # noqa: E402
+from conftest import assert_close  # noqa: E402
+from gguf_files import (CHATML_TEMPLATE, hf_llama_tensors, tiny_tokenizer_json, tokenizer_size,  # noqa: E402
+                        write_llama_gguf)
+from nbformer.errors import ConfigError, NbformerError, WeightsError  # noqa: E402
+from nbformer.weights.gguf_io import GGUFFile, permute_gguf_qk, tensor_to_float32  # noqa: E402
+from nbformer.weights.gguf_tokenizer import tokenizer_json_from_gguf  # noqa: E402
+
+torch.set_num_threads(2)
+
+# (NH, NKV, C, F, tied, theta): GQA 4:1 untied, GQA 3:1 (odd head count) tied
+CASES = {"gqa4_untied": (4, 1, 64, 96, False, 5e5), "gqa3_tied": (3, 1, 48, 64, True, 1e6)}
+IDS = np.array([[1, 5, 17, 99, 250, 3, 7, 42, 8], [9, 8, 7, 6, 5, 4, 3, 2, 1]])
+
+
+def hf_model(NH, NKV, C, F, tied, theta, V=300, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=C, intermediate_size=F, num_hidden_layers=2,
+                                   num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=96,
+                                   rope_theta=theta, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=2,
+                                   rms_norm_eps=1e-5)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a misplaced norm weight shows
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(scope="module")
+def tok_json():
+    return tiny_tokenizer_json()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def f32_case(request, tmp_path_factory, tok_json):
+    m = hf_model(*CASES[request.param])
+    d = tmp_path_factory.mktemp(request.param)
+    path = d / "model.gguf"
+    write_llama_gguf(path, m.config, hf_llama_tensors(m), "F32", tokenizer_json=tok_json, chat_template=CHATML_TEMPLATE)
+    return m, path
+
+
+def torch_logits(m, ids):
+    with torch.no_grad():
+        return m(torch.tensor(ids)).logits.double().numpy()
+
+
+def test_f32_logits_match_transformers(f32_case):
+    m, path = f32_case
+    nm = nbformer.load(path)
+    cfg = nm.config
+    assert (cfg.family, cfg.n_kv_heads, cfg.tie_word_embeddings) == ("llama", 1, m.config.tie_word_embeddings)
+    assert cfg.rope_theta == m.config.rope_parameters["rope_theta"]
+    assert_close(nm.forward(IDS), torch_logits(m, IDS), atol=1e-4, rtol=0, what="gguf F32 logits vs transformers")
+
+
+def test_f32_logits_match_transformers_gguf_loader(f32_case):
+    """transformers reads the same file with its own GGUF code (an independent reader of llama.cpp's layout)."""
+    pytest.importorskip("accelerate")
+    _m, path = f32_case
+    hm = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    assert_close(nbformer.load(path).forward(IDS), torch_logits(hm, IDS), atol=1e-4, rtol=0,
+                 what="gguf F32 logits vs transformers' GGUF loader")
+
+
+def test_greedy_generation_matches_transformers(f32_case):
+    m, path = f32_case
+    nm = nbformer.load(path)
+    prompt = IDS[:1, :5]
+    with torch.no_grad():
+        want = m.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=0).numpy()
+    got = nm.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    assert np.array_equal(got, want)
+
+
+def test_gradients_keyed_by_gguf_names(f32_case):
+    m, path = f32_case
+    nm = nbformer.load(path)
+    ids = IDS[:1]
+    loss, grads = nm.loss_and_grads(ids, ids)
+    m.zero_grad()
+    out = m(torch.tensor(ids), labels=torch.tensor(ids))
+    out.loss.backward()
+    assert abs(loss - out.loss.item()) < 1e-4
+    NH, NKV = m.config.num_attention_heads, m.config.num_key_value_heads
+    hf = {n: p.grad.double().numpy() for n, p in m.named_parameters()}
+    pairs = {"blk.1.attn_q.weight": permute_gguf_qk(hf["model.layers.1.self_attn.q_proj.weight"], NH),
+             "blk.1.attn_k.weight": permute_gguf_qk(hf["model.layers.1.self_attn.k_proj.weight"], NKV),
+             "blk.0.ffn_gate.weight": hf["model.layers.0.mlp.gate_proj.weight"],
+             "blk.0.attn_norm.weight": hf["model.layers.0.input_layernorm.weight"],
+             "token_embd.weight": hf["model.embed_tokens.weight"]}
+    for name, want in pairs.items():
+        got = grads[name]
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-12)
+        assert err <= 1e-4, f"{name}: gradient error {err:.2e} relative to its largest"
+
+
+@pytest.mark.parametrize("qtype,emb", [("Q8_0", "Q8_0"), ("Q4_1", "Q8_0"), ("Q4_0", None), ("F16", None),
+                                       ("BF16", None)])
+def test_quantized_files_vs_float64_reference(tmp_path, qtype, emb):
+    """Q/K rows of packed blocks are un-permuted and Q|K|V, gate|up stacked as blocks; the model then
+    equals a float64 LlamaForCausalLM on the dequantized weights."""
+    m = hf_model(*CASES["gqa4_untied"])
+    path = tmp_path / f"{qtype}.gguf"
+    held = write_llama_gguf(path, m.config, hf_llama_tensors(m), qtype, emb_qtype=emb)
+    gf = GGUFFile(path)
+    want_t = {"Q8_0": "Q8_0", "Q4_1": "Q4_1", "Q4_0": "Q4_0", "F16": "F16", "BF16": "BF16"}[qtype]
+    assert gf.tensors["blk.0.attn_q.weight"].type_name == want_t
+    assert gf.tensors["blk.0.attn_q.weight"].shape == (64, 64)
+    nm = nbformer.load(path)
+    NH, NKV = m.config.num_attention_heads, m.config.num_key_value_heads
+    ref = hf_model(*CASES["gqa4_untied"]).double()
+    sd = {}
+    inv = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    for i in range(2):
+        for g, h in (("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                     ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                     ("ffn_norm", "post_attention_layernorm"), ("ffn_gate", "mlp.gate_proj"),
+                     ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            inv[f"blk.{i}.{g}.weight"] = f"model.layers.{i}.{h}.weight"
+    from nbformer.weights.hf_llama import unpermute_gguf_qk
+
+    for g, a in held.items():
+        if g.endswith("attn_q.weight"):
+            a = unpermute_gguf_qk(a, NH)
+        elif g.endswith("attn_k.weight"):
+            a = unpermute_gguf_qk(a, NKV)
+        sd[inv[g]] = torch.tensor(a, dtype=torch.float64)
+    ref.load_state_dict(sd)
+    want = torch_logits(ref, IDS)
+    assert_close(nm.forward(IDS), want, atol=1e-4, rtol=0, what=f"{qtype} GGUF logits vs float64 reference")
+    if qtype != "F16" and qtype != "BF16":  # and the quantization really changed the weights
+        assert np.abs(want - torch_logits(m, IDS)).max() > 1e-4
+
+
+def test_tensor_to_float32_matches_gguf_dequantize(rng):
+    a = rng.normal(size=(4, 64)).astype(np.float32)
+    for t in ("Q8_0", "Q4_0", "Q4_1"):
+        qt = getattr(gguf.GGMLQuantizationType, t)
+        q = gguf.quants.quantize(a, qt)
+        from nbformer.weights.gguf_io import TensorRecord
+
+        rec = TensorRecord("w", t, (4, 64), q)
+        got = tensor_to_float32(rec)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        assert np.array_equal(got, gguf.quants.dequantize(q, qt).astype(np.float32))
+        sub = rec.rows([3, 1])  # packed rows pick like float rows
+        assert np.array_equal(tensor_to_float32(sub), got[[3, 1]])
+
+
+# ---------------------------------------------------------------- tokenizer from metadata
+TEXTS = ["Hello world, the capital of France is Paris.", "café naïve façade — Ünïcödé ß", "emoji 😀🎉 👍🏽 done",
+         "def f(x):\n    return x ** 2  # square\n\tindent", "numbers 12345 3.14159 1,000,000 and 2024-12-02",
+         "<|im_start|>user\nhi there<|im_end|>\n", "  leading and trailing spaces  ", "", "ALLCAPS MixedCase don't",
+         "中文字符 日本語 한국어 عربى"]
+
+
+@pytest.mark.parametrize("digits", [True, False], ids=["smollm_pre", "gpt2_pre"])
+def test_tokenizer_round_trip_same_ids(tmp_path, digits):
+    """A byte-level BPE written into GGUF metadata (write_tokenizer_metadata) and rebuilt from it
+    gives the ids and text of the original tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tj = tiny_tokenizer_json(digits=digits)
+    m = hf_model(4, 1, 64, 96, False, 5e5, V=tokenizer_size(tj))
+    path = tmp_path / "t.gguf"
+    write_llama_gguf(path, m.config, hf_llama_tensors(m), tokenizer_json=tj)
+    gf = GGUFFile(path)
+    assert gf.metadata["tokenizer.ggml.pre"] == ("smollm" if digits else "gpt2")
+    orig = Tokenizer.from_str(tj)
+    tok = nbformer.load(path).tokenizer
+    for s in TEXTS:
+        want = orig.encode(s, add_special_tokens=False).ids
+        assert tok.encode(s, add_special_tokens=False) == want, s
+        assert tok.decode(want, skip_special_tokens=False) == orig.decode(want, skip_special_tokens=False)
+    assert tok.decode(tok.encode("<|im_start|>a<|im_end|>")) == "a"  # control tokens are special
+
+
+def test_tokenizer_matches_transformers_gguf_tokenizer(f32_case):
+    """transformers builds its own tokenizer from the same GGUF metadata."""
+    _m, path = f32_case
+    ht = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = nbformer.load(path).tokenizer
+    for s in TEXTS:
+        if any(ch.isdigit() for ch in s):  # transformers' GGUF tokenizer does not split digits for 'smollm'
+            continue
+        assert tok.encode(s, add_special_tokens=False) == ht(s, add_special_tokens=False)["input_ids"], s
+
+
+def test_sentencepiece_style_vocab(tmp_path):
+    """tokenizer.ggml.model 'llama': merges derived from the scores, byte fallback, BOS added,
+    the same ids as transformers' tokenizer built from the same file."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld",
+             "▁world", "a", "t", "▁a", "at", "▁at", "c", "▁c", "ca", "▁cat"]
+    tokens = pieces + words
+    scores = [0.0] * len(pieces) + [-float(i) for i in range(len(words))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(words)
+    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+          "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+          "tokenizer.ggml.unknown_token_id": 0}
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json_from_gguf(md, "test"))
+    enc = tok.encode("hello world cat").ids
+    assert enc[0] == 1 and tokens[enc[1]] == "▁hello" and tokens[enc[2]] == "▁world" and tokens[enc[3]] == "▁cat"
+    z = tok.encode("hé").ids  # 'é' is not in the vocabulary: its UTF-8 bytes
+    assert [tokens[i] for i in z[1:]] == ["▁", "h", "<0xC3>", "<0xA9>"]
+    assert tok.decode(z, skip_special_tokens=True) == "hé"
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ht = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for s in ("hello world cat", "a cat at the world", "hé hello", "world  cat"):
+        assert tok.encode(s).ids == ht(s)["input_ids"], s
+
+
+def test_unknown_pre_tokenizer_is_named():
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "klingon", "tokenizer.ggml.tokens": ["a", "b"],
+          "tokenizer.ggml.merges": ["a b"]}
+    with pytest.raises(ConfigError, match="klingon"):
+        tokenizer_json_from_gguf(md, "x.gguf")
+
+
+# ---------------------------------------------------------------- the CLI on a .gguf path
+def test_generate_and_inspect_cli(f32_case):
+    _m, path = f32_case
+    r = CliRunner().invoke(cli_main, ["generate", "--model", str(path), "-n", "4", "Hello world"])
+    assert r.exit_code == 0, r.output
+    want = nbformer.load(path).generate("Hello world", max_new_tokens=4)
+    assert r.output.strip().startswith(want.strip()[:11])
+    r = CliRunner().invoke(cli_main, ["inspect", str(path), "--seq", "16"])
+    assert r.exit_code == 0, r.output
+    for s in ("GGUF v3", "llama.attention.head_count_kv = 1", "tokenizer.ggml.pre = smollm", "tensor types: F32",
+              "weight bytes read per decoded token", "tokenizer.chat_template"):
+        assert s in r.output, s
+
+
+# ---------------------------------------------------------------- hostile files
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory, tok_json):
+    m = hf_model(4, 1, 64, 96, False, 5e5, V=tokenizer_size(tok_json))
+    path = tmp_path_factory.mktemp("hostile") / "good.gguf"
+    write_llama_gguf(path, m.config, hf_llama_tensors(m), "Q8_0", tokenizer_json=tok_json)
+    return path, path.read_bytes(), m
+
+
+def _variant(tmp_path, data: bytes, name="bad.gguf"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _error(path, kind=WeightsError):
+    tracemalloc.start()
+    try:
+        with pytest.raises(kind) as e:
+            nbformer.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated before the error"
+    msg = str(e.value)
+    assert str(path) in msg
+    return msg
+
+
+def _after_key(data: bytes, key: str) -> int:
+    """Offset just after a metadata key's name (where its u32 value type starts)."""
+    k = key.encode()
+    i = data.index(struct.pack("<Q", len(k)) + k)
+    return i + 8 + len(k)
+
+
+def test_hostile_truncated(tmp_path, good_file):
+    _p, data, _m = good_file
+    assert "truncated" in _error(_variant(tmp_path, data[:10]))
+    msg = _error(_variant(tmp_path, data[:len(data) // 3]))  # inside the header or the data
+    assert "past the end" in msg or "truncated" in msg
+    assert "truncated" in _error(_variant(tmp_path, data[:-40]))  # last tensor's data past the end (beyond its padding)
+    _error(_variant(tmp_path, b""))
+
+
+def test_hostile_magic_version(tmp_path, good_file):
+    _p, data, _m = good_file
+    assert "not a GGUF file" in _error(_variant(tmp_path, b"GGML" + data[4:]))
+    assert "version 7" in _error(_variant(tmp_path, data[:4] + struct.pack("<I", 7) + data[8:]))
+    assert "big-endian" in _error(_variant(tmp_path, data[:4] + struct.pack(">I", 3) + data[8:]))
+
+
+def test_hostile_counts_and_lengths(tmp_path, good_file):
+    _p, data, _m = good_file
+    assert "tensors" in _error(_variant(tmp_path, data[:8] + struct.pack("<Q", 1 << 60) + data[16:]))
+    assert "metadata entries" in _error(_variant(tmp_path, data[:16] + struct.pack("<Q", 1 << 40) + data[24:]))
+    # the first key's length says 2^50 bytes
+    assert "past the end" in _error(_variant(tmp_path, data[:24] + struct.pack("<Q", 1 << 50) + data[32:]))
+    # the token list (an array of strings) claims 2^40 items
+    at = _after_key(data, "tokenizer.ggml.tokens") + 8  # after the value type and the item type
+    msg = _error(_variant(tmp_path, data[:at] + struct.pack("<Q", 1 << 40) + data[at + 8:]))
+    assert "tokenizer.ggml.pre" in msg and "items" in msg  # names the key before it
+    # a string inside that array claims 2^62 bytes
+    at2 = at + 8
+    assert "past the end" in _error(_variant(tmp_path, data[:at2] + struct.pack("<Q", 1 << 62) + data[at2 + 8:]))
+    # an unknown metadata value type
+    k = _after_key(data, "llama.block_count")
+    assert "value type 77" in _error(_variant(tmp_path, data[:k] + struct.pack("<I", 77) + data[k + 4:]))
+
+
+def _tensor_info(data: bytes, name: str) -> int:
+    """Offset of a tensor record's n_dims (right after its name)."""
+    k = name.encode()
+    return data.index(struct.pack("<Q", len(k)) + k) + 8 + len(k)
+
+
+def test_hostile_tensor_records(tmp_path, good_file):
+    _p, data, _m = good_file
+    at = _tensor_info(data, "blk.0.attn_q.weight")
+    nd = struct.unpack_from("<I", data, at)[0]
+    typ = at + 4 + 8 * nd
+    msg = _error(_variant(tmp_path, data[:typ] + struct.pack("<I", 99) + data[typ + 4:]))
+    assert "unknown ggml type 99" in msg and "blk.0.attn_q.weight" in msg
+    off = typ + 4
+    msg = _error(_variant(tmp_path, data[:off] + struct.pack("<Q", 1 << 40) + data[off + 8:]))
+    assert "blk.0.attn_q.weight" in msg and "file ends" in msg
+    msg = _error(_variant(tmp_path, data[:off] + struct.pack("<Q", 7) + data[off + 8:]))
+    assert "alignment" in msg
+    msg = _error(_variant(tmp_path, data[:at] + struct.pack("<I", 9) + data[at + 4:]))
+    assert "dimensions" in msg or "past the end" in msg
+    # a dimension that makes the row length no multiple of Q8_0's 32-value blocks
+    msg = _error(_variant(tmp_path, data[:at + 4] + struct.pack("<Q", 33) + data[at + 12:]))
+    assert "block size" in msg
+
+
+def test_hostile_shapes_disagree_with_metadata(tmp_path, good_file):
+    _p, data, m = good_file
+    k = _after_key(data, "llama.feed_forward_length") + 4
+    msg = _error(_variant(tmp_path, data[:k] + struct.pack("<I", 128) + data[k + 4:]))
+    assert "disagrees with the metadata" in msg and "ffn_gate" in msg
+    k = _after_key(data, "llama.attention.head_count_kv") + 4
+    msg = _error(_variant(tmp_path, data[:k] + struct.pack("<I", 3) + data[k + 4:]), ConfigError)
+    assert "head_count_kv" in msg
+
+
+def test_hostile_missing_tensor_and_unknown_architecture(tmp_path, tok_json):
+    m = hf_model(4, 1, 64, 96, False, 5e5)
+    p = tmp_path / "missing.gguf"
+    write_llama_gguf(p, m.config, hf_llama_tensors(m), skip=("blk.1.ffn_up.weight",))
+    assert "blk.1.ffn_up.weight" in _error(p)
+    p = tmp_path / "falcon.gguf"
+    write_llama_gguf(p, m.config, hf_llama_tensors(m), arch="falcon")
+    msg = _error(p, ConfigError)
+    assert "'falcon'" in msg and "llama" in msg
+    p = tmp_path / "nan.gguf"
+    bad = np.full((64, 64), np.nan, np.float32)
+    write_llama_gguf(p, m.config, hf_llama_tensors(m), override={"blk.0.attn_output.weight": bad})
+    assert "NaN" in _error(p)
+
+
+def test_every_hostile_error_is_an_nbformer_error_on_the_cli(tmp_path, good_file):
+    _p, data, _m = good_file
+    p = _variant(tmp_path, data[:len(data) // 2])
+    r = CliRunner().invoke(cli_main, ["inspect", str(p)])
+    assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
+    assert issubclass(WeightsError, NbformerError)
