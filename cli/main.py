@@ -14,6 +14,7 @@ from .embed_cmd import embed
 from .generate_cmd import generate, translate
 from .inspect_cmd import inspect
 from .train_cmd import train
+from .tune_cmd import tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +23,7 @@ def main():
     """nbformer: transformer models on Numba kernels, no torch at run time."""
 
 
-for _command in (embed, generate, translate, chat, inspect, train, devices, bench):
+for _command in (embed, generate, translate, chat, inspect, train, devices, bench, tune):
     main.add_command(_command)
 
 

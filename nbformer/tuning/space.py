@@ -144,10 +144,14 @@ class Family:
         return {t.name: t.default for t in self.tunables()}
 
     def candidates(self, case) -> list:
-        """Every config of the grid, the default first (the caller filters, dedupes and orders)."""
+        """Every config of the grid, the default first, then by how many tunables differ from the
+        default (one-at-a-time changes first): the first config of each `effective` class, the one
+        kept, is then the one closest to the default, and a short budget covers the single changes."""
         ts = self.tunables()
+        d = self.defaults(case)
         grid = [dict(zip([t.name for t in ts], vals)) for vals in itertools.product(*[t.values for t in ts])]
-        return [self.defaults(case)] + grid
+        grid.sort(key=lambda c: sum(c[k] != d.get(k) for k in c))  # stable: declared order within a rank
+        return [d] + grid
 
     def check(self, config, case):
         """None if config is valid at this case, else the reason."""
