@@ -13,6 +13,7 @@ from .devices_cmd import devices
 from .embed_cmd import embed
 from .generate_cmd import generate, translate
 from .inspect_cmd import inspect
+from .quantize_cmd import quantize
 from .train_cmd import train
 from .tune_cmd import tune
 
@@ -23,7 +24,7 @@ def main():
     """nbformer: transformer models on Numba kernels, no torch at run time."""
 
 
-for _command in (embed, generate, translate, chat, inspect, train, devices, bench, tune):
+for _command in (embed, generate, translate, chat, inspect, train, devices, bench, tune, quantize):
     main.add_command(_command)
 
 
