@@ -564,7 +564,7 @@ def load_gguf(path):
     from .gguf_tokenizer import has_tokenizer, tokenizer_json_from_gguf
 
     factory = (lambda: tokenizer_json_from_gguf(gf.metadata, str(gf.path))) if has_tokenizer(gf.metadata) else None
-    meta = {"gguf_types": types, "gguf_metadata": _small_metadata(gf.metadata), "gguf_version": gf.version,
+    meta = {"gguf_types": types, "gguf_metadata": gf.metadata, "gguf_version": gf.version,
             "gguf_tensors": {n: (r.type_name, tuple(r.shape), r.n_bytes) for n, r in gf.tensors.items()}}
     tmpl = gf.metadata.get("tokenizer.chat_template")
     if isinstance(tmpl, str):
@@ -612,7 +612,7 @@ def summary_lines(ckpt) -> list:
     """What `nbformer inspect file.gguf` prints about the file itself."""
     from collections import Counter
 
-    md = (ckpt.metadata or {}).get("gguf_metadata") or {}
+    md = _small_metadata((ckpt.metadata or {}).get("gguf_metadata") or {})
     tensors = (ckpt.metadata or {}).get("gguf_tensors") or {}
     arch = md.get("general.architecture")
     lines = [f"GGUF v{ckpt.metadata.get('gguf_version')}: {len(tensors)} tensors, {len(md)} metadata keys; "
