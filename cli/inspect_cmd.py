@@ -11,9 +11,12 @@ from .common import device_option, fmt_bytes, friendly
 @click.option("--batch", "-b", default=1, show_default=True, type=int)
 @click.option("--seq", "-s", default=128, show_default=True, type=int)
 @click.option("--train", "train_plan", is_flag=True, help="also print the training memory plan (Adam)")
+@click.option("--tuning", "show_tuning", is_flag=True,
+              help="show which config each tunable kernel of the plan will use, and where it comes from "
+                   "(default or this machine's tuning cache; see `nbformer tune`)")
 @device_option
 @friendly
-def inspect(model_path, batch, seq, train_plan, device):
+def inspect(model_path, batch, seq, train_plan, device, show_tuning):
     """Print a model's config, parameter count and planned forward arena at (--batch, --seq)."""
     import nbformer
     from nbformer.errors import InputError
@@ -59,6 +62,8 @@ def inspect(model_path, batch, seq, train_plan, device):
         kv = KVCache.plan_bytes(cfg, batch, seq, seq if cfg.arch == "encoder_decoder" else None)
         click.echo(f"KV cache{where} for decoding {batch} x {seq} positions"
                    f"{' (source of ' + str(seq) + ')' if cfg.arch == 'encoder_decoder' else ''}: {fmt_bytes(kv)}")
+    if show_tuning:
+        _print_tuning(m, batch, seq)
     if train_plan:
         from nbformer.graph.build import build_train
         from nbformer.graph.plan import plan_memory
@@ -80,3 +85,33 @@ def inspect(model_path, batch, seq, train_plan, device):
         if free is not None:
             fits = "fits in" if total <= free else "does NOT fit in"
             click.echo(f"  {fits} the {fmt_bytes(free)} free on {dev.name}")
+
+
+def _print_tuning(m, batch, seq):
+    """One line per distinct tunable kernel shape of the plan: config, source, node count."""
+    from nbformer.tuning import runtime
+    from nbformer.tuning.cache import default_path
+    from nbformer.tuning.tuner import model_graphs
+
+    cfg, kind = m.config, m.dev.kind
+    phases = ["prefill", "decode"] if cfg.arch == "decoder" and cfg.lm_head else (
+        ["embed"] if cfg.arch == "encoder" else ["forward"])
+    mode = runtime.mode()
+    cache = None if mode == "off" else runtime.cache_for(kind)
+    where = "not read" if cache is None else str(cache.path) + ("" if cache.path.exists() else " (none yet)")
+    if cache is None:
+        where = f"{default_path(kind)} (not read)"
+    click.echo(f"tuning (NBFORMER_TUNING={mode}; cache: {where}):")
+    for ph, g in model_graphs(m, batch, seq, phases).items():
+        from nbformer.graph.plan import plan_memory
+
+        binds = runtime.bind_schedule(g, plan_memory(g).schedule, kind, allow_tune=False)
+        groups = {}
+        for b in binds:
+            if b is not None:
+                groups.setdefault(id(b), [b, 0])[1] += 1
+        if not groups:
+            click.echo(f"  {ph}: no tunable kernels")
+        for b, n in groups.values():
+            conf = " ".join(f"{k}={v}" for k, v in b.config.items())
+            click.echo(f"  {ph:8s} {b.description} x{n}: {conf}  [{b.source}]")

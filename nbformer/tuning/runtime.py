@@ -78,8 +78,9 @@ def forget():
         _caches.clear()
 
 
-def bind(node, graph, device_kind: str):
-    """The Binding of one node, or None when its op has no tunable family on this device."""
+def bind(node, graph, device_kind: str, allow_tune: bool = True):
+    """The Binding of one node, or None when its op has no tunable family on this device.
+    allow_tune=False: never tune, even with NBFORMER_TUNING=tune (`nbformer inspect --tuning`)."""
     from .space import family_for
 
     fam = family_for(node.op, node.direction, device_kind)
@@ -96,7 +97,7 @@ def bind(node, graph, device_kind: str):
         return Binding(fam.key, case, bucket, default, {}, f"default ({ENV}=off)", desc)
     cache = cache_for(device_kind)
     entry, how = cache.lookup(fam, bucket)
-    if entry is None and m == "tune":
+    if entry is None and m == "tune" and allow_tune:
         from .tuner import tune_case
 
         res = tune_case(fam, case, budget_s=budget())
@@ -119,12 +120,12 @@ def bind(node, graph, device_kind: str):
     return Binding(fam.key, case, bucket, config, fam.launch_kwargs(config), src, desc)
 
 
-def bind_schedule(graph, schedule, device_kind: str) -> list:
+def bind_schedule(graph, schedule, device_kind: str, allow_tune: bool = True) -> list:
     """[Binding or None] aligned with schedule."""
     memo = {}
     out = []
     for node in schedule:
-        b = bind(node, graph, device_kind)
+        b = bind(node, graph, device_kind, allow_tune)
         if b is not None:  # nodes of one shape share one Binding object
             k = (b.family, repr(sorted(b.case.items())))
             b = memo.setdefault(k, b)

@@ -53,15 +53,21 @@ def _sample(fn, sync, reps) -> float:
     return (clock() - t0) / reps
 
 
-def warm_up(fn, sync, target_s=0.01, max_reps=10_000) -> tuple:
-    """-> (first_call_s, reps per sample). Runs fn until it is warm."""
+def warm_up(fn, sync, target_s=0.005, max_reps=10_000) -> tuple:
+    """-> (first_call_s, reps per sample): the first call timed alone, then as many warm calls as
+    fill target_s (at least one) give the number of calls per sample."""
     t0 = clock()
     fn()
     sync()
     first = clock() - t0
-    t = _sample(fn, sync, 1)  # a second call: warm, closer to the real cost
-    reps = 1 if t >= target_s else max(1, min(max_reps, int(math.ceil(target_s / max(t, 1e-7)))))
-    return first, reps
+    n, t0 = 0, clock()
+    while n < max_reps:
+        fn()
+        sync()
+        n += 1
+        if clock() - t0 >= target_s:
+            break
+    return first, n
 
 
 def duel(incumbent, challenger, sync, reps_i=1, reps_c=1, rounds=7, min_rounds=3, margin=0.03, race=True):

@@ -34,7 +34,7 @@ def close(actual, ref, atol, rtol, what="out"):
     unwritten = np.isnan(a) & ~np.isnan(r)
     if unwritten.any():
         n = int(unwritten.sum())
-        i = np.unravel_index(np.argmax(unwritten), a.shape)
+        i = tuple(int(j) for j in np.unravel_index(np.argmax(unwritten), a.shape))
         return False, (f"{what}: left {n:,} of {a.size:,} elements unwritten (still NaN, first at {i}): "
                        f"the config skipped work"), float("inf")
     both_inf = np.isinf(r) & (a == r)
@@ -45,8 +45,8 @@ def close(actual, ref, atol, rtol, what="out"):
     excess = err - bound
     worst = float(err.max()) if err.size else 0.0
     if excess.size and excess.max() > 0:
-        i = np.unravel_index(np.argmax(excess), excess.shape)
-        return False, (f"{what}: wrong at {i}: got {a[i]!r}, reference {r[i]!r}, error {err[i]:.3e} > "
+        i = tuple(int(j) for j in np.unravel_index(np.argmax(excess), excess.shape))
+        return False, (f"{what}: wrong at {i}: got {float(a[i])!r}, reference {float(r[i])!r}, error {err[i]:.3e} > "
                        f"bound {bound[i]:.3e} (atol={atol}, rtol={rtol})"), worst
     return True, "", worst
 

@@ -1,0 +1,337 @@
+"""The tuning harness: validation rejects wrong and lazy candidates, timing keeps clear winners,
+the per-machine cache round-trips and refuses foreign files, and a model run after tuning uses
+the cached values (observed at the launcher) within the default config's tolerance."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nbformer
+from nbformer.devices import get_device
+from nbformer.errors import InputError
+from nbformer.kernels.cpu import linear as cpu_linear
+from nbformer.tuning import runtime
+from nbformer.tuning.cache import TuningCache, entry_key
+from nbformer.tuning.machine import cache_dir, key_id, machine_key
+from nbformer.tuning.space import CpuLinear, Family, Tunable, Workload, get_family
+from nbformer.tuning.tuner import cases_from_graph, model_graphs, tune_case
+from nbformer.tuning.validate import validate
+
+KJV = Path(__file__).resolve().parent.parent / "weights" / "kjv-gpt"
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Every test gets an empty cache directory and NBFORMER_TUNING=cached (conftest sets off)."""
+    monkeypatch.setenv("NBFORMER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NBFORMER_TUNING_CACHE", raising=False)
+    monkeypatch.setenv("NBFORMER_TUNING", "cached")
+    runtime.forget()
+    yield
+    runtime.forget()
+
+
+# ---------------------------------------------------------------- contrived families
+def _spin(seconds):
+    # CPU work of this thread (not wall time): under load it stretches like a real kernel does
+    t = time.thread_time() + seconds
+    while time.thread_time() < t:
+        pass
+
+
+class Toy(Family):
+    """out = 2 x; variant 0 right, 1 wrong by 1e-3, 2 writes nothing, 3 writes half; `cost` sets the
+    time of a call (a clear winner); `bits` (declared bit-exact) perturbs the last bit when 1."""
+
+    name, device, op = "toy", "cpu", "toy_op"
+    sources = ("nbformer.tuning.space",)
+    nearest = ("n",)
+
+    def tunables(self):
+        return (Tunable("variant", (0, 1, 2, 3), 0, False), Tunable("cost", (8, 1, 3), 8, False),
+                Tunable("bits", (0, 1), 0, True))
+
+    def bucket(self, case):
+        return {"n": case["n"]}
+
+    def workload(self, case, seed=0):
+        x = np.random.default_rng(seed).standard_normal(case["n"]).astype(np.float32)
+
+        def run(outs, cfg):
+            o = outs["out"]
+            _spin(cfg["cost"] * 2.5e-4)
+            if cfg["variant"] == 2:
+                return
+            n = len(o) // 2 if cfg["variant"] == 3 else len(o)
+            o[:n] = 2 * x[:n] + (1e-3 if cfg["variant"] == 1 else 0)
+            if cfg["bits"]:
+                o.view(np.uint32)[0] ^= 1
+
+        return Workload(out_shapes={"out": x.shape}, run=run, reference=lambda: {"out": 2.0 * x.astype(np.float64)},
+                        tolerance={"out": (1e-6, 1e-6)}, device=get_device("cpu"))
+
+
+def test_validation_rejects_wrong_lazy_and_bit_changing_candidates():
+    fam = Toy()
+    case = {"n": 64}
+    wl = fam.workload(case)
+    ref = wl.reference()
+    good = validate(wl, {"variant": 0, "cost": 1, "bits": 0}, ref)
+    assert good.ok and good.max_err == 0.0
+    wrong = validate(wl, {"variant": 1, "cost": 1, "bits": 0}, ref)
+    assert not wrong.ok and "wrong at" in wrong.reason
+    lazy = validate(wl, {"variant": 2, "cost": 1, "bits": 0}, ref)
+    assert not lazy.ok and "64 of 64 elements unwritten" in lazy.reason
+    half = validate(wl, {"variant": 3, "cost": 1, "bits": 0}, ref)
+    assert not half.ok and "32 of 64 elements unwritten" in half.reason
+    flipped = validate(wl, {"variant": 0, "cost": 8, "bits": 1}, ref, baseline=good.outputs, bit_exact=True)
+    assert not flipped.ok and "differ in their bits" in flipped.reason
+
+    res = tune_case(fam, case, budget_s=30, rounds=5, confirm_rounds=5)
+    assert res.error is None
+    assert res.best["variant"] == 0 and res.best["bits"] == 0  # never a rejected config
+    bad = {(c["variant"], c["bits"]) for c, _ in res.rejected}
+    assert {(1, 0), (2, 0), (3, 0), (0, 1)} <= bad
+
+
+def test_tuning_is_reproducible_with_a_clear_winner():
+    fam = Toy()
+    configs = [{"variant": 0, "cost": c, "bits": 0} for c in (8, 3, 1)]
+    winners = []
+    for _ in range(2):
+        r = tune_case(fam, {"n": 32}, budget_s=30, configs=configs, rounds=7, confirm_rounds=7)
+        winners.append(r.best)
+        assert r.speedup > 2.0 and r.confirmed
+        assert r.default_s > r.best_s
+    assert winners[0] == winners[1] == {"variant": 0, "cost": 1, "bits": 0}
+
+
+def test_no_clear_margin_keeps_the_incumbent():
+    fam = Toy()
+    # same cost: a challenger can win only by noise, and the margin rule must refuse it
+    r = tune_case(fam, {"n": 32}, budget_s=30, configs=[{"variant": 0, "cost": 8, "bits": 0}], rounds=7,
+                  confirm_rounds=5, margin=0.2)
+    assert r.best == r.default and r.duplicates == 1
+
+
+# ---------------------------------------------------------------- a real kernel, deliberately broken
+class BrokenLinear(CpuLinear):
+    """The CPU linear forward with two broken variants: rows=64 corrupts one element after the
+    kernel ran, rows=32 skips the kernel (writes nothing)."""
+
+    def workload(self, case, seed=0):
+        wl = super().workload(case, seed)
+        real = wl.run
+
+        def run(outs, cfg):
+            if cfg["rows"] == 32:
+                return
+            real(outs, cfg)
+            if cfg["rows"] == 64:
+                outs["out"][1, 2] += 1e-3
+
+        wl.run = run
+        return wl
+
+
+def test_real_kernel_broken_variants_are_rejected_and_never_chosen():
+    fam = BrokenLinear()
+    case = {"N": 512, "K": 32, "M": 48, "act": "gelu_tanh", "bias": True, "residual": True}
+    configs = [{"rows": r, "threads": 1} for r in (32, 64, 256)]
+    r = tune_case(fam, case, budget_s=30, configs=configs, rounds=3, confirm_rounds=3)
+    why = {c["rows"]: reason for c, reason in r.rejected}
+    assert set(why) == {32, 64}
+    assert "unwritten" in why[32] and "wrong at (1, 2)" in why[64]
+    assert r.best["rows"] not in (32, 64)
+
+
+def test_cpu_families_declare_spaces_and_constraints():
+    lin, att = get_family("cpu", "linear"), get_family("cpu", "attention")
+    assert {t.name: t.bit_exact for t in lin.tunables()} == {"rows": False, "cols": False, "skinny_max_rows": False,
+                                                            "threads": True}
+    assert lin.defaults({})["rows"] == 128 and lin.defaults({})["cols"] == 256
+    big = {"B": 1, "NH": 1, "NKV": 1, "HS": 256, "Tq": 512, "Tk": 512, "causal": False}
+    assert "L2" in att.check({"block_q": 256, "block_k": 512, "threads": 1}, big)
+    # tiles larger than the sequence run identically: timed once
+    small = {"B": 1, "NH": 2, "NKV": 2, "HS": 16, "Tq": 8, "Tk": 8, "causal": True}
+    assert att.effective({"block_q": 64, "block_k": 64, "threads": 2}, small) == \
+        att.effective({"block_q": 256, "block_k": 512, "threads": 2}, small)
+    with pytest.raises(InputError, match="no tunable kernel family 'nope'"):
+        get_family("cpu", "nope")
+
+
+def test_real_attention_candidates_validate():
+    att = get_family("cpu", "attention")
+    case = {"B": 2, "NH": 4, "NKV": 2, "HS": 16, "Tq": 40, "Tk": 40, "causal": True}
+    configs = [{"block_q": 16, "block_k": 32, "threads": 1}, {"block_q": 32, "block_k": 64, "threads": 2}]
+    r = tune_case(att, case, budget_s=20, configs=configs, rounds=3, confirm_rounds=3)
+    assert r.error is None and r.rejected == [] and r.tried == 2
+
+
+# ---------------------------------------------------------------- the cache
+def _result(fam, case, best):
+    from nbformer.tuning.tuner import CaseResult
+
+    d = fam.defaults(case)
+    return CaseResult(fam.key, fam.device, case, fam.bucket(case), d, {**d, **best}, 2.0, 1.0, speedup=2.0)
+
+
+LIN_CASE = {"N": 256, "K": 192, "M": 576, "act": "none", "bias": True, "residual": False}
+
+
+def test_cache_round_trip_nearest_and_stale():
+    fam = get_family("cpu", "linear")
+    c = TuningCache("cpu")
+    assert c.path.parent == cache_dir() / "tuning" and key_id(machine_key("cpu")) in c.path.name
+    c.put(fam, _result(fam, LIN_CASE, {"rows": 64, "threads": 1}))
+    c.save()
+    c2 = TuningCache("cpu")
+    e, how = c2.lookup(fam, fam.bucket(LIN_CASE))
+    assert how == "exact" and e["config"]["rows"] == 64 and e["speedup"] == 2.0
+    near, how = c2.lookup(fam, fam.bucket({**LIN_CASE, "N": 300}))  # bucket 512 was not tuned
+    assert near is e and how == "nearest N=256"
+    none, how = c2.lookup(fam, fam.bucket({**LIN_CASE, "M": 100}))  # other model dims: never borrowed
+    assert none is None and how == "not tuned"
+    data = json.loads(c2.path.read_text())
+    for v in data["entries"].values():
+        v["source_hash"] = "0" * 16  # the kernel changed since
+    c2.path.write_text(json.dumps(data))
+    e, how = TuningCache("cpu").lookup(fam, fam.bucket(LIN_CASE))
+    assert e is None and how.startswith("stale")
+
+
+def test_foreign_and_broken_caches_are_ignored_with_a_notice(capsys, tmp_path, monkeypatch):
+    fam = get_family("cpu", "linear")
+    c = TuningCache("cpu")
+    c.put(fam, _result(fam, LIN_CASE, {"rows": 64}))
+    c.save()
+    data = json.loads(c.path.read_text())
+    data["machine"]["numba"] = "0.1.0"
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps(data))
+    monkeypatch.setenv("NBFORMER_TUNING_CACHE", str(foreign))
+    f = TuningCache("cpu")
+    assert f.entries == {} and "another machine or library version" in f.ignored and "numba" in f.ignored
+    assert "numba" in capsys.readouterr().err
+    # the same file renamed into the default place of another machine id: found and refused
+    monkeypatch.delenv("NBFORMER_TUNING_CACHE")
+    c.path.unlink()
+    (c.path.parent / "cpu-0123456789abcdef.json").write_text(json.dumps(data))
+    g = TuningCache("cpu")
+    assert g.entries == {} and "not used" in g.ignored
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    h = TuningCache("cpu", broken)
+    assert h.entries == {} and "unreadable" in h.ignored
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_tuning_mode_env():
+    import os
+
+    for m in ("off", "cached", "tune"):
+        os.environ["NBFORMER_TUNING"] = m
+        assert runtime.mode() == m
+    os.environ["NBFORMER_TUNING"] = "sometimes"
+    with pytest.raises(InputError, match="NBFORMER_TUNING='sometimes'"):
+        runtime.mode()
+
+
+# ---------------------------------------------------------------- a model run after tuning
+@pytest.fixture(scope="module")
+def kjv():
+    return nbformer.load(KJV)
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = cpu_linear.linear_forward
+
+    def spy(out, x, w, b=None, act="none", residual=None, **kw):
+        calls.append(((int(np.prod(x.shape[:-1])), x.shape[-1]), tuple(w.shape), dict(kw)))
+        return real(out, x, w, b, act, residual, **kw)
+
+    monkeypatch.setattr(cpu_linear, "linear_forward", spy)
+    return calls
+
+
+def test_model_run_uses_the_cached_values(kjv, monkeypatch):
+    ids = np.arange(1, 17, dtype=np.int64)[None, :]
+    os_env = monkeypatch.setenv
+    os_env("NBFORMER_TUNING", "off")
+    m_off = nbformer.load(KJV)
+    want = m_off.forward(ids)
+    # tune the model's forward plan for real (tiny budget), then force one visible non-default entry
+    g = model_graphs(kjv, 1, 16, ["forward"])["forward"]
+    plan = cases_from_graph(g, "cpu")
+    assert {f.name for f, _ in plan} == {"linear", "attention"}
+    cache = TuningCache("cpu")
+    for fam, case in plan:
+        r = tune_case(fam, case, budget_s=0.3, rounds=3, confirm_rounds=3)
+        assert r.error is None, r.error
+        cache.put(fam, r)
+    lin_fam, lin_case = next((f, c) for f, c in plan if f.name == "linear" and c["M"] == 4096)  # the LM head
+    cache.put(lin_fam, _result(lin_fam, lin_case, {"cols": 64, "threads": 1}))
+    cache.save()
+    os_env("NBFORMER_TUNING", "cached")
+    runtime.forget()
+    calls = _spy(monkeypatch)
+    m = nbformer.load(KJV)
+    got = m.forward(ids)
+    ex = next(iter(m._executors.values()))
+    srcs = {b.source for b in ex.tuning if b is not None}
+    assert srcs <= {"cache", "cache, tuned = default"}, srcs
+    seen = {(x, w): kw for x, w, kw in calls}
+    stored = TuningCache("cpu")
+    for fam, case in plan:
+        if fam.name != "linear":
+            continue
+        e, how = stored.lookup(fam, fam.bucket(case))
+        assert how == "exact"
+        assert seen[((case["N"], case["K"]), (case["M"], case["K"]))] == e["config"]  # what ran is what was cached
+    assert seen[((16, 192), (4096, 192))]["cols"] == 64
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # off: the defaults run (no keywords at all) whatever the cache holds
+    calls.clear()
+    os_env("NBFORMER_TUNING", "off")
+    nbformer.load(KJV).forward(ids)
+    assert calls and all(kw == {} for _, _, kw in calls)
+
+
+def test_tune_mode_tunes_missing_buckets_on_first_use(monkeypatch):
+    monkeypatch.setenv("NBFORMER_TUNING", "tune")
+    monkeypatch.setenv("NBFORMER_TUNING_BUDGET", "0.2")
+    m = nbformer.load(KJV)
+    m.forward(np.arange(1, 9, dtype=np.int64)[None, :])
+    ex = next(iter(m._executors.values()))
+    assert all(b.source.startswith("cache") for b in ex.tuning if b is not None)
+    c = TuningCache("cpu")
+    assert len(c.entries) == len({(b.family, repr(sorted(b.bucket.items()))) for b in ex.tuning if b is not None})
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_tune_shape_json_and_inspect(monkeypatch):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    r = CliRunner().invoke(main, ["tune", "--kernels", "linear", "--shape", "N=4,K=32,M=96,act=relu,bias=true",
+                                  "--budget", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    (res,) = out["results"]
+    assert res["family"] == "cpu.linear" and res["case"]["N"] == 4 and res["error"] is None
+    assert Path(out["cache"]).exists()
+    r = CliRunner().invoke(main, ["tune", str(KJV), "--batch", "1", "--seq", "8", "--phase", "decode",
+                                  "--budget", "1"])
+    assert r.exit_code == 0, r.output
+    assert "speed-up" in r.output and "attention B1 H4 D48 Tq1 Tk16 causal" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(KJV), "--seq", "8", "--tuning"])
+    assert r.exit_code == 0, r.output
+    assert "[cache" in r.output and "decode" in r.output
+    r = CliRunner().invoke(main, ["tune", "--kernels", "linear", "--shape", "N=0"])
+    assert r.exit_code == 1 and "error: --shape: N='0'" in r.output
+    r = CliRunner().invoke(main, ["tune", "--kernels", "softmax", "--shape", "N=4"])
+    assert r.exit_code == 1 and "no tunable kernel family 'softmax'" in r.output
