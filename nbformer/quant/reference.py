@@ -26,7 +26,7 @@ def activate64(v, act: str):
     if act == "gelu_tanh":
         return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
     if act == "silu":
-        return v / (1.0 + np.exp(-v))
+        return 0.5 * v * (1.0 + np.tanh(0.5 * v))  # v * sigmoid(v), without overflow
     raise ValueError(f"unknown activation {act!r}")
 
 
