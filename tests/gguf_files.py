@@ -125,3 +125,40 @@ def tiny_tokenizer_json(texts=None, vocab_size=300, digits=True):
 def tokenizer_size(tokenizer_json: str) -> int:
     d = json.loads(tokenizer_json)
     return max(list(d["model"]["vocab"].values()) + [a["id"] for a in d["added_tokens"]]) + 1
+
+
+def write_gpt2_gguf(path, hf_cfg, sd: dict, qtype: str = "F32", tokenizer_json: str | None = None):
+    """A transformers GPT2LMHeadModel state dict as llama.cpp's convert_hf_to_gguf writes it (arch
+    'gpt2': Conv1D weights transposed to (out, in), attn_qkv fused, position_embd)."""
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_name("tiny-gpt2")
+    w.add_block_count(hf_cfg.n_layer)
+    w.add_context_length(hf_cfg.n_positions)
+    w.add_embedding_length(hf_cfg.n_embd)
+    w.add_feed_forward_length(hf_cfg.n_inner or 4 * hf_cfg.n_embd)
+    w.add_head_count(hf_cfg.n_head)
+    w.add_layer_norm_eps(float(hf_cfg.layer_norm_epsilon))
+    if tokenizer_json is not None:
+        write_tokenizer_metadata(w, tokenizer_json, bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id)
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+    for i in range(hf_cfg.n_layer):
+        p, b = f"transformer.h.{i}.", f"blk.{i}."
+        for hf, g in (("ln_1", "attn_norm"), ("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"),
+                      ("ln_2", "ffn_norm"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")):
+            names[p + hf + ".weight"], names[p + hf + ".bias"] = b + g + ".weight", b + g + ".bias"
+    for hf_name, a in sd.items():
+        if hf_name not in names:  # lm_head (tied), attn.bias buffers
+            continue
+        name = names[hf_name]
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if hf_name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            a = np.ascontiguousarray(a.T)
+        if a.ndim == 2 and qtype != "F32" and name != "position_embd.weight":
+            w.add_tensor(name, gguf.quants.quantize(a, _qtype(qtype)), raw_dtype=_qtype(qtype))
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -154,6 +154,25 @@ def test_quantized_files_vs_float64_reference(tmp_path, qtype, emb):
         assert np.abs(want - torch_logits(m, IDS)).max() > 1e-4
 
 
+def test_gpt2_architecture(tmp_path, tok_json):
+    """llama.cpp's gpt2 layout (fused attn_qkv, position_embd, LayerNorm biases) vs transformers."""
+    from gguf_files import write_gpt2_gguf
+
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(vocab_size=tokenizer_size(tok_json), n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    path = tmp_path / "gpt2.gguf"
+    write_gpt2_gguf(path, cfg, hf_llama_tensors(m), tokenizer_json=tok_json)
+    nm = nbformer.load(path)
+    assert (nm.config.family, nm.config.positions, nm.config.tie_word_embeddings) == ("gpt2", "learned", True)
+    ids = IDS % cfg.vocab_size
+    assert_close(nm.forward(ids), torch_logits(m, ids), atol=1e-4, rtol=0, what="gpt2 GGUF logits vs transformers")
+    from nbformer.tokenizer import Tokenizer
+
+    assert nm.tokenizer.encode("Hello world") == Tokenizer(json_text=tok_json).encode("Hello world")
+
+
 def test_tensor_to_float32_matches_gguf_dequantize(rng):
     a = rng.normal(size=(4, 64)).astype(np.float32)
     for t in ("Q8_0", "Q4_0", "Q4_1"):
