@@ -65,11 +65,12 @@ def _pure(config) -> dict:
 
 
 def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.03, rounds=7,
-              confirm_rounds=9, configs=None, progress=None) -> CaseResult:
+              confirm_rounds=9, configs=None, default=None, progress=None) -> CaseResult:
     """Tune one family at one shape. configs: an explicit candidate list (instead of the family's
-    grid). progress(done, total, text): called after each candidate."""
+    grid); default: the baseline config (instead of the launcher's defaults; e.g. tiny CUDA tiles
+    under the simulator). progress(done, total, text): called after each candidate."""
     t_start = time.perf_counter()
-    default = _pure(family.defaults(case))
+    default = _pure({**family.defaults(case), **(default or {})})
     res = CaseResult(family.key, family.device, dict(case), family.bucket(case), default, dict(default),
                      description=family.describe(case))
     wl = family.workload(case, seed)
