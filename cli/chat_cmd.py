@@ -43,10 +43,20 @@ def chat(model_path, system, max_new_tokens, context, temperature, top_k, top_p,
     click.echo(f"model: {path} (template: {c.template_source}; context {c.context} tokens)", err=True)
     click.echo(HELP_LINE, err=True)
     interactive = sys.stdin.isatty()
-    while True:
-        click.echo("> ", nl=False)
+    if interactive:
         try:
-            line = sys.stdin.readline()
+            import readline  # noqa: F401  line editing and history for input()
+        except ImportError:  # pragma: no cover - not on every platform
+            pass
+    while True:
+        try:
+            if interactive:
+                line = input("> ") + "\n"
+            else:
+                click.echo("> ", nl=False)
+                line = sys.stdin.readline()
+        except EOFError:
+            line = ""
         except KeyboardInterrupt:
             click.echo()
             break

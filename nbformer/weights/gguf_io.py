@@ -563,7 +563,8 @@ def load_gguf(path):
             quantized["tok_emb"] = head
     from .gguf_tokenizer import has_tokenizer, tokenizer_json_from_gguf
 
-    factory = (lambda: tokenizer_json_from_gguf(gf.metadata, str(gf.path))) if has_tokenizer(gf.metadata) else None
+    md, where = gf.metadata, str(gf.path)  # the factory keeps the metadata, not the reader's memory map
+    factory = (lambda: tokenizer_json_from_gguf(md, where)) if has_tokenizer(md) else None
     meta = {"gguf_types": types, "gguf_metadata": gf.metadata, "gguf_version": gf.version,
             "gguf_tensors": {n: (r.type_name, tuple(r.shape), r.n_bytes) for n, r in gf.tensors.items()}}
     tmpl = gf.metadata.get("tokenizer.chat_template")
