@@ -190,10 +190,13 @@ def tune(model_path, device, kernels, batch, seq, phases, shapes, budget, strate
         click.echo(f"machine: {describe(key)}")
         click.echo(f"cache: {cache.path}")
     if dry_run:
+        from nbformer.tuning.tuner import plan_candidates
+
         for ph, fam, case in plan:
-            n = len(fam.candidates(case))
-            click.echo(f"  {ph:8s} {fam.describe(case)}: up to {n} candidates "
-                       f"(tunables: {', '.join(t.name for t in fam.tunables())})")
+            cands, dups, invalid = plan_candidates(fam, case)
+            click.echo(f"  {ph:8s} {fam.describe(case)}: {len(cands)} candidates besides the default "
+                       f"({dups} run identically to another at this shape, {len(invalid)} invalid; "
+                       f"tunables: {', '.join(t.name for t in fam.tunables())})")
         return
     bar = _Bar(len(plan), not as_json and sys.stderr.isatty())
     results = []

@@ -296,8 +296,12 @@ def _attention_case_from_node(node, graph):
     a = node.attrs
     NH = int(a["n_heads"])
     NKV = int(a.get("n_kv_heads") or NH)
-    # decoding: the keys are a prefix of the cache that grows every step; its capacity stands for it
-    return {"B": int(q[0]), "NH": NH, "NKV": NKV, "HS": int(a["head_size"]), "Tq": int(q[1]), "Tk": int(kv[1]),
+    Tq, Tk = int(q[1]), int(kv[1])
+    if "cache_pos" in node.inputs and Tq > 1:
+        Tk = Tq  # a KV-cache prefill: the prompt's keys only (the session starts at position 0)
+    # a decoding step: the keys are a prefix of the cache that grows every step; the cache's
+    # capacity stands for it (the bucket of its largest, slowest steps)
+    return {"B": int(q[0]), "NH": NH, "NKV": NKV, "HS": int(a["head_size"]), "Tq": Tq, "Tk": Tk,
             "causal": bool(a.get("causal", False))}
 
 

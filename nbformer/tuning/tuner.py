@@ -64,6 +64,29 @@ def _pure(config) -> dict:
     return out
 
 
+def plan_candidates(family, case, default=None, configs=None) -> tuple:
+    """-> (candidates to try, number of duplicates dropped, [(config, constraint violated)]):
+    the family's grid (or configs), configs that run identically to an earlier one at this shape
+    (family.effective) dropped, invalid ones (family.check) set aside with the reason."""
+    default = _pure(default if default is not None else family.defaults(case))
+    raw = [_pure(c) for c in (configs if configs is not None else family.candidates(case))]
+    seen = {family.effective(default, case)}
+    cands, dups, invalid = [], 0, []
+    for c in raw:
+        full = {**default, **c}
+        eff = family.effective(full, case)
+        if eff in seen:
+            dups += 1
+            continue
+        seen.add(eff)
+        why = family.check(full, case)
+        if why:
+            invalid.append((full, why))
+            continue
+        cands.append(full)
+    return cands, dups, invalid
+
+
 def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.03, rounds=7,
               confirm_rounds=9, configs=None, default=None, progress=None) -> CaseResult:
     """Tune one family at one shape. configs: an explicit candidate list (instead of the family's
@@ -84,22 +107,7 @@ def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.
         return res
     baseline = base.outputs
 
-    # candidates: dedupe by effective behaviour, filter by constraints
-    raw = [_pure(c) for c in (configs if configs is not None else family.candidates(case))]
-    seen = {family.effective(default, case)}
-    cands = []
-    for c in raw:
-        full = {**default, **c}
-        eff = family.effective(full, case)
-        if eff in seen:
-            res.duplicates += 1
-            continue
-        seen.add(eff)
-        why = family.check(full, case)
-        if why:
-            res.invalid.append((full, why))
-            continue
-        cands.append(full)
+    cands, res.duplicates, res.invalid = plan_candidates(family, case, default, configs)
     if strategy == "random":
         random.Random(seed).shuffle(cands)
     elif strategy != "grid":
