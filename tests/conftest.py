@@ -11,6 +11,11 @@ if os.environ.get("NBFORMER_TEST_GPU") != "1":
 # `nbformer tune` must not change what the tests check); tests/test_tuning*.py opt back in.
 os.environ.setdefault("NBFORMER_TUNING", "off")
 
+# libgomp reads OMP_WAIT_POLICY once, when it loads: torch loads it first here, before nbformer's own
+# setdefault (nbformer/__init__.py) could apply, and spinning OpenMP workers made nbformer 5-10x slower
+# next to torch (SmolLM2 chat reply: 12 s with torch imported first, 2.3 s with this set; measured).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:  # torch (an oracle) must load its libgomp before Numba starts OpenMP threads: the two share
     import torch  # noqa: F401  the soname libgomp.so.1, and torch on Numba's copy ran ~40x slower
 except ImportError:
