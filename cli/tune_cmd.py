@@ -111,6 +111,8 @@ def _fmt_cfg(cfg, default):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--margin", default=0.03, show_default=True, type=float,
               help="a challenger must be this much faster (and win 3/4 of the paired rounds) to replace the incumbent")
+@click.option("--sample-ms", default=5.0, show_default=True, type=float,
+              help="least duration of one timing sample (longer: steadier on a busy machine, slower tuning)")
 @click.option("--cache", "cache_path", default=None, metavar="FILE",
               help="tuning cache file (default: $NBFORMER_TUNING_CACHE, else the per-machine file under "
                    "$NBFORMER_CACHE_DIR or ~/.cache/nbformer/tuning)")
@@ -118,8 +120,8 @@ def _fmt_cfg(cfg, default):
 @click.option("--no-save", is_flag=True, help="do not write the cache")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON on stdout")
 @friendly
-def tune(model_path, device, kernels, batch, seq, phases, shapes, budget, strategy, seed, margin, cache_path,
-         dry_run, no_save, as_json):
+def tune(model_path, device, kernels, batch, seq, phases, shapes, budget, strategy, seed, margin, sample_ms,
+         cache_path, dry_run, no_save, as_json):
     """Tune the kernels of MODEL's plan at (--batch, --seq) on this machine and cache the winners.
 
     Every candidate is validated on NaN-filled outputs against the float64 reference before it is
@@ -142,6 +144,8 @@ def tune(model_path, device, kernels, batch, seq, phases, shapes, budget, strate
         raise InputError(f"--budget must be a positive number of seconds, got {budget}")
     if not 0 <= margin < 1:
         raise InputError(f"--margin must be in [0, 1), got {margin}")
+    if not 0 < sample_ms <= 10_000:
+        raise InputError(f"--sample-ms must be in (0, 10000], got {sample_ms}")
     fams = None
     if kernels:
         fams = [k.strip() for k in kernels.split(",") if k.strip()]
@@ -205,7 +209,8 @@ def tune(model_path, device, kernels, batch, seq, phases, shapes, budget, strate
         bar.case(i)
         left = budget - (time.perf_counter() - t0)
         share = max(left, 0.0) / (len(plan) - i)
-        r = tune_case(fam, case, budget_s=share, strategy=strategy, seed=seed, margin=margin, progress=bar)
+        r = tune_case(fam, case, budget_s=share, strategy=strategy, seed=seed, margin=margin,
+                      sample_s=sample_ms / 1e3, progress=bar)
         results.append((ph, fam, r))
         if r.error is None:
             cache.put(fam, r)

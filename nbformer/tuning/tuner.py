@@ -88,7 +88,7 @@ def plan_candidates(family, case, default=None, configs=None) -> tuple:
 
 
 def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.03, rounds=7,
-              confirm_rounds=9, configs=None, default=None, progress=None) -> CaseResult:
+              confirm_rounds=9, configs=None, default=None, sample_s=0.005, progress=None) -> CaseResult:
     """Tune one family at one shape. configs: an explicit candidate list (instead of the family's
     grid); default: the baseline config (instead of the launcher's defaults; e.g. tiny CUDA tiles
     under the simulator). progress(done, total, text): called after each candidate."""
@@ -125,7 +125,7 @@ def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.
         return lambda: wl.run(o, cfg)
 
     inc, inc_fn = default, runner(default)
-    first, inc_reps = timing.warm_up(inc_fn, sync)
+    first, inc_reps = timing.warm_up(inc_fn, sync, sample_s)
     res.first_call_s[repr(sorted(default.items()))] = first
     total = len(cands)
     if progress:
@@ -140,7 +140,7 @@ def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.
             res.rejected.append((cand, chk.reason))
         else:
             fn = runner(cand)
-            first, reps = timing.warm_up(fn, sync)
+            first, reps = timing.warm_up(fn, sync, sample_s)
             res.first_call_s[repr(sorted(cand.items()))] = first
             ti, tc, wins, n = timing.duel(inc_fn, fn, sync, inc_reps, reps, rounds=rounds, margin=margin)
             res.timed += 1
@@ -152,7 +152,7 @@ def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.
     # confirm against the default, and measure both for the report
     d_fn = runner(default)
     if inc != default:
-        ti, tc, wins, n = timing.duel(d_fn, inc_fn, sync, timing.warm_up(d_fn, sync)[1], inc_reps,
+        ti, tc, wins, n = timing.duel(d_fn, inc_fn, sync, timing.warm_up(d_fn, sync, sample_s)[1], inc_reps,
                                       rounds=confirm_rounds, margin=margin, race=False)
         if timing.challenger_wins(ti, tc, wins, n, margin):
             res.best = inc
@@ -164,7 +164,7 @@ def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.
             res.default_s = res.best_s = ti.median
             res.default_spread = res.best_spread = ti.spread
     else:
-        reps = timing.warm_up(d_fn, sync)[1]
+        reps = timing.warm_up(d_fn, sync, sample_s)[1]
         samples = [timing._sample(d_fn, sync, reps) for _ in range(confirm_rounds)]
         t = timing.summarize(samples, reps)
         res.default_s = res.best_s = t.median
