@@ -127,17 +127,22 @@ def _models(model, prompts, gens, batches, thread_list, reps, embed, train, fmt,
     if b.embedder is not None:
         limit = min(limit or b.embedder.max_seq_length, b.embedder.max_seq_length)
 
-    def default(text, flag, value):
+    notes = []
+
+    def default(text, flag, value, used=True):
         if text is not None:
             return _ints(text, flag, 0)
         if limit is not None and value > limit:
-            _note(f"bench: {flag} defaults to {limit} for {b.name} ({limit} positions)")
+            if used:
+                notes.append(f"bench: {flag} defaults to {limit} for {b.name} ({limit} positions)")
             return [limit]
         return [value]
 
     p_list = default(prompts, "-p/--n-prompt", 256)
-    n_list = default(gens, "-n/--n-gen", 128)
+    n_list = default(gens, "-n/--n-gen", 128, used=cfg.arch != "encoder")
     tests = b.tests(p_list, n_list, train, explicit_gen=gens is not None)
+    for line in notes:  # (only once the arguments are known to be good)
+        _note(line)
     batch_list = _ints(batches, "-b/--batch", 1)
     w = Writer(fmt, "model", build_info(), machine_info(b.device), _echo)
     models.run(b, tests, batch_list, thread_list or [current_threads()], reps, on_row=w.row)

@@ -448,6 +448,16 @@ def run(specs: list, device, threads_list: list, repeat: int, roofline, params: 
     from .env import current_threads, set_threads
 
     dev = bench_device(device)
+    before = current_threads()
+    try:
+        return _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s)
+    finally:
+        set_threads(before)  # the caller's thread count again
+
+
+def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s):
+    from .env import current_threads, set_threads
+
     rows, seen = [], set()
     for t in (threads_list if dev.kind == "cpu" else [None]):
         threads = set_threads(t if t is not None else current_threads())

@@ -251,7 +251,7 @@ class Bench:
             "n_batch": B, "n_threads": threads.get("n_threads"), "blas_threads": threads.get("blas_threads"),
             "test": test.name, "n_prompt": test.n_prompt if test.kind != "tg" else
             (test.n_gen if self.config.arch == "encoder_decoder" else 0),
-            "n_gen": test.n_gen, "repetitions": s.n,
+            "n_gen": test.n_gen, "tuning": _tuning_mode(), "repetitions": s.n,
             "warmup_s": round(s.warmup_s, 6), "compile_s": round(s.one_time_s, 6),
             "avg_ns": int(round(s.mean * 1e9)), "stddev_ns": int(round(s.sd * 1e9)),
             "avg_ts": mean_ts, "stddev_ts": sd_ts,
@@ -260,18 +260,29 @@ class Bench:
         }
 
 
+def _tuning_mode() -> str:
+    """NBFORMER_TUNING as the executors read it: 'cached' (tuned kernel configs from this machine's
+    cache where it has them), 'off' (the kernels' defaults) or 'tune'."""
+    from ..tuning.runtime import mode
+
+    return mode()
+
+
 def run(bench: Bench, tests: list, batches: list, threads_list: list, reps: int, on_row=None) -> list:
     """Rows of the cross product threads x batches x tests (llama-bench's order: the tests of one
     parameter set together). on_row(row) is called as each row is done."""
-    from .env import set_threads
+    from .env import current_threads, set_threads
 
-    rows = []
-    for t in threads_list:
-        threads = set_threads(t)
-        for B in batches:
-            for test in tests:
-                row = bench.row(test, B, threads, bench.measure(test, B, reps))
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
+    rows, before = [], current_threads()
+    try:
+        for t in threads_list:
+            threads = set_threads(t)
+            for B in batches:
+                for test in tests:
+                    row = bench.row(test, B, threads, bench.measure(test, B, reps))
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+    finally:
+        set_threads(before)  # the caller's thread count again
     return rows

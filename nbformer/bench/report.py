@@ -73,7 +73,7 @@ def _mib(n: int) -> str:
 
 
 def _dur(us: float, spread: float | None = None) -> str:
-    if us >= 1e4:
+    if us >= 1e3:
         v, unit, f = us / 1e3, "ms", 1e3
     else:
         v, unit, f = us, "µs", 1.0
@@ -126,9 +126,9 @@ class Writer:
         """A roofline the kernel rows refer to (md: one line before the table; json: 'rooflines')."""
         self.rooflines.append(roof)
         if self.fmt == "md":
-            self.echo(f"roofline ({roof.label()}, {roof.source}{', measured ' + roof.measured_at if roof.measured_at else ''}):"
-                      f" peak {roof.peak_gflops:,.1f} GFLOP/s, read {roof.read_gbs:,.1f} GB/s, ridge "
-                      f"{roof.ridge:.2f} FLOP/B")
+            when = "measured now" if roof.source == "measured" else f"cached, measured {roof.measured_at}"
+            self.echo(f"roofline ({roof.label()}; {when}): peak {roof.peak_gflops:,.1f} GFLOP/s, read "
+                      f"{roof.read_gbs:,.1f} GB/s, ridge {roof.ridge:.2f} FLOP/B")
 
     def row(self, r: dict):
         self.rows.append(r)

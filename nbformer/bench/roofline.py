@@ -103,9 +103,9 @@ def _write_cache(path: Path, entries: dict, log):
         log(f"roofline: could not write the cache {path} ({e.strerror or e}); the numbers are not kept")
 
 
-def cached(device: str, threads: int | None) -> Roofline | None:
+def cached(device: str, threads: int | None, log=None) -> Roofline | None:
     """The cached roofline of this machine for (device, threads), or None."""
-    e = _read_cache(cache_path(), lambda msg: None).get(entry_key(device, threads))
+    e = _read_cache(cache_path(), log or (lambda msg: None)).get(entry_key(device, threads))
     return None if e is None else _from_entry(e)
 
 
@@ -115,7 +115,7 @@ def store(roof: Roofline, log=None):
 
     log = log or _stderr
     path = cache_path()
-    entries = _read_cache(path, log)
+    entries = _read_cache(path, lambda msg: None)  # (an unreadable cache was reported when it was read)
     kind = roof.device.split(":")[0]
     e = {k: v for k, v in roof.to_json().items() if k not in ("source", "ridge_flop_per_byte")}
     e["machine"] = machine_key(roof.device if kind == "cuda" else "cpu")
@@ -145,7 +145,7 @@ def get(device: str = "cpu", threads: int | None = None, remeasure: bool = False
     cache, or measured now (a few seconds) and cached. sizes: see measure_cpu / measure_cuda."""
     log = log or _stderr
     if not remeasure:
-        r = cached(device, threads)
+        r = cached(device, threads, log)
         if r is not None:
             return r
     log(f"roofline: measuring {device}{'' if threads is None else f' with {threads} threads'} "
@@ -160,9 +160,6 @@ def _now() -> str:
 
 
 # ---------------------------------------------------------------- CPU
-_CUDA_KERNELS = {}
-
-
 def _best(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -193,7 +190,7 @@ def available_host_bytes() -> int | None:
         return None
 
 
-def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: int = CPU_READ_MIB,
+def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: float = CPU_READ_MIB,
                 repeat: int = 7) -> Roofline:
     """Peak sgemm GFLOP/s (nbformer's GEMM, gemm_n^3) and read GB/s (a parallel sum over
     read_mib MiB) with `threads` Numba threads (None: the current count)."""
@@ -208,7 +205,7 @@ def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: 
         set_threads(current_threads())
     threads = current_threads()
     n = int(gemm_n)
-    _check_host_memory(3 * 4 * n * n + read_mib * 2 ** 20, "roofline measurement")
+    _check_host_memory(int(3 * 4 * n * n + read_mib * 2 ** 20), "roofline measurement")
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -216,7 +213,7 @@ def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: 
     matmul_nn(c, a, b)  # warm-up (compile or cache load, first touch)
     t_gemm = _best(lambda: matmul_nn(c, a, b), repeat)
     del a, b, c
-    x = np.ones(int(read_mib) * 2 ** 20 // 4, np.float32)
+    x = np.ones(max(1, int(read_mib * 2 ** 20) // 4), np.float32)
     partial = np.empty(64 * max(1, threads), np.float32)
     from ._stream import stream_sum as read
 
@@ -232,39 +229,6 @@ def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: 
 
 
 # ---------------------------------------------------------------- CUDA
-def _cuda_read_kernel(threads: int):
-    key = ("cuda_read", threads)
-    fn = _CUDA_KERNELS.get(key)
-    if fn is None:
-        from numba import float32
-
-        from ..kernels.cuda._jit import cuda, kernel
-
-        @kernel
-        def read_sum(a, partial):
-            sh = cuda.shared.array(threads, float32)
-            tid = cuda.threadIdx.x
-            i = cuda.grid(1)
-            stride = cuda.gridsize(1)
-            s = float32(0.0)
-            while i < a.size:
-                s += a[i]
-                i += stride
-            sh[tid] = s
-            cuda.syncthreads()
-            w = threads // 2
-            while w > 0:
-                if tid < w:
-                    sh[tid] += sh[tid + w]
-                cuda.syncthreads()
-                w //= 2
-            if tid == 0:
-                partial[cuda.blockIdx.x] = sh[0]
-
-        fn = _CUDA_KERNELS[key] = read_sum
-    return fn
-
-
 def cuda_timer(dev):
     """-> time_it(fn, inner) giving seconds per call of fn on the GPU: CUDA events around `inner`
     back-to-back launches (wall clock + synchronize under the simulator, whose events are dummies)."""
@@ -289,7 +253,7 @@ def cuda_timer(dev):
     return time_it
 
 
-def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: int = CUDA_READ_MIB,
+def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: float = CUDA_READ_MIB,
                  repeat: int = 3, read_threads: int = 256) -> Roofline:
     """Peak sgemm GFLOP/s (nbformer's tiled CUDA SGEMM, gemm_n^3) and read GB/s (a grid-stride sum
     over read_mib MiB of device memory) of one GPU."""
@@ -302,7 +266,7 @@ def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: int 
     if dev.kind != "cuda":
         raise InputError(f"roofline: {device!r} is not a CUDA device")
     n = int(gemm_n)
-    read_n = int(read_mib) * 2 ** 20 // 4
+    read_n = max(1, int(read_mib * 2 ** 20) // 4)
     dev.ensure_fits(3 * 4 * n * n, f"the roofline sgemm ({n}x{n}x{n})")
     time_it = cuda_timer(dev)
     rng = np.random.default_rng(0)
@@ -313,11 +277,14 @@ def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: int 
     dev.synchronize()
     t_gemm = min(time_it(lambda: linear_forward(out, x, w)) for _ in range(repeat))
     del x, w, out
-    dev.ensure_fits(4 * read_n, f"the roofline read buffer ({read_mib} MiB)")
+    dev.ensure_fits(4 * read_n, f"the roofline read buffer ({4 * read_n / 2 ** 20:.0f} MiB)")
     a = dev.upload(np.ones(read_n, np.float32))
     nblocks = max(1, min(4096, (read_n + read_threads - 1) // read_threads // 8))
     partial = dev.empty(nblocks, np.float32)
-    k = _cuda_read_kernel(read_threads)
+    from ._cuda_read import MAX_THREADS, read_sum as k
+
+    if read_threads < 1 or read_threads > MAX_THREADS or read_threads & (read_threads - 1):
+        raise InputError(f"roofline: read_threads must be a power of two <= {MAX_THREADS}, got {read_threads}")
     launch = lambda: k[nblocks, read_threads](a, partial)  # noqa: E731
     launch()
     dev.synchronize()
