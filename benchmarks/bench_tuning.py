@@ -23,6 +23,8 @@ import time
 
 from common import CACHE_DIR, REPO, bench_args, set_threads, write_results
 
+if str(REPO) not in sys.path:  # the checkout's nbformer (and cli), installed or not
+    sys.path.insert(0, str(REPO))
 TUNE_CACHE = CACHE_DIR / "nbformer-cache"  # NBFORMER_CACHE_DIR: the file lands in its tuning/
 
 

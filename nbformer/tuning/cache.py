@@ -172,6 +172,7 @@ class TuningCache:
             fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)  # (mkstemp makes it 0600)
             os.replace(tmp, p)
         except OSError as e:
             raise InputError(f"tuning cache {p}: cannot write it ({e}); set NBFORMER_CACHE_DIR or "
