@@ -173,6 +173,18 @@ def test_gpt2_architecture(tmp_path, tok_json):
     assert nm.tokenizer.encode("Hello world") == Tokenizer(json_text=tok_json).encode("Hello world")
 
 
+def test_checked_reader_reads_what_the_library_reads(f32_case):
+    _m, path = f32_case
+    gf = GGUFFile(path)
+    lib = gguf.GGUFReader(str(path))
+    assert gf.metadata == {k: f.contents() for k, f in lib.fields.items() if not k.startswith("GGUF.")}
+    assert list(gf.tensors) == [t.name for t in lib.tensors]
+    for t in lib.tensors:
+        rec = gf.tensors[t.name]
+        assert rec.type_name == t.tensor_type.name and rec.shape == tuple(reversed(t.shape.tolist()))
+        assert np.array_equal(rec.data, np.asarray(t.data)) and rec.offset == t.data_offset
+
+
 def test_tensor_to_float32_matches_gguf_dequantize(rng):
     a = rng.normal(size=(4, 64)).astype(np.float32)
     for t in ("Q8_0", "Q4_0", "Q4_1"):
