@@ -97,10 +97,13 @@ def _print_tuning(m, batch, seq):
     phases = ["prefill", "decode"] if cfg.arch == "decoder" and cfg.lm_head else (
         ["embed"] if cfg.arch == "encoder" else ["forward"])
     mode = runtime.mode()
-    cache = None if mode == "off" else runtime.cache_for(kind)
-    where = "not read" if cache is None else str(cache.path) + ("" if cache.path.exists() else " (none yet)")
-    if cache is None:
+    if mode == "off":
         where = f"{default_path(kind)} (not read)"
+    else:
+        cache = runtime.cache_for(kind)
+        where = str(cache.path) + ("" if cache.path.exists() else " (none yet: run `nbformer tune`)")
+        if cache.ignored:
+            where += f"; {cache.ignored}"
     click.echo(f"tuning (NBFORMER_TUNING={mode}; cache: {where}):")
     for ph, g in model_graphs(m, batch, seq, phases).items():
         from nbformer.graph.plan import plan_memory
