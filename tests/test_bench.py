@@ -7,7 +7,6 @@ multi-second measurement; the measurement itself runs once at toy sizes."""
 import csv
 import io
 import json
-import math
 import os
 
 import numpy as np
@@ -235,7 +234,7 @@ def test_roofline_cache_roundtrip_foreign_and_remeasure(tmp_path, monkeypatch):
     # an entry of another machine (same device and threads, another key) is never used
     path = tmp_path / roofline.CACHE_FILE
     path.write_text(json.dumps({"version": 1, "entries": {
-        f"0000000000000000/cpu/t1": {"device": "cpu", "threads": 1, "peak_gflops": 1e6, "read_gbs": 1e6}}}))
+        "0000000000000000/cpu/t1": {"device": "cpu", "threads": 1, "peak_gflops": 1e6, "read_gbs": 1e6}}}))
     r = roofline.get("cpu", 1, log=lambda m: None)
     assert (r.source, r.peak_gflops, calls) == ("measured", 51.0, [1])
     again = roofline.get("cpu", 1, log=lambda m: None)
@@ -259,9 +258,10 @@ def test_remeasure_flag(runner, cache, monkeypatch):
 
 
 def test_measure_cpu_small():
-    r = roofline.measure_cpu(current_threads(), gemm_n=96, read_mib=0.5, repeat=1)
+    r = roofline.measure_cpu(current_threads(), gemm_shapes=[(96, 64, 32), (64, 64, 64)], read_mib=0.5,
+                             repeat=1)
     assert r.peak_gflops > 0 and r.read_gbs > 0 and r.threads == current_threads() and r.ridge > 0
-    assert "sgemm 96x96x96" in r.details["gemm"]
+    assert "the fastest of 96x64x32, 64x64x64" in r.details["gemm"]
 
 
 # ---------------------------------------------------------------- plot
@@ -306,7 +306,8 @@ def test_measure_cuda_small_under_simulator():
 
     if not config.ENABLE_CUDASIM:
         pytest.skip("the full-size measurement runs on a GPU (benchmarks/gpu)")
-    r = roofline.measure_cuda("cuda", gemm_n=16, read_mib=2 ** -10, repeat=1, read_threads=32)
+    r = roofline.measure_cuda("cuda", gemm_n=16, read_mib=2 ** -10, repeat=1, read_threads=32,
+                              tile_candidates=False)
     assert r.device == "cuda:0" and r.peak_gflops > 0 and r.read_gbs > 0
 
 

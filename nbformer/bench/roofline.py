@@ -29,7 +29,9 @@ FORMAT_VERSION = 1
 PLOT_HINT = 'pip install "nbformer[plot]"'
 
 # default measurement sizes: large enough to leave the caches and amortise call overhead
-CPU_GEMM_N = 1536  # 7.2 GFLOP per call; best of several short calls finds a quiet moment on a busy machine
+# M,K,N: a large square one and two that stay in cache (best of several short calls also finds a
+# quiet moment on a busy machine)
+CPU_GEMM_SHAPES = ((1536, 1536, 1536), (512, 512, 512), (1024, 256, 1024))
 CPU_READ_MIB = 256
 CUDA_GEMM_N = 8192  # 1.1 TFLOP per call
 CUDA_READ_MIB = 2048
@@ -55,7 +57,9 @@ class Roofline:
         return min(self.peak_gflops, self.read_gbs * intensity)
 
     def label(self) -> str:
-        return self.device if self.threads is None else f"{self.device}, {self.threads} thread{'s' * (self.threads != 1)}"
+        if self.threads is None:
+            return self.device
+        return f"{self.device}, {self.threads} thread{'s' * (self.threads != 1)}"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -190,29 +194,33 @@ def available_host_bytes() -> int | None:
         return None
 
 
-def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: float = CPU_READ_MIB,
+def measure_cpu(threads: int | None = None, gemm_shapes=None, read_mib: float = CPU_READ_MIB,
                 repeat: int = 7) -> Roofline:
-    """Peak sgemm GFLOP/s (nbformer's GEMM, gemm_n^3) and read GB/s (a parallel sum over
+    """Peak sgemm GFLOP/s (nbformer's GEMM; the best of a few shapes, M,K,N each, since which
+    shape is fastest depends on the caches and the blocking) and read GB/s (a parallel sum over
     read_mib MiB) with `threads` Numba threads (None: the current count)."""
     import numpy as np
 
     from ..kernels.cpu.gemm import matmul_nn
     from .env import current_threads, set_threads
 
-    if threads is not None:
-        set_threads(threads)
-    else:
-        set_threads(current_threads())
+    set_threads(threads if threads is not None else current_threads())
     threads = current_threads()
-    n = int(gemm_n)
-    _check_host_memory(int(3 * 4 * n * n + read_mib * 2 ** 20), "roofline measurement")
+    shapes = [tuple(int(d) for d in sh) for sh in (gemm_shapes or CPU_GEMM_SHAPES)]
+    biggest = max(4 * (M * K + K * N + M * N) for M, K, N in shapes)
+    _check_host_memory(int(biggest + read_mib * 2 ** 20), "roofline measurement")
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    c = np.empty((n, n), np.float32)
-    matmul_nn(c, a, b)  # warm-up (compile or cache load, first touch)
-    t_gemm = _best(lambda: matmul_nn(c, a, b), repeat)
-    del a, b, c
+    best_rate, best_shape, t_gemm = 0.0, None, None
+    for M, K, N in shapes:
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((K, N), dtype=np.float32)
+        c = np.empty((M, N), np.float32)
+        matmul_nn(c, a, b)  # warm-up (compile or cache load, first touch)
+        t = _best(lambda: matmul_nn(c, a, b), repeat)
+        rate = 2.0 * M * K * N / t / 1e9
+        if rate > best_rate:
+            best_rate, best_shape, t_gemm = rate, (M, K, N), t
+    a = b = c = None  # (free the GEMM operands before the read buffer is made)
     x = np.ones(max(1, int(read_mib * 2 ** 20) // 4), np.float32)
     partial = np.empty(64 * max(1, threads), np.float32)
     from ._stream import stream_sum as read
@@ -220,12 +228,14 @@ def measure_cpu(threads: int | None = None, gemm_n: int = CPU_GEMM_N, read_mib: 
     read(x, partial)
     if abs(float(partial.sum(dtype=np.float64)) - x.size) > 1e-3 * x.size:
         raise NbformerError("roofline: the read-bandwidth kernel summed to a wrong value")  # pragma: no cover
-    t_read = _best(lambda: read(x, partial), max(repeat, 5))
-    return Roofline(device="cpu", threads=threads, peak_gflops=2.0 * n ** 3 / t_gemm / 1e9,
+    t_read = _best(lambda: read(x, partial), max(2 * repeat, 5))
+    M, K, N = best_shape
+    return Roofline(device="cpu", threads=threads, peak_gflops=best_rate,
                     read_gbs=x.nbytes / t_read / 1e9, measured_at=_now(),
-                    details={"gemm": f"sgemm {n}x{n}x{n} (nbformer matmul_nn), best of {repeat}",
+                    details={"gemm": f"sgemm {M}x{K}x{N} (nbformer matmul_nn; the fastest of "
+                                     f"{', '.join('x'.join(map(str, sh)) for sh in shapes)}), best of {repeat}",
                              "gemm_s": t_gemm, "read": f"parallel sum of {x.nbytes / 2 ** 20:.0f} MiB, best of "
-                                                        f"{max(repeat, 5)}", "read_s": t_read})
+                                                        f"{max(2 * repeat, 5)}", "read_s": t_read})
 
 
 # ---------------------------------------------------------------- CUDA
@@ -254,7 +264,7 @@ def cuda_timer(dev):
 
 
 def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: float = CUDA_READ_MIB,
-                 repeat: int = 3, read_threads: int = 256) -> Roofline:
+                 repeat: int = 3, read_threads: int = 256, tile_candidates: bool = True) -> Roofline:
     """Peak sgemm GFLOP/s (nbformer's tiled CUDA SGEMM, gemm_n^3) and read GB/s (a grid-stride sum
     over read_mib MiB of device memory) of one GPU."""
     import numpy as np
@@ -273,10 +283,25 @@ def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: floa
     x = dev.upload(rng.standard_normal((n, n), dtype=np.float32))
     w = dev.upload(rng.standard_normal((n, n), dtype=np.float32))
     out = dev.empty((n, n), np.float32)
-    linear_forward(out, x, w)
-    dev.synchronize()
-    t_gemm = min(time_it(lambda: linear_forward(out, x, w)) for _ in range(repeat))
-    del x, w, out
+    # the default tiles and the tuner's candidates (whatever is fastest on this GPU is its peak)
+    from ..kernels.cuda import linear as cl
+
+    configs = [{}]
+    if tile_candidates:
+        configs += [dict(c) for c in getattr(cl, "CANDIDATES", {}).get("tiled", [])]
+    t_gemm, best_cfg = float("inf"), {}
+    for cfg in configs:
+        try:
+            linear_forward(out, x, w, **cfg)
+            dev.synchronize()
+        except Exception:  # a candidate this GPU cannot run (resources, shared memory) is skipped
+            if not cfg:
+                raise  # (the default tiles must run)
+            continue
+        t = min(time_it(lambda: linear_forward(out, x, w, **cfg)) for _ in range(repeat))
+        if t < t_gemm:
+            t_gemm, best_cfg = t, cfg
+    x = w = out = None  # (free the GEMM operands before the read buffer is made)
     dev.ensure_fits(4 * read_n, f"the roofline read buffer ({4 * read_n / 2 ** 20:.0f} MiB)")
     a = dev.upload(np.ones(read_n, np.float32))
     nblocks = max(1, min(4096, (read_n + read_threads - 1) // read_threads // 8))
@@ -296,7 +321,8 @@ def measure_cuda(device: str = "cuda", gemm_n: int = CUDA_GEMM_N, read_mib: floa
     return Roofline(device=dev.name, threads=None, peak_gflops=2.0 * n ** 3 / t_gemm / 1e9,
                     read_gbs=4.0 * read_n / t_read / 1e9, measured_at=_now(),
                     details={"gpu": name, "gemm": f"sgemm {n}x{n}x{n} (nbformer tiled CUDA SGEMM, no tensor "
-                                                  f"cores), best of {repeat}", "gemm_s": t_gemm,
+                                                  f"cores; tiles {best_cfg or 'default'}), best of {repeat}",
+                             "gemm_s": t_gemm,
                              "read": f"grid-stride sum of {4 * read_n / 2 ** 20:.0f} MiB, {nblocks} blocks x "
                                      f"{read_threads} threads, best of {max(repeat, 5)}", "read_s": t_read})
 
