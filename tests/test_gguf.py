@@ -276,6 +276,40 @@ def test_sentencepiece_style_vocab(tmp_path):
         assert tok.encode(s).ids == ht(s)["input_ids"], s
 
 
+def test_sentencepiece_model_vocab_matches_sentencepiece():
+    """A sentencepiece BPE model with byte fallback (Llama's settings: identity normalization, no
+    whitespace folding, single digits) put into GGUF metadata the way llama.cpp's converter does
+    (pieces, scores, token types): the rebuilt tokenizer gives sentencepiece's own ids and text."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizers import Tokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 30), model_writer=buf, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    n = sp.get_piece_size()
+
+    def kind(i):
+        return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+                5 if sp.is_unused(i) else 1)
+
+    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+          "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+          "tokenizer.ggml.token_type": [kind(i) for i in range(n)], "tokenizer.ggml.bos_token_id": 1,
+          "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    tok = Tokenizer.from_str(tokenizer_json_from_gguf(md, "spm"))
+    for s in TEXTS + [" x", "new\nlines\n\n", "Paris, 1889"]:
+        if "<|" in s:  # ChatML markers are no tokens of this vocabulary
+            continue
+        want = [1] + sp.encode(s)  # llama.cpp adds BOS for a 'llama' vocabulary by default
+        assert tok.encode(s).ids == want, s
+        assert tok.decode(want, skip_special_tokens=True) == sp.decode(want[1:]), s
+
+
 def test_unknown_pre_tokenizer_is_named():
     md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "klingon", "tokenizer.ggml.tokens": ["a", "b"],
           "tokenizer.ggml.merges": ["a b"]}
