@@ -431,6 +431,9 @@ def test_hostile_shapes_disagree_with_metadata(tmp_path, good_file):
     k = _after_key(data, "llama.feed_forward_length") + 4
     msg = _error(_variant(tmp_path, data[:k] + struct.pack("<I", 128) + data[k + 4:]))
     assert "disagrees with the metadata" in msg and "ffn_gate" in msg
+    k = _after_key(data, "llama.block_count") + 4  # 2^31 layers: refused before any per-layer work
+    msg = _error(_variant(tmp_path, data[:k] + struct.pack("<I", 1 << 31) + data[k + 4:]))
+    assert "block_count" in msg and "2 blocks" in msg
     k = _after_key(data, "llama.attention.head_count_kv") + 4
     msg = _error(_variant(tmp_path, data[:k] + struct.pack("<I", 3) + data[k + 4:]), ConfigError)
     assert "head_count_kv" in msg

@@ -386,12 +386,18 @@ def config_from_gguf(gf: GGUFFile):
 
     arch = gf.architecture
     if not isinstance(arch, str):
-        raise ConfigError(f"{gf.path}: metadata 'general.architecture' is missing: not a model GGUF file")
+        raise ConfigError(f"{gf.path}: metadata 'general.architecture' is "
+                          f"{'missing' if arch is None else repr(arch) + ', not a string'}: not a model GGUF file")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{gf.path}: GGUF architecture {arch!r} is not supported (nbformer runs: "
                           f"{', '.join(ARCHITECTURES)})")
     m = _Meta(gf, arch)
     T = gf.tensors
+    n_blocks = m.int("block_count", minimum=0)
+    present = {int(n.split(".")[1]) for n in T if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if n_blocks != len(present) or (present and max(present) != n_blocks - 1):
+        raise WeightsError(f"{gf.path}: metadata '{arch}.block_count' = {n_blocks} but the file has tensors for "
+                           f"{len(present)} blocks (blk.0 .. blk.{max(present) if present else -1})")
     emb = T.get("token_embd.weight")
     if emb is None:
         raise WeightsError(f"{gf.path}: tensor 'token_embd.weight' is missing")
@@ -399,7 +405,7 @@ def config_from_gguf(gf: GGUFFile):
     NH = m.int("attention.head_count")
     tokens = gf.metadata.get("tokenizer.ggml.tokens")
     V = m.int("vocab_size", default=len(tokens) if isinstance(tokens, list) and tokens else emb.shape[0])
-    common = dict(vocab_size=V, d_model=C, n_heads=NH, n_layers=m.int("block_count"),
+    common = dict(vocab_size=V, d_model=C, n_heads=NH, n_layers=n_blocks,
                   d_ff=m.int("feed_forward_length"), max_positions=m.int("context_length"), norm="pre",
                   embedding_layernorm=False, final_layernorm=True, lm_head=True,
                   tie_word_embeddings="output.weight" not in T,
