@@ -39,7 +39,11 @@ Interface shared with the quantized kernels (nbformer/quant/) and `nbformer quan
         tensor_to_float32(record); the quantized-kernel code replaces this hook to keep
         Q8_0 / Q4_0 / Q4_1 weights quantized. Embeddings and norms always go through
         tensor_to_float32.
-    load_gguf(path) -> weights.Checkpoint (config, params, GGUF-named rules, tokenizer factory)
+    load_gguf(path) -> weights.Checkpoint (config, params, GGUF-named rules, tokenizer factory);
+        its .metadata: 'gguf_metadata' (the file's whole metadata), 'gguf_tensors' (name -> (type,
+        shape, bytes)), 'gguf_types' (canonical name -> type), 'gguf_version', 'chat_template'.
+        block_count must match the blk.N tensors present; every tensor's shape must match the
+        metadata (param_shapes of the config); non-finite values are refused.
     write_tokenizer_metadata(writer, tokenizer_json_text, ...) is in weights.gguf_tokenizer: the
         tokenizer.ggml.* keys for a GGUFWriter, from a tokenizer.json (used by `nbformer quantize`).
 
