@@ -209,7 +209,7 @@ def _kernels(kernels, shapes, causal, act, params, thread_list, reps, fmt, plot_
         for r in rows:
             opts = "".join(f" {k}" if v is True else f" {k}={v}" for k, v in r["options"].items()
                            if v not in (False, "none"))
-            label = f"{r['kernel']}{opts} {r['shape']}" + (f" t{r['n_threads']}" if len(roofs) > 1 else "")
+            label = f"{r['kernel']}{opts} {r['shape']}"  # (the roofline, i.e. the thread count, is the colour)
             points.append({"label": label, "intensity": r["intensity"], "gflops": r["gflops"],
                            "roof": index.get((r["device"], r["n_threads"]), 0)})
         roofline.plot(plot_path, roofs, points)

@@ -172,6 +172,12 @@ def test_kernel_rows_against_cached_roofline(runner, cache):
         assert r["roof_fraction"] == pytest.approx(r["gflops"] / min(PEAK, BW * ai))
         assert r["bound"] == ("compute" if ai >= PEAK / BW else "memory")
         assert r["min_us"] <= r["time_us"] <= r["max_us"] and r["inner"] >= 1 and r["repetitions"] == 2
+    rows = list(csv.DictReader(io.StringIO(ok(runner.invoke(main, [
+        "bench", "--kernel", "linear", "--shape", "2,4,8", "--kernel", "attention", "--shape", "1,1,4,4", "--causal",
+        "-r", "1", "-o", "csv"])))))  # rows of different kernels share one header
+    assert [(r["kernel"], r["dims"], r["options"]) for r in rows] == [
+        ("linear", "M=2 K=4 N=8", "act=none"), ("attention", "B=1 H=1 T=4 D=4", "causal=True")]
+    assert all(float(r["gflops"]) > 0 and r["peak_gflops"] == "100.0" for r in rows)
     md = ok(runner.invoke(main, ["bench", "--kernel", "layernorm", "--shape", "8,32", "--shape", "4,16", "-r", "1"]))
     assert "peak 100.0 GFLOP/s, read 10.0 GB/s, ridge 10.00 FLOP/B" in md
     assert "| layernorm | N=8,C=32 |" in md and "| layernorm | N=4,C=16 |" in md

@@ -157,9 +157,8 @@ class Writer:
     def _csv_row(self, r: dict) -> dict:
         out = {}
         for k, v in r.items():
-            if isinstance(v, dict):
-                for k2, v2 in v.items():
-                    out[f"{k}.{k2}" if k != "dims" else k2] = v2
+            if isinstance(v, dict):  # one column ('B=1 H=12 T=256 D=64'): rows of several kernels align
+                out[k] = " ".join(f"{k2}={v2}" for k2, v2 in v.items())
             elif isinstance(v, list):
                 out[k] = " ".join(str(x) for x in v)
             else:

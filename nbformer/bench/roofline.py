@@ -355,7 +355,7 @@ def plot(path, rooflines: list, points: list):
     ais = [p["intensity"] for p in points if p["intensity"] > 0] + [r.ridge for r in rooflines]
     lo = 10 ** math.floor(math.log10(min(ais) / 4))
     hi = 10 ** math.ceil(math.log10(max(ais) * 4))
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     n_steps = 200
     xs = [lo * (hi / lo) ** (i / n_steps) for i in range(n_steps + 1)]
@@ -366,13 +366,21 @@ def plot(path, rooflines: list, points: list):
         ax.plot([r.ridge], [r.peak_gflops], "o", color=c, ms=6, mfc="white")
         ax.annotate(f"ridge {r.ridge:.2f} FLOP/B", (r.ridge, r.peak_gflops), textcoords="offset points",
                     xytext=(6, -14), fontsize=8, color=c)
-    markers = "sD^v<>pP*X"
-    for j, p in enumerate(points):
+    # one marker per kernel (the same kernel on two rooflines: same marker, the roofline's colour),
+    # named in a legend of their own (labels written beside the points overlap when they cluster)
+    markers = "osD^v<>pP*Xhd8"
+    kinds = list(dict.fromkeys(p["label"] for p in points))
+    for p in points:
         c = colors[p.get("roof", 0) % len(colors)]
-        x = max(p["intensity"], lo)
-        y = max(p["gflops"], 1e-9)
-        ax.plot([x], [y], markers[j % len(markers)], color=c, ms=7, mec="black", mew=0.6)
-        ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.plot([max(p["intensity"], lo)], [max(p["gflops"], 1e-9)], markers[kinds.index(p["label"]) % len(markers)],
+                color=c, ms=8, mec="black", mew=0.6, ls="none")
+    roof_legend = ax.legend(fontsize=8, loc="lower right")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker=markers[i % len(markers)], color="none", mfc="lightgray", mec="black", ms=8,
+                      label=k) for i, k in enumerate(kinds)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.add_artist(roof_legend)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -382,7 +390,6 @@ def plot(path, rooflines: list, points: list):
     ax.set_ylabel("GFLOP/s")
     ax.set_title("nbformer kernels on this machine's measured roofline")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     try:
         fig.savefig(path)
