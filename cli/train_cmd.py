@@ -59,14 +59,17 @@ PRESETS = {  # d_model, layers, heads, d_ff
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--eval-every", default=100, show_default=True, type=int)
 @click.option("--save-every", default=200, show_default=True, type=int)
+@click.option("--sync-every", default=0, show_default=True, type=int,
+              help="read the loss and gradient norm back every N steps (0: every step on the CPU, every 10 on a "
+                   "GPU, where each read waits for the device)")
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.safetensors (bit-identical)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @device_option
 @friendly
 def train(text_file, out_dir, model_path, arch, eval_file, eval_pairs, tokenizer_path, vocab_size, preset, d_model,
           layers, decoder_layers, heads, d_ff, norm, activation, positions, batch_size, seq_len, steps, lr, schedule,
-          warmup, optimizer, weight_decay, clip, dropout, label_smoothing, seed, eval_every, save_every, resume,
-          quiet, device):
+          warmup, optimizer, weight_decay, clip, dropout, label_smoothing, seed, eval_every, save_every, sync_every,
+          resume, quiet, device):
     """Train on TEXT_FILE (UTF-8), from scratch or from --model: a decoder language model on plain
     text, or (--arch encoder-decoder) a translation model on 'source<TAB>target' lines."""
     from pathlib import Path
@@ -156,7 +159,7 @@ def train(text_file, out_dir, model_path, arch, eval_file, eval_pairs, tokenizer
     opts = TrainOptions(batch_size=batch_size, seq_len=seq_len, steps=steps, lr=lr, schedule=schedule,
                         warmup=warmup, optimizer=optimizer, weight_decay=weight_decay, clip=clip, dropout=dropout,
                         label_smoothing=label_smoothing, seed=seed, eval_every=eval_every, save_every=save_every,
-                        eval_pairs=eval_pairs)
+                        eval_pairs=eval_pairs, sync_every=sync_every)
     if params is None:
         params = init_params(cfg, seed)
     trainer = Trainer(cfg, params, data, opts, out, tok.to_json(), device=device, progress=not quiet)

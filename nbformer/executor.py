@@ -67,6 +67,7 @@ class Executor:
         for name in self.staged:
             t = graph.tensors[name]
             self.views[name] = dev.empty(t.shape, DTYPES[t.dtype])
+        self.host_inputs = {}  # graph input -> the caller's host array of this run (Node.host_roles read it)
         self.steps = []
         # tuned launcher keywords per node (nbformer.tuning.runtime; NBFORMER_TUNING=off|cached|tune),
         # bound once here: self.tuning[i] says which config node i runs and where it came from
@@ -94,6 +95,7 @@ class Executor:
                 self.dev.copy_in(views[name], a)
             else:
                 views[name] = a
+            self.host_inputs[name] = a
 
     def run(self, inputs: dict, copy_outputs: bool = True, profile: dict | None = None, outputs=None,
             on_device: bool = False) -> dict:
@@ -103,12 +105,14 @@ class Executor:
         profile: if given, (op, direction) -> [calls, seconds] is accumulated (the device is
         synchronised after every kernel so the seconds are the kernel's)."""
         self._bind_inputs(inputs)
-        views = self.views
+        views, host = self.views, self.host_inputs
         if profile is None:
             for fn, node in self.steps:
                 kw = {role: views[t] for role, t in node.inputs.items()}
                 for role, t in node.outputs.items():
                     kw[role] = views[t]
+                for role in node.host_roles:
+                    kw[role] = host[node.inputs[role]]
                 fn(**kw, **node.attrs)
         else:
             clock, sync = time.perf_counter, self.dev.synchronize
@@ -116,6 +120,8 @@ class Executor:
                 kw = {role: views[t] for role, t in node.inputs.items()}
                 for role, t in node.outputs.items():
                     kw[role] = views[t]
+                for role in node.host_roles:
+                    kw[role] = host[node.inputs[role]]
                 t0 = clock()
                 fn(**kw, **node.attrs)
                 sync()

@@ -2,8 +2,10 @@
 
 fp32 on both sides (TF32 off in torch: matmul and cuDNN; float32 matmul precision "highest"), no
 dropout. A training step is what nbformer's Trainer.train_step does: forward + cross-entropy +
-backward (StepRunner.run_lm, the loss comes back as a float), the global gradient norm (a float on
-the host; clipped when --clip applies), then one fused Adam step over the flat parameter buffer;
+backward (StepRunner.run_lm_into: the mean loss stays on the device), the global gradient norm and
+the clip decision on the device (clip_grad), then one fused Adam step over the flat parameter buffer;
+the (loss, grad norm) pairs are read back once per timed round (Trainer.fit's sync_every; the small
+case also measures reading them after every step);
 torch: model(ids).logits, F.cross_entropy on the same targets, zero_grad + backward,
 clip_grad_norm_ (max_norm = the clip, or inf: the norm is computed either way), optimizer.step()
 and loss.item(). Both sides start from the same weights and see the same batches (TokenData.batch
@@ -214,9 +216,11 @@ class Bench:
 
 # ---------------------------------------------------------------- the two training steps
 class NbStep:
-    """Trainer.train_step's work on FlatBuffers + StepRunner: run_lm, grad norm (+ clip), Adam."""
+    """Trainer's step on FlatBuffers + StepRunner: run_lm_into (the mean loss stays on the device),
+    clip_grad (the norm and the clip decision on the device), Adam; the (loss, grad norm) slots are
+    read back every sync_every steps in one copy, as Trainer.fit does (a read waits for the GPU)."""
 
-    def __init__(self, b, cfg, params, B, T, data, lr, clip, decoupled):
+    def __init__(self, b, cfg, params, B, T, data, lr, clip, decoupled, sync_every=1):
         import nbformer.ops as ops
         from nbformer.devices import get_device
         from nbformer.training.state import FlatBuffers, StepRunner
@@ -229,29 +233,60 @@ class NbStep:
         self.m = self.dev.zeros(self.flat.n, np.float32)
         self.v = self.dev.zeros(self.flat.n, np.float32)
         kind = self.dev.kind
-        self.adam, self.grad_norm, self.scale = ops.get("adam", kind), ops.get("grad_norm", kind), ops.get("scale", kind)
+        self.adam, self.clip_grad = ops.get("adam", kind), ops.get("clip_grad", kind)
+        self.sync_every = 1
+        self.stats = self.dev.zeros((64, 2), np.float64)
+        self.pending = 0
         b.sync()
         self.setup_s = time.perf_counter() - t0
         self.mask = np.ones((B, T), np.uint8)
         self.data, self.B, self.T, self.lr, self.clip, self.decoupled = data, B, T, lr, clip, decoupled
+        self.set_sync(sync_every)
         self.k = 0
         self.losses, self.gnorms = [], []
+
+    def set_sync(self, every):
+        self.flush()
+        self.sync_every = max(1, min(int(every), self.stats.shape[0]))
+
+    def flush(self):
+        if not getattr(self, "pending", 0):
+            return None
+        vals = self.dev.to_host(self.stats)[:self.pending]
+        self.pending = 0
+        self.losses += [float(x) for x in vals[:, 0]]
+        self.gnorms += [float(x) for x in vals[:, 1]]
+        return self.losses[-1]
 
     def step(self):
         self.k += 1
         x, y = self.data.batch(0, self.k, self.B, self.T)
-        loss, _ = self.runner.run_lm(x, y, self.mask)
-        gnorm = float(self.grad_norm(grads=self.flat.grads))
-        if self.clip > 0 and gnorm > self.clip:
-            self.scale(x=self.flat.grads, factor=self.clip / (gnorm + 1e-6))
+        self.runner.run_lm_into(self.stats, self.pending, x, y, self.mask)
+        self.clip_grad(grads=self.flat.grads, max_norm=float(self.clip), stats=self.stats, slot=self.pending)
         self.adam(params=self.flat.params, grads=self.flat.grads, m=self.m, v=self.v, lr=self.lr, beta1=0.9,
                   beta2=0.98, eps=1e-9, weight_decay=0.0, step=self.k, decoupled=self.decoupled)
-        self.losses.append(loss)
-        self.gnorms.append(gnorm)
-        return loss
+        self.pending += 1
+        return self.flush() if self.pending >= self.sync_every else None
+
+
+def sync_cost(b, nb, steps, rounds=6):
+    """nbformer alone: rounds of `steps` steps reading (loss, grad norm) back after every step vs once
+    per round, interleaved -> median ms per step of each and the difference (the cost of a read)."""
+    times = {1: [], steps: []}
+    for r in range(rounds):
+        for every in ((1, steps) if r % 2 == 0 else (steps, 1)):
+            nb.set_sync(every)
+            times[every].append(b.timed(lambda: [nb.step() for _ in range(steps)])[0] * 1e3 / steps)
+    nb.set_sync(steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"ms_per_step_sync_every_step": med[1], f"ms_per_step_sync_every_{steps}": med[steps],
+            "sync_cost_ms_per_step": med[1] - med[steps], "rounds": rounds}
 
 
 class TorchStep:
+    def flush(self):  # loss.item() in every step already waits for the GPU
+        return None
+
     def __init__(self, b, hf, B, T, data, lr, clip, adamw):
         torch = b.torch
         self.torch, self.dev = torch, b.torch_device
@@ -286,13 +321,13 @@ def measure(b: Bench, nb: NbStep, ref: TorchStep, steps_per_round: int, tokens_p
     """First step of each side (timed alone), warm-up rounds, then interleaved rounds (cut when the
     budget would not hold them: the cut is reported). -> times and stats."""
     b.mark(f"{b.case}: first nbformer step (Numba compiles or loads the kernels)")
-    first_nb, _ = b.timed(nb.step)
+    first_nb, _ = b.timed(lambda: (nb.step(), nb.flush()))
     b.mark(f"{b.case}: first torch step (nbformer's took {first_nb:.1f} s)")
     first_torch, _ = b.timed(ref.step)
     b.mark(f"{b.case}: warm-up and timed rounds")
 
     def rnd(st):
-        return lambda: [st.step() for _ in range(steps_per_round)]
+        return lambda: ([st.step() for _ in range(steps_per_round)], st.flush())
 
     fns = {"nbformer": rnd(nb), "torch": rnd(ref)}
     warm = {k: [] for k in fns}
@@ -455,14 +490,22 @@ def case_small(b: Bench):
         state.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in r.inverse(params[r.canonical]).items()})
     hf.load_state_dict(state, strict=False)
     b.mark("small: nbformer FlatBuffers + StepRunner, torch model")
-    nb = NbStep(b, cfg, params, B, T, data, lr=1e-4, clip=0.0, decoupled=False)
-    ref = TorchStep(b, hf, B, T, data, lr=1e-4, clip=0.0, adamw=False)
     spr = 2 if b.args.smoke else 10
+    nb = NbStep(b, cfg, params, B, T, data, lr=1e-4, clip=0.0, decoupled=False, sync_every=spr)
+    ref = TorchStep(b, hf, B, T, data, lr=1e-4, clip=0.0, adamw=False)
     res = measure(b, nb, ref, steps_per_round=spr, tokens_per_step=B * T)
+    b.mark("small: the cost of reading the loss back every step")
+    res["sync_cost"] = sync_cost(b, nb, spr, rounds=2 if b.args.smoke else 6)
     notes = [f"- benchmarks/bench_train.py's step: d_model {C}, {L} layers, {H} heads, d_ff {F}, vocab {V}, "
              f"{nb.flat.num_parameters:,} parameters; init_params(seed 0) mapped to GPT2LMHeadModel "
              f"(hf_gpt2 rules); Adam lr 1e-4, betas 0.9/0.98, eps 1e-9, no clipping (both sides still compute "
-             f"the grad norm, as the Trainer does); {spr} steps per timed round"]
+             f"the grad norm, as the Trainer does); {spr} steps per timed round, loss / grad norm read back once "
+             f"per round (Trainer.fit's sync_every)",
+             f"- reading the loss back after every step instead: "
+             f"{res['sync_cost']['ms_per_step_sync_every_step']:.3f} ms/step vs "
+             f"{res['sync_cost'][f'ms_per_step_sync_every_{spr}']:.3f} ms/step (a read costs "
+             f"{res['sync_cost']['sync_cost_ms_per_step']:+.3f} ms per step; median of "
+             f"{res['sync_cost']['rounds']} interleaved rounds)"]
     title = f"### Training step: bench_train.py's small model{' (smoke)' if b.args.smoke else ''}, B={B} T={T}, fp32"
     md, ldata, met = result_md(b, title, res, nb, ref, notes, target=1.5)
     b.section("small", md, {"B": B, "T": T, "V": V, "d_model": C, "layers": L, "heads": H, "d_ff": F, **res, **ldata,

@@ -51,7 +51,8 @@ def _embedding(c: _Ctx, node, gout):
         if c.differentiable(t):
             outs[role] = grads[table] = c.grad_tensor(t, t)
     if outs:
-        c.g.node("embedding", ins, outs, dict(node.attrs), direction="backward")
+        host = tuple(r for r in ("ids", "pos_ids", "type_ids") if r in ins and c.g.tensors[ins[r]].kind == "input")
+        c.g.node("embedding", ins, outs, dict(node.attrs), direction="backward", host_roles=host)
     return grads
 
 

@@ -44,6 +44,9 @@ class Node:
     attrs: dict = field(default_factory=dict)
     inplace: dict = field(default_factory=dict)  # output role -> input role it may overwrite
     direction: str = "forward"  # which launcher of the op runs it: forward | backward
+    # input roles bound to the caller's host array of a graph input on every device (the embedding
+    # backward plans its deterministic scatter from the ids there, so a device step copies nothing back)
+    host_roles: tuple = ()
 
 
 class Graph:
@@ -65,11 +68,15 @@ class Graph:
             self.inputs.append(name)
         return name
 
-    def node(self, op, inputs, outputs, attrs=None, inplace=None, direction="forward") -> Node:
+    def node(self, op, inputs, outputs, attrs=None, inplace=None, direction="forward", host_roles=()) -> Node:
         for role, t in {**inputs, **outputs}.items():
             if t not in self.tensors:
                 raise GraphError(f"graph: node {op} role '{role}' names unknown tensor '{t}'")
-        n = Node(op, dict(inputs), dict(outputs), dict(attrs or {}), dict(inplace or {}), direction)
+        for role in host_roles:
+            if role not in inputs or self.tensors[inputs[role]].kind != "input":
+                raise GraphError(f"graph: node {op}: host role '{role}' must read a graph input")
+        n = Node(op, dict(inputs), dict(outputs), dict(attrs or {}), dict(inplace or {}), direction,
+                 tuple(host_roles))
         self.nodes.append(n)
         return n
 

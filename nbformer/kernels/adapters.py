@@ -237,6 +237,14 @@ def install(kind: str):
     def _grad_norm(grads):
         return K.get("optim", "global_grad_norm")(grads)
 
+    @op("clip_grad", "optim", "clip_by_global_norm_")
+    def _clip_grad(grads, max_norm, stats, slot):
+        K.get("optim", "clip_by_global_norm_")(grads, max_norm, stats, slot)
+
+    @op("mean_loss", "optim", "mean_loss_")
+    def _mean_loss(stats, slot, losses, count):
+        K.get("optim", "mean_loss_")(stats, slot, losses, count)
+
     @op("scale", "optim", "scale_")
     def _scale(x, factor):
         K.get("optim", "scale_")(x, factor)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import ops
 from ..config import ModelConfig
 from ..devices import get_device
 from ..errors import InputError
@@ -109,6 +110,7 @@ class StepRunner:
         self.untouched = [p for p in flat.shapes if p not in self.grad_names]  # get zero gradients
         self.executor = Executor(self.graph, bound, flat.dev)
         self.needs_seed = "dropout_seed" in self.graph.inputs
+        self._mean_loss = ops.get("mean_loss", flat.dev.kind)
 
     def _inputs(self, ids, mask, type_ids=None, seed: int = 0) -> dict:
         B, T = ids.shape
@@ -127,6 +129,20 @@ class StepRunner:
     def run_lm(self, ids, targets, mask=None, seed: int = 0, src_ids=None, src_mask=None) -> tuple:
         """-> (mean loss over non-ignored targets, number of those targets).
         Encoder-decoders: ids is the decoder input, src_ids/src_mask (B, S) the source."""
+        inputs, n_valid = self._lm_inputs(ids, targets, mask, seed, src_ids, src_mask)
+        losses = self.executor.run(inputs, copy_outputs=False, outputs=["losses"])["losses"]
+        return float(np.sum(losses, dtype=np.float64) / max(n_valid, 1)), n_valid
+
+    def run_lm_into(self, stats, slot: int, ids, targets, mask=None, seed: int = 0, src_ids=None,
+                    src_mask=None) -> int:
+        """run_lm with the mean loss left on the device in stats[slot, 0] (float64 (K, 2) array of the
+        flat buffers' device): a step that reads nothing back. -> the number of non-ignored targets."""
+        inputs, n_valid = self._lm_inputs(ids, targets, mask, seed, src_ids, src_mask)
+        losses = self.executor.run(inputs, outputs=["losses"], on_device=True)["losses"]
+        self._mean_loss(stats=stats, slot=slot, losses=losses, count=n_valid)
+        return n_valid
+
+    def _lm_inputs(self, ids, targets, mask, seed, src_ids, src_mask) -> tuple:
         if mask is None:
             mask = np.ones(ids.shape, np.uint8)
         targets = np.ascontiguousarray(targets, dtype=np.int64)
@@ -149,10 +165,7 @@ class StepRunner:
         inputs["targets"] = targets
         inputs["loss_scale"] = np.array([1.0 / max(n_valid, 1)], dtype=np.float32)
         self.flat.zero_grads(self.untouched)
-        out = self.executor.run(inputs, copy_outputs=False)
-        losses = out["losses"]
-        loss = float(np.sum(losses, dtype=np.float64) / max(n_valid, 1))
-        return loss, n_valid
+        return inputs, n_valid
 
     def run_vjp(self, ids, grad_output, mask=None, type_ids=None) -> np.ndarray:
         """Gradients of sum(output * grad_output) w.r.t. the parameters; returns the output."""

@@ -56,6 +56,7 @@ class TrainOptions:
     eval_pairs: int = 256  # encoder-decoders: held-out pairs for eval loss and exact match
     save_every: int = 200
     log_every: int = 10
+    sync_every: int = 0  # read loss / grad norm back every N steps; 0: every step on the CPU, log_every on CUDA
     extra: dict = field(default_factory=dict)
 
     def validate(self, cfg: ModelConfig):
@@ -82,6 +83,8 @@ class TrainOptions:
                 bad(name, "a number in [0, 1)")
         if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
             bad("attn_dropout", "a number in [0, 1)")
+        if not isinstance(self.sync_every, int) or self.sync_every < 0:
+            bad("sync_every", "a non-negative integer (0: every step on the CPU, every --log-every steps on CUDA)")
         if self.clip < 0 or self.weight_decay < 0:
             bad("clip" if self.clip < 0 else "weight_decay", "a number >= 0")
 
@@ -169,8 +172,13 @@ class Trainer:
             self.eval_runner = StepRunner(self.flat, self.eval_set[0].shape[0], T, loss="lm", backward=False, S=S)
         self._eval_model = None
         self._adam = ops.get("adam", self.dev.kind)
-        self._grad_norm = ops.get("grad_norm", self.dev.kind)
-        self._scale = ops.get("scale", self.dev.kind)
+        self._clip_grad = ops.get("clip_grad", self.dev.kind)
+        # per-step (mean loss, grad norm) stay on the device in these slots until a sync reads them all
+        # at once: a CUDA step then makes no host round trip (the CPU reads every step: it costs nothing)
+        self.sync_every = opts.sync_every or (1 if self.dev.kind == "cpu" else opts.log_every)
+        self._stats = self.dev.zeros((self.sync_every, 2), np.float64)
+        self._pending = []  # records of launched steps whose loss / grad norm are still in _stats
+        self.syncs = 0  # how many times the scalars were read back (observed by the tests)
         self._stop = False
         self.history = []
 
@@ -255,29 +263,52 @@ class Trainer:
         return hits / len(labels)
 
     def train_step(self) -> dict:
+        """One step, its loss and gradient norm read back now: {'step', 'loss', 'lr', 'grad_norm', 'tokens'}."""
+        self._launch_step()
+        return self.sync()[-1]
+
+    def _launch_step(self) -> dict:
+        """Queue one step (forward, loss, backward, clip, Adam) on the device; its loss and gradient norm
+        land in the next free slot of _stats and are read by sync(). The caller syncs when the slots are
+        full (fit does; train_step syncs every step)."""
         o = self.opts
+        if len(self._pending) == self.sync_every:
+            raise RuntimeError("Trainer: sync() the pending steps before launching more")  # a bug, not input
         step = self.step + 1
+        slot = len(self._pending)
         if self.seq2seq:
             s_ids, s_mask, x, y = self.data.batch(o.seed, step, o.batch_size)
-            loss, n = self.runner.run_lm(x, y, seed=o.seed * 1_000_003 + step, src_ids=s_ids, src_mask=s_mask)
+            n = self.runner.run_lm_into(self._stats, slot, x, y, seed=o.seed * 1_000_003 + step, src_ids=s_ids,
+                                        src_mask=s_mask)
         else:
             x, y = self.data.batch(o.seed, step, o.batch_size, o.seq_len)
-            loss, n = self.runner.run_lm(x, y, seed=o.seed * 1_000_003 + step)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"step {step}: loss is {loss}; stopping (the last checkpoint in "
-                                   f"{self.out_dir} is kept)")
-        gnorm = float(self._grad_norm(grads=self.flat.grads))
-        if not math.isfinite(gnorm):
-            raise TrainingDiverged(f"step {step}: gradient norm is {gnorm}; stopping (the last checkpoint in "
-                                   f"{self.out_dir} is kept)")
-        if o.clip > 0 and gnorm > o.clip:
-            self._scale(x=self.flat.grads, factor=o.clip / (gnorm + 1e-6))
+            n = self.runner.run_lm_into(self._stats, slot, x, y, seed=o.seed * 1_000_003 + step)
+        self._clip_grad(grads=self.flat.grads, max_norm=float(o.clip), stats=self._stats, slot=slot)
         lr = o.lr_at(step, self.cfg.d_model)
         self._adam(params=self.flat.params, grads=self.flat.grads, m=self.m, v=self.v, lr=lr, beta1=o.beta1,
                    beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay, step=step,
                    decoupled=o.optimizer == "adamw")
         self.step = step
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": n}
+        rec = {"step": step, "loss": None, "lr": lr, "grad_norm": None, "tokens": n}
+        self._pending.append(rec)
+        return rec
+
+    def sync(self) -> list:
+        """Read the pending steps' (loss, grad norm) back in one copy and return their records.
+        A non-finite value stops training naming the first step it appeared at; the parameters are
+        then past saving, so no checkpoint is written after it (the last one is kept)."""
+        recs, self._pending = self._pending, []
+        if not recs:
+            return []
+        vals = np.asarray(self.dev.to_host(self._stats))[:len(recs)]
+        self.syncs += 1
+        for rec, (loss, gnorm) in zip(recs, vals):
+            rec["loss"], rec["grad_norm"] = float(loss), float(gnorm)
+            for what, v in (("loss", rec["loss"]), ("gradient norm", rec["grad_norm"])):
+                if not math.isfinite(v):
+                    raise TrainingDiverged(f"step {rec['step']}: {what} is {v}; stopping (the last checkpoint in "
+                                           f"{self.out_dir} is kept)")
+        return recs
 
     def _on_sigint(self, signum, frame):
         if self._stop:  # a second Ctrl-C: stop now
@@ -304,25 +335,39 @@ class Trainer:
         try:
             with open(log_path, "a", encoding="utf-8") as logf:
                 while self.step < o.steps and not self._stop:
-                    rec = self.train_step()
-                    tokens0 += rec["tokens"]
+                    launched = self._launch_step()
+                    step = launched["step"]
+                    evals = step % o.eval_every == 0 or step == o.steps
+                    saves = step % o.save_every == 0 or step == o.steps
+                    if not (len(self._pending) == self.sync_every or evals or saves or self._stop):
+                        continue
+                    recs = self.sync()
+                    tokens0 += sum(r["tokens"] for r in recs)
                     dt = time.perf_counter() - t0
                     tok_s = tokens0 / dt if dt > 0 else 0.0
-                    if self.step % o.eval_every == 0 or self.step == o.steps:
+                    rec = recs[-1]
+                    if evals:
                         last_eval = self.evaluate()
                         rec["eval_loss"] = last_eval
                         if self.seq2seq:
                             last_exact = self.exact_match()
                             rec["exact_match"] = last_exact
-                    rec["tokens_per_s"] = round(tok_s, 1)
-                    if self.step % o.log_every == 0 or "eval_loss" in rec or self.step == o.steps:
-                        logf.write(json.dumps(rec) + "\n")
-                        logf.flush()
-                    self.history.append(rec)
+                    for r in recs:
+                        r["tokens_per_s"] = round(tok_s, 1)
+                        if r["step"] % o.log_every == 0 or "eval_loss" in r or r["step"] == o.steps:
+                            logf.write(json.dumps(r) + "\n")
+                        self.history.append(r)
+                    logf.flush()
                     eta = (o.steps - self.step) * dt / max(self.step - step0, 1)
                     bar.update(self.step, rec["loss"], last_eval, tok_s, eta, last_exact)
-                    if self.step % o.save_every == 0 or self.step == o.steps:
+                    if saves:
                         self.save()
+                if self._pending:  # Ctrl-C landed between two syncs: read those steps before saving them
+                    recs = self.sync()
+                    rec = recs[-1]
+                    for r in recs:
+                        logf.write(json.dumps(r) + "\n")
+                        self.history.append(r)
                 if self._stop and self.step < o.steps:
                     self.save()
         finally:

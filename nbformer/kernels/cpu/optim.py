@@ -121,6 +121,30 @@ def scale_(grads, factor):
         _scale(_flat("scale_", f"grads[{i}]", a), f)
 
 
+def clip_by_global_norm_(grads, max_norm, stats, slot):
+    """The gradient norm into stats[slot, 1] (a float64 (K, 2) array of per-step loss / norm slots)
+    and, when max_norm > 0 and the norm exceeds it, grads *= max_norm / (norm + 1e-6). The CUDA twin
+    decides on the device, so a training step reads nothing back."""
+    _check_stats("clip_by_global_norm_", stats, slot)
+    norm = global_grad_norm(grads)
+    stats[int(slot), 1] = norm
+    if max_norm > 0 and norm > max_norm:
+        scale_(grads, float(max_norm) / (norm + 1e-6))
+
+
+def mean_loss_(stats, slot, losses, count):
+    """stats[slot, 0] = sum(losses) / max(count, 1), summed in float64."""
+    _check_stats("mean_loss_", stats, slot)
+    stats[int(slot), 0] = float(np.sum(losses, dtype=np.float64) / max(int(count), 1))
+
+
+def _check_stats(op, stats, slot):
+    if (not isinstance(stats, np.ndarray) or stats.dtype != np.float64 or stats.ndim != 2 or stats.shape[1] != 2
+            or not 0 <= int(slot) < stats.shape[0]):
+        raise GraphError(f"{op}: 'stats' must be a float64 (K, 2) array and 0 <= slot < K; got "
+                         f"{getattr(stats, 'shape', type(stats).__name__)} and slot {slot}")
+
+
 def clip_grad_norm_(grads, max_norm):
     """torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1; returns the norm."""
     norm = global_grad_norm(grads)

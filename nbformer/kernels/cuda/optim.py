@@ -35,12 +35,14 @@ if SIMULATOR:
         "adam_step": {"threads": 64, "max_blocks": 64},
         "global_grad_norm": {"threads": 32, "chunk": 1024, "max_blocks": 64},
         "scale_": {"threads": 64, "max_blocks": 64},
+        "mean_loss_": {"threads": 32},
     }
 else:
     TUNABLES = {
         "adam_step": {"threads": 256, "max_blocks": 8192},
         "global_grad_norm": {"threads": 256, "chunk": 16384, "max_blocks": 8192},
         "scale_": {"threads": 256, "max_blocks": 8192},
+        "mean_loss_": {"threads": 256},
     }
 
 
@@ -106,6 +108,103 @@ def _scale_kernel(x, factor):
     n = x.shape[0]
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         x[i] = x[i] * factor
+
+
+@kernel(cache=True)
+def _norm_into_kernel(stats, slot, part, n):
+    # one thread: stats[slot, 1] = sqrt(sum of squares) (float64, correctly rounded like math.sqrt)
+    if cuda.grid(1) == 0:
+        stats[slot, 1] = math.sqrt(part[n])
+
+
+@kernel(cache=True)
+def _clip_scale_kernel(x, stats, slot, max_norm):
+    # x *= float32(max_norm / (norm + 1e-6)) when norm > max_norm: the host's decision, made here so the
+    # norm never crosses to the host; every thread reads the same float64 norm and computes the same factor
+    norm = stats[slot, 1]
+    if not (norm > max_norm):
+        return
+    f = float32(max_norm / (norm + 1e-6))
+    n = x.shape[0]
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        x[i] = x[i] * f
+
+
+@kernel(cache=True)
+def _mean_loss_kernel(stats, slot, losses, count):
+    # one block: stats[slot, 0] = sum(losses) / count in float64, each thread's strided run in order,
+    # then the fixed shared-memory tree
+    sh = cuda.shared.array(0, float64)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    s = float64(0.0)
+    for i in range(tid, losses.shape[0], nt):
+        s += float64(losses[i])
+    s = block_sum_f64(sh, s, tid, nt)
+    if tid == 0:
+        stats[slot, 0] = s / count
+
+
+_PARTIALS = {}  # (device id, elements) -> float64 scratch of the norm, reused by every step
+
+
+def _partials(total):
+    key = (getattr(cuda.get_current_device(), "id", 0), total)
+    buf = _PARTIALS.get(key)
+    if buf is None:
+        buf = _PARTIALS[key] = cuda.device_array(total, np.float64)
+    return buf
+
+
+def _check_stats(op, stats, slot):
+    check_device_array(op, "stats", stats, dtype=np.float64, ndim=2)
+    if stats.shape[1] != 2 or not 0 <= int(slot) < stats.shape[0]:
+        raise GraphError(f"{op}: 'stats' is {tuple(stats.shape)} and slot {slot}; expected (K, 2) with "
+                         f"0 <= slot < K")
+
+
+def clip_by_global_norm_(grads, max_norm, stats, slot):
+    """The gradient norm into stats[slot, 1] and, when max_norm > 0 and the norm exceeds it,
+    grads *= max_norm / (norm + 1e-6), decided on the device: nothing is copied to the host.
+
+    stats: float64 (K, 2) device array (the trainer's per-step loss / norm slots). Same reduction
+    (chunks, threads) as global_grad_norm, so the norm has the same bits."""
+    op, tun = "clip_by_global_norm_", TUNABLES["global_grad_norm"]
+    _check_stats(op, stats, slot)
+    flats = [_flat(op, f"grads[{i}]", a) for i, a in enumerate(_as_list(grads))]
+    t = launch_threads(op, tun, None, pow2=True)
+    ch = int(tun["chunk"])
+    counts = [-(-int(a.size) // ch) for a in flats]
+    total = sum(counts)
+    slot = int(slot)
+    if total == 0:
+        _norm_into_kernel[1, 1](stats, slot, cuda.to_device(np.zeros(1)), 0)
+        return
+    part = _partials(total + 1)
+    base = 0
+    for a, c in zip(flats, counts):
+        if c:
+            _sumsq_chunks_kernel[min(c, int(tun["max_blocks"])), t, 0, 8 * t](part, a, base, ch)
+        base += c
+    _sum_partials_kernel[1, t, 0, 8 * t](part, total)
+    _norm_into_kernel[1, 1](stats, slot, part, total)
+    max_norm = float(max_norm)
+    if max_norm > 0:
+        st = TUNABLES["scale_"]
+        ts = launch_threads("scale_", st, None)
+        for a in flats:
+            if a.size:
+                _clip_scale_kernel[grid_blocks("scale_", st, int(a.size), ts, None), ts](a, stats, slot, max_norm)
+
+
+def mean_loss_(stats, slot, losses, count):
+    """stats[slot, 0] = sum(losses) / max(count, 1) in float64 on the device (a fixed-order sum:
+    the same bits every run; equal to the CPU's float64 sum to rounding)."""
+    op = "mean_loss_"
+    _check_stats(op, stats, slot)
+    flat = _flat(op, "losses", losses)
+    t = launch_threads(op, TUNABLES[op], None, pow2=True)
+    _mean_loss_kernel[1, t, 0, 8 * t](stats, int(slot), flat, float(max(int(count), 1)))
 
 
 def _flat(op, name, a, size=None):
