@@ -12,13 +12,16 @@ V, PAD, EOS = 61, 60, 0
 
 
 def make_marian(tmp_path, act="swish", scale=True, seed=0, **kw):
+    """A random Marian model saved to disk; kw overrides MarianConfig's sizes (the CUDA tests use a
+    smaller one)."""
     torch.manual_seed(seed)
+    sizes = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+    sizes.update(kw)
     cfg = transformers.MarianConfig(
-        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
         activation_function=act, scale_embedding=scale, pad_token_id=PAD, eos_token_id=EOS,
         decoder_start_token_id=PAD, forced_eos_token_id=EOS, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, **kw)
+        activation_dropout=0.0, **sizes)
     hf = transformers.MarianMTModel(cfg).eval()
     with torch.no_grad():  # make every tensor matter: non-trivial LayerNorms and logits bias
         for name, p in hf.named_parameters():
