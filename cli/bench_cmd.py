@@ -106,12 +106,37 @@ def bench(model, model_opt, prompts, gens, batches, threads, reps, embed, train,
     _models(model, prompts, gens, batches, thread_list, rep[0], embed, train, fmt, device)
 
 
-def _echo(line):
-    click.echo(line)
-
-
 def _note(line):
+    _progress.clear()
     click.echo(line, err=True)
+
+
+class _Progress:
+    """'bench [3/12] pp128 batch 8, 1 thread' on stderr while a row runs, when stderr is a terminal."""
+
+    def __init__(self):
+        self.shown = False
+
+    def __call__(self, i, n, what):
+        import sys
+
+        if not sys.stderr.isatty():
+            return
+        click.echo(f"\r\x1b[2Kbench [{i + 1}/{n}] {what} ...", err=True, nl=False)
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            click.echo("\r\x1b[2K", err=True, nl=False)
+            self.shown = False
+
+
+_progress = _Progress()
+
+
+def _echo(line):
+    _progress.clear()
+    click.echo(line)
 
 
 def _models(model, prompts, gens, batches, thread_list, reps, embed, train, fmt, device):
@@ -145,7 +170,8 @@ def _models(model, prompts, gens, batches, thread_list, reps, embed, train, fmt,
         _note(line)
     batch_list = _ints(batches, "-b/--batch", 1)
     w = Writer(fmt, "model", build_info(), machine_info(b.device), _echo)
-    models.run(b, tests, batch_list, thread_list or [current_threads()], reps, on_row=w.row)
+    models.run(b, tests, batch_list, thread_list or [current_threads()], reps, on_row=w.row, progress=_progress)
+    _progress.clear()
     w.close()
 
 
@@ -200,7 +226,8 @@ def _kernels(kernels, shapes, causal, act, params, thread_list, reps, fmt, plot_
         return roofline.get(dev_name, threads, remeasure=again, log=_note)
 
     rows = K.run(specs, dev.name, thread_list or [current_threads()], reps, roof, params=par, on_row=w.row,
-                 on_roofline=w.roofline)
+                 on_roofline=w.roofline, progress=_progress)
+    _progress.clear()
     w.close()
     if plot_path is not None:
         roofs = w.rooflines

@@ -441,25 +441,28 @@ def kernel_row(case: Case, dev, threads: dict, s: Samples, roof) -> dict:
 
 
 def run(specs: list, device, threads_list: list, repeat: int, roofline, params: dict | None = None,
-        on_row=None, on_roofline=None, min_sample_s: float = 0.01) -> list:
+        on_row=None, on_roofline=None, min_sample_s: float = 0.01, progress=None) -> list:
     """specs: (Family, sizes, options) triples. roofline(device_name, threads) -> Roofline.
     Rows of the cross product threads x specs; on_roofline(roof) is called once per roofline
-    used, on_row(row) as each row is done."""
+    used, on_row(row) as each row is done, progress(i, n, what) before each row starts."""
     from .env import current_threads, set_threads
 
     dev = bench_device(device)
     before = current_threads()
     try:
-        return _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s)
+        return _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s,
+                    progress)
     finally:
         set_threads(before)  # the caller's thread count again
 
 
-def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s):
+def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s, progress):
     from .env import current_threads, set_threads
 
     rows, seen = [], set()
-    for t in (threads_list if dev.kind == "cpu" else [None]):
+    thread_runs = threads_list if dev.kind == "cpu" else [None]
+    total = len(thread_runs) * len(specs)
+    for t in thread_runs:
         threads = set_threads(t if t is not None else current_threads())
         roof = roofline(dev.name, threads["n_threads"] if dev.kind == "cpu" else None)
         key = (roof.device, roof.threads)
@@ -468,6 +471,9 @@ def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline
             if on_roofline is not None:
                 on_roofline(roof)
         for fam, sizes, options in specs:
+            if progress is not None:
+                progress(len(rows), total, f"{fam.name} {','.join(str(v) for v in sizes.values())}"
+                                           + ("" if t is None else f", {t} thread{'s' * (t != 1)}"))
             case = build(fam, sizes, dev, options, params)
             s = time_case(case, dev, repeat, min_sample_s=min_sample_s)
             row = kernel_row(case, dev, threads, s, roof)

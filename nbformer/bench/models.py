@@ -47,8 +47,6 @@ class Bench:
     """A loaded model and what the rows need to say about it."""
 
     def __init__(self, path, device=None, embed: bool = False):
-        import nbformer
-
         self.embedder = None
         if path is None:
             from ..defaults import default_embedder_path, default_generator_path
@@ -58,15 +56,21 @@ class Bench:
         if not self.path.exists():
             raise InputError(f"MODEL {self.path}: no such file or directory (expected a model directory or a "
                              f".safetensors checkpoint, as `nbformer generate --model` / `nbformer embed --model`)")
-        m = nbformer.load(self.path, device=device)
-        if m.config.arch == "encoder":
+        from ..model import Model
+        from ..weights import load_checkpoint
+
+        ckpt = load_checkpoint(self.path)  # (host arrays: nothing is on the device yet)
+        arch = ckpt.config.arch
+        if arch == "encoder":  # the Embedder reads the pooling of a sentence-transformers directory
             from ..embedder import Embedder
 
             self.embedder = Embedder(self.path, device=device)
             m = self.embedder.model
         elif embed:
-            raise InputError(f"--embed: {self.path} is a {m.config.arch.replace('_', '-')} model; embedding rows "
+            raise InputError(f"--embed: {self.path} is a {arch.replace('_', '-')} model; embedding rows "
                              f"need an encoder (BERT / sentence-transformers) model")
+        else:
+            m = Model(ckpt, device=device)
         self.model, self.config, self.dev = m, m.config, m.dev
         self.device = self.dev.name
         p = Path(m.ckpt.path)
@@ -268,17 +272,21 @@ def _tuning_mode() -> str:
     return mode()
 
 
-def run(bench: Bench, tests: list, batches: list, threads_list: list, reps: int, on_row=None) -> list:
+def run(bench: Bench, tests: list, batches: list, threads_list: list, reps: int, on_row=None, progress=None) -> list:
     """Rows of the cross product threads x batches x tests (llama-bench's order: the tests of one
-    parameter set together). on_row(row) is called as each row is done."""
+    parameter set together). on_row(row) is called as each row is done, progress(i, n, what)
+    before each row starts."""
     from .env import current_threads, set_threads
 
     rows, before = [], current_threads()
+    total = len(threads_list) * len(batches) * len(tests)
     try:
         for t in threads_list:
             threads = set_threads(t)
             for B in batches:
                 for test in tests:
+                    if progress is not None:
+                        progress(len(rows), total, f"{test.name} batch {B}, {t} thread{'s' * (t != 1)}")
                     row = bench.row(test, B, threads, bench.measure(test, B, reps))
                     rows.append(row)
                     if on_row is not None:
