@@ -57,6 +57,9 @@ def _ints(text, flag, minimum):
 @click.option("--act", default=None, metavar="ACT", help="linear: activation none|relu|gelu|gelu_tanh|silu")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="a keyword for the kernel launcher, e.g. block_q=128 (repeatable)")
+@click.option("--tuned", is_flag=True,
+              help="linear / attention: run with this machine's tuned configuration (`nbformer tune`), as a "
+                   "model would, and say where it came from")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
               help="draw the roofline with the benchmarked kernels on it (needs matplotlib: "
                    "pip install \"nbformer[plot]\")")
@@ -64,7 +67,7 @@ def _ints(text, flag, minimum):
 @device_option
 @friendly
 def bench(model, model_opt, prompts, gens, batches, threads, reps, embed, train, fmt, kernels, shapes, causal, act,
-          params, plot_path, remeasure, device):
+          params, tuned, plot_path, remeasure, device):
     """Benchmark a model (llama-bench style rows: ppN, tgN, embedN, trainN; tokens/s mean ± sd) or,
     with --kernel/--shape, single kernels (time, GFLOP/s, GB/s, fraction of this machine's roofline).
 
@@ -97,9 +100,9 @@ def bench(model, model_opt, prompts, gens, batches, threads, reps, embed, train,
                                    ("--embed", embed), ("--train", train)) if p]
         if explicit:
             raise InputError(f"{', '.join(explicit)}: model options do not apply to --kernel benchmarks")
-        _kernels(kernels, shapes, causal, act, params, thread_list, rep[0], fmt, plot_path, remeasure, device)
+        _kernels(kernels, shapes, causal, act, params, tuned, thread_list, rep[0], fmt, plot_path, remeasure, device)
         return
-    for flag, given in (("--causal", causal), ("--act", act is not None), ("--param", bool(params)),
+    for flag, given in (("--causal", causal), ("--act", act is not None), ("--param", bool(params)), ("--tuned", tuned),
                         ("--plot", plot_path is not None), ("--remeasure", remeasure)):
         if given:
             raise InputError(f"{flag} applies to kernel benchmarks: add --kernel NAME --shape SIZES")
@@ -175,7 +178,7 @@ def _models(model, prompts, gens, batches, thread_list, reps, embed, train, fmt,
     w.close()
 
 
-def _kernels(kernels, shapes, causal, act, params, thread_list, reps, fmt, plot_path, remeasure, device):
+def _kernels(kernels, shapes, causal, act, params, tuned, thread_list, reps, fmt, plot_path, remeasure, device):
     from nbformer.bench import kernels as K
     from nbformer.bench import roofline
     from nbformer.bench.env import current_threads
@@ -226,7 +229,7 @@ def _kernels(kernels, shapes, causal, act, params, thread_list, reps, fmt, plot_
         return roofline.get(dev_name, threads, remeasure=again, log=_note)
 
     rows = K.run(specs, dev.name, thread_list or [current_threads()], reps, roof, params=par, on_row=w.row,
-                 on_roofline=w.roofline, progress=_progress)
+                 on_roofline=w.roofline, progress=_progress, tuned=tuned)
     _progress.clear()
     w.close()
     if plot_path is not None:

@@ -227,6 +227,38 @@ def test_launcher_params(cache):
               lambda d, t: roofline.get(d, t), params={"tile": 3})
 
 
+def test_tuned_config_from_the_tuning_cache(runner, cache, monkeypatch):
+    from types import SimpleNamespace
+
+    from nbformer.tuning import runtime, space
+
+    monkeypatch.setenv("NBFORMER_TUNING", "cached")  # (the tests run with it off)
+    runtime.forget()
+    try:
+        tf = space.family_for("attention", "forward", "cpu")
+        case = {"B": 1, "NH": 2, "NKV": 2, "HS": 8, "Tq": 16, "Tk": 16, "causal": True}
+        default = tf.defaults(case)
+        other = next(c for c in tf.candidates(case) if c != default and tf.check(c, case) is None)
+        c = runtime.cache_for("cpu")
+        c.put(tf, SimpleNamespace(bucket=tf.bucket(case), case=case, best=other, default=default, best_s=1e-4,
+                                  default_s=2e-4, best_spread=0.0, default_spread=0.0, speedup=2.0, tried=2,
+                                  rejected=[], seconds=1.0))
+        c.save()
+        args = ["bench", "--kernel", "attention", "--shape", "1,2,16,8", "--causal", "--tuned", "-r", "1"]
+        row = json.loads(ok(runner.invoke(main, args + ["-o", "json"])))["rows"][0]
+        assert row["tuned"] == {"config": {**default, **other}, "source": "cache"}
+        assert row["params"] == tf.launch_kwargs({**default, **other})
+        assert "[tuned: cache " in ok(runner.invoke(main, args))
+        monkeypatch.setenv("NBFORMER_TUNING", "off")
+        row = json.loads(ok(runner.invoke(main, args + ["-o", "json"])))["rows"][0]
+        assert row["tuned"]["source"] == "default (NBFORMER_TUNING=off)" and "params" not in row
+        one_line_error(runner.invoke(main, ["bench", "--kernel", "softmax", "--shape", "2,8", "--tuned"]),
+                       "--tuned", "softmax", "attention")
+        one_line_error(runner.invoke(main, args + ["--param", "block_q=4"]), "--tuned and --param")
+    finally:
+        runtime.forget()
+
+
 # ---------------------------------------------------------------- the roofline cache and measurement
 def test_roofline_cache_roundtrip_foreign_and_remeasure(tmp_path, monkeypatch):
     monkeypatch.setenv("NBFORMER_CACHE_DIR", str(tmp_path))

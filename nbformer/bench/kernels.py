@@ -397,6 +397,42 @@ def describe_families() -> str:
     return "\n".join(f"  {f.name:<19} --shape {f.usage():<18} {f.doc}" for f in FAMILIES.values())
 
 
+# ---------------------------------------------------------------- tuned configurations
+_TUNED_OPS = {"linear": "linear", "attention": "attention"}  # bench family -> graph op the tuner serves
+
+
+def tuned_params(fam: Family, sizes: dict, options: dict, device_kind: str) -> tuple:
+    """The launcher keywords `nbformer tune` left in this machine's tuning cache for this kernel at
+    this shape, found as the executor finds them (exact shape bucket, else the nearest tuned one
+    that is valid here; NBFORMER_TUNING=off: the defaults) -> (kwargs, config, source)."""
+    from ..tuning import runtime, space
+
+    op = _TUNED_OPS.get(fam.name)
+    tf = None if op is None else space.family_for(op, "forward", device_kind)
+    if tf is None:
+        names = sorted(f.name for f in space.families(device_kind))
+        raise InputError(f"--tuned: the {fam.name} kernel has no tunables on {device_kind} (tuned families: "
+                         f"{', '.join(names) or 'none'})")
+    if fam.name == "linear":  # the tuner's N rows, K inputs, M outputs; the benchmark's layer has a bias
+        case = {"N": sizes["M"], "K": sizes["K"], "M": sizes["N"], "act": options.get("act", "none"), "bias": True,
+                "residual": False}
+    else:
+        B, H, Tq, Tk, D = _attn_sizes(sizes)
+        case = {"B": B, "NH": H, "NKV": H, "HS": D, "Tq": Tq, "Tk": Tk, "causal": bool(options.get("causal"))}
+    default = tf.defaults(case)
+    if runtime.mode() == "off":
+        return {}, default, f"default ({runtime.ENV}=off)"
+    entry, how = runtime.cache_for(device_kind).lookup(tf, tf.bucket(case))
+    if entry is None:
+        return {}, default, f"default ({how})"
+    config = {**default, **{k: v for k, v in entry["config"].items() if k in default}}
+    if how != "exact":
+        why = tf.check(config, case)
+        if why:
+            return {}, default, f"default (nearest tuned bucket invalid here: {why})"
+    return tf.launch_kwargs(config), config, "cache" if how == "exact" else f"cache ({how})"
+
+
 # ---------------------------------------------------------------- rows
 SIM_ENV = "NBFORMER_BENCH_SIMULATOR"
 
@@ -441,22 +477,26 @@ def kernel_row(case: Case, dev, threads: dict, s: Samples, roof) -> dict:
 
 
 def run(specs: list, device, threads_list: list, repeat: int, roofline, params: dict | None = None,
-        on_row=None, on_roofline=None, min_sample_s: float = 0.01, progress=None) -> list:
+        on_row=None, on_roofline=None, min_sample_s: float = 0.01, progress=None, tuned: bool = False) -> list:
     """specs: (Family, sizes, options) triples. roofline(device_name, threads) -> Roofline.
     Rows of the cross product threads x specs; on_roofline(roof) is called once per roofline
-    used, on_row(row) as each row is done, progress(i, n, what) before each row starts."""
+    used, on_row(row) as each row is done, progress(i, n, what) before each row starts.
+    params: launcher keywords for every kernel; tuned: each kernel with the configuration of this
+    machine's tuning cache (tuned_params) instead."""
     from .env import current_threads, set_threads
 
+    if tuned and params:
+        raise InputError("--tuned and --param: pass one (--tuned takes the launcher keywords from the tuning cache)")
     dev = bench_device(device)
     before = current_threads()
     try:
         return _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s,
-                    progress)
+                    progress, tuned)
     finally:
         set_threads(before)  # the caller's thread count again
 
 
-def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s, progress):
+def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline, min_sample_s, progress, tuned):
     from .env import current_threads, set_threads
 
     rows, seen = [], set()
@@ -474,11 +514,17 @@ def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline
             if progress is not None:
                 progress(len(rows), total, f"{fam.name} {','.join(str(v) for v in sizes.values())}"
                                            + ("" if t is None else f", {t} thread{'s' * (t != 1)}"))
-            case = build(fam, sizes, dev, options, params)
+            kw, tuning = params, None
+            if tuned:
+                kw, config, source = tuned_params(fam, sizes, options, dev.kind)
+                tuning = {"config": config, "source": source}
+            case = build(fam, sizes, dev, options, kw)
             s = time_case(case, dev, repeat, min_sample_s=min_sample_s)
             row = kernel_row(case, dev, threads, s, roof)
-            if params:
-                row["params"] = dict(params)
+            if kw:
+                row["params"] = dict(kw)
+            if tuning is not None:
+                row["tuned"] = tuning
             del case
             rows.append(row)
             if on_row is not None:

@@ -82,6 +82,14 @@ def _dur(us: float, spread: float | None = None) -> str:
     return f"{v:.2f} ± {spread / f:.2f} {unit}"
 
 
+def _config_note(r: dict) -> str:
+    """' [tuned: cache block_q=64]' / ' [block_q=64]': which launcher configuration ran."""
+    kw = " ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items())
+    if "tuned" in r:
+        return f" [tuned: {r['tuned']['source']}{' ' + kw if kw else ''}]"
+    return f" [{kw}]" if kw else ""
+
+
 # md tables: (header, align right?, cell function)
 MODEL_COLUMNS = [
     ("model", False, lambda r: r["model"]),
@@ -98,7 +106,8 @@ MODEL_COLUMNS = [
 
 KERNEL_COLUMNS = [
     ("kernel", False, lambda r: r["kernel"] + "".join(f" {k}" if v is True else f" {k}={v}"
-                                                      for k, v in r["options"].items() if v not in (False, "none"))),
+                                                      for k, v in r["options"].items() if v not in (False, "none"))
+     + _config_note(r)),
     ("shape", False, lambda r: ",".join(f"{k}={v}" for k, v in r["dims"].items())),
     ("device", False, lambda r: r["device"]),
     ("threads", True, lambda r: "-" if r["n_threads"] is None else str(r["n_threads"])),
