@@ -95,5 +95,7 @@ def chat(model_path, system, max_new_tokens, context, temperature, top_k, top_p,
             n = int(r.new_tokens[0])
             decode = r.total_time - r.time_to_first_token
             rate = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
-            click.echo(f"[{r.prompt_tokens} prompt tokens, {n} new; first token {r.time_to_first_token:.2f} s; "
+            kept = r.extra.get("reused_tokens")
+            cached = f" ({kept} already in the KV cache)" if kept else ""
+            click.echo(f"[{r.prompt_tokens} prompt tokens{cached}, {n} new; first token {r.time_to_first_token:.2f} s; "
                        f"{rate:.1f} tokens/s decoding]", err=True)

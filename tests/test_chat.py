@@ -65,7 +65,7 @@ def tiny_chat_model(tmp_path_factory):
     cfg = transformers.LlamaConfig(vocab_size=tokenizer_size(tj), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=256, rope_theta=1e5, tie_word_embeddings=True,
-                                   bos_token_id=0, eos_token_id=2)
+                                   bos_token_id=0, eos_token_id=2, initializer_range=0.5)  # varied replies
     m = transformers.LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("chat") / "tiny-chat.gguf"
     write_llama_gguf(path, cfg, hf_llama_tensors(m), "Q8_0", tokenizer_json=tj, chat_template=CHATML_TEMPLATE)
@@ -92,12 +92,35 @@ def test_chat_replies_are_greedy_generation_of_the_rendered_prompt(tiny_chat_mod
     assert c.turns == [] and c.messages() == []
 
 
+def test_kept_kv_cache_gives_the_same_replies(tiny_chat_model):
+    """The KV cache kept across turns (only new tokens run) gives the replies of a fresh prefill
+    every turn, through a trim of the oldest turn and a reset too."""
+    model = nbformer.load(tiny_chat_model)
+    kept = Chat(model, system="Short answers.", max_new_tokens=5, context=130)
+    fresh = Chat(nbformer.load(tiny_chat_model), system="Short answers.", max_new_tokens=5, context=130,
+                 reuse_cache=False)
+    msgs = ["hello there", "what is the capital of France?", "and Italy?", "thanks", "bye now", "again"]
+    reused, dropped = [], 0
+    for i, msg in enumerate(msgs):
+        if i == 5:
+            kept.reset()
+            fresh.reset()
+        assert kept.send(msg) == fresh.send(msg), f"turn {i}"
+        assert kept.dropped == fresh.dropped
+        dropped = max(dropped, kept.dropped)
+        reused.append(kept.last.extra["reused_tokens"])
+    assert len({a for _u, a in kept.turns}) == len(kept.turns)  # varied replies
+    assert reused[0] == 0 and reused[1] > 40 and reused[2] > reused[1]  # the conversation so far was not re-read
+    assert dropped > 0  # a turn was dropped to fit 130 tokens (the prompt's start changed: re-read)
+    assert kept._kept.inner.max_len <= 130
+
+
 def test_history_is_trimmed_to_the_context(tiny_chat_model):
     model = nbformer.load(tiny_chat_model)
     c = Chat(model, system="You are terse.", max_new_tokens=4, context=120)
     for i in range(6):
         c.send(f"message number {i} about Paris")
-        assert len(c.encode(c.messages())) <= 120  # what the next prompt starts from fits
+        assert c.last.prompt_tokens + c.max_new_tokens <= 120  # every prompt left room for its reply
     assert c.dropped > 0
     assert c.turns[-1][0] == "message number 5 about Paris"
     assert c.messages()[0] == {"role": "system", "content": "You are terse."}  # the system message stays
