@@ -151,6 +151,44 @@ def test_encoder_embed_rows(runner, tiny_bert_dir):
     one_line_error(runner.invoke(main, ["bench", str(tiny_bert_dir), "-n", "4"]), "-n/--n-gen", "encoder")
 
 
+def test_quantized_gguf_rows(runner, tmp_path):
+    pytest.importorskip("gguf")
+    from types import SimpleNamespace
+
+    from gguf_files import tiny_tokenizer_json, tokenizer_size, write_gpt2_gguf
+
+    tok = tiny_tokenizer_json()
+    V, C, P = tokenizer_size(tok), 32, 32
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+    sd = {"transformer.wte.weight": w(V, C), "transformer.wpe.weight": w(P, C),
+          "transformer.ln_f.weight": np.ones(C, np.float32), "transformer.ln_f.bias": np.zeros(C, np.float32)}
+    for name, shape in (("attn.c_attn", (C, 3 * C)), ("attn.c_proj", (C, C)), ("mlp.c_fc", (C, 4 * C)),
+                        ("mlp.c_proj", (4 * C, C))):  # (Conv1D layout: in, out)
+        sd[f"transformer.h.0.{name}.weight"], sd[f"transformer.h.0.{name}.bias"] = w(*shape), w(shape[1])
+    for ln in ("ln_1", "ln_2"):
+        sd[f"transformer.h.0.{ln}.weight"], sd[f"transformer.h.0.{ln}.bias"] = np.ones(C, np.float32), np.zeros(
+            C, np.float32)
+    cfg = SimpleNamespace(n_layer=1, n_positions=P, n_embd=C, n_inner=None, n_head=2, layer_norm_epsilon=1e-5,
+                          bos_token_id=0, eos_token_id=0)
+    path = tmp_path / "tiny-q8.gguf"
+    write_gpt2_gguf(path, cfg, sd, qtype="Q8_0", tokenizer_json=tok)
+    rows = json.loads(ok(runner.invoke(main, ["bench", str(path), "-p", "8", "-n", "4", "-r", "1", "-o", "json"])))[
+        "rows"]
+    assert [r["test"] for r in rows] == ["pp8", "tg4"] and rows[0]["model"] == "tiny-q8.gguf"
+    assert rows[0]["model_type"] == "gpt2 decoder Q8_0"
+    import nbformer
+
+    m = nbformer.load(path)  # the size is the bytes as kept in memory: float32 tensors + quantized blocks
+    assert m.ckpt.quantized and rows[0]["model_size"] == sum(a.nbytes for a in m.ckpt.params.values()) + sum(
+        q.data.nbytes for q in m.ckpt.quantized.values()) < 4 * rows[0]["model_n_params"]
+    one_line_error(runner.invoke(main, ["bench", str(path), "-p", "8", "--train"]), "--train", "Q8_0",
+                   "inference only")
+
+
 # ---------------------------------------------------------------- kernel rows
 def test_kernel_rows_against_cached_roofline(runner, cache):
     res = runner.invoke(main, ["bench", "--kernel", "attention", "--shape", "1,2,16,8", "--causal", "--kernel",

@@ -68,7 +68,7 @@ class Bench:
         self.path = Path(path)
         if not self.path.exists():
             raise InputError(f"MODEL {self.path}: no such file or directory (expected a model directory or a "
-                             f".safetensors checkpoint, as `nbformer generate --model` / `nbformer embed --model`)")
+                             f".safetensors / .gguf file, as `nbformer generate --model` / `nbformer embed --model`)")
         from ..model import Model
         from ..weights import load_checkpoint
 
@@ -87,9 +87,13 @@ class Bench:
         self.model, self.config, self.dev = m, m.config, m.dev
         self.device = self.dev.name
         self.name = model_name(Path(m.ckpt.path))
-        self.size = int(sum(int(a.nbytes) for a in m.ckpt.params.values()))
+        quant = getattr(m.ckpt, "quantized", None) or {}  # GGUF linear weights kept quantized (their bytes)
+        self.size = int(sum(int(a.nbytes) for a in m.ckpt.params.values())
+                        + sum(int(q.data.nbytes) for q in quant.values()))
         self.n_params = int(m.num_parameters)
-        self.type = f"{self.config.family} {self.config.arch.replace('_', '-')}"
+        qtypes = sorted({str(getattr(q.qtype, "name", q.qtype)).upper() for q in quant.values()})
+        self.quantized = (len(quant), qtypes)
+        self.type = f"{self.config.family} {self.config.arch.replace('_', '-')}" + "".join(f" {t}" for t in qtypes)
         self.rng = np.random.default_rng(0)
 
     # ------------------------------------------------------------ which tests
@@ -110,6 +114,9 @@ class Bench:
                 raise InputError(f"{self.name}: a decoder without a language-model head has no pp/tg tests")
             out += [Test(f"pp{p}", "pp", p, 0) for p in prompts if p > 0]
             out += [Test(f"tg{n}", "tg", 0, n) for n in gens if n > 0]
+        if train and self.quantized[0]:
+            raise InputError(f"--train: {self.name} keeps {self.quantized[0]} weights quantized "
+                             f"({', '.join(self.quantized[1])}); quantized models run inference only")
         if train:
             lens = [p for p in prompts if p > 0]
             if not lens:
