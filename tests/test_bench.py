@@ -410,6 +410,10 @@ def test_measure_cuda_small_under_simulator():
     (["--embed", "weights/kjv-gpt", "-p", "4"], ["--embed", "decoder", "encoder"]),
     (["-p", "4", "--causal"], ["--causal", "--kernel"]),
     (["--kernel", "softmax", "--shape", "4,8", "--plot", "/no/such/dir/r.png"], ["--plot", "does not exist"]),
+    (["--kernel", "linear", "--shape", "100000,100000,100000"], ["--kernel linear --shape 100000,100000,100000",
+                                                                 "GiB of memory"]),
+    (["--kernel", "softmax", "--shape", "4,8", "--device", "tpu"], ["device", "'tpu'"]),
+    (["-p", "4", "--device", "cuda:7"], ["cuda:7"]),
 ])
 def test_bad_input_is_one_line_error(runner, cache, args, parts):
     one_line_error(runner.invoke(main, ["bench"] + args), *parts)
