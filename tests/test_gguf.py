@@ -460,3 +460,31 @@ def test_every_hostile_error_is_an_nbformer_error_on_the_cli(tmp_path, good_file
     r = CliRunner().invoke(cli_main, ["inspect", str(p)])
     assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
     assert issubclass(WeightsError, NbformerError)
+
+
+def test_hostile_random_mutations(tmp_path, good_file):
+    """Random bytes / 8-byte values written into the header, and truncations anywhere: every file
+    either loads and runs or fails with an NbformerError (nothing else escapes)."""
+    _p, data, _m = good_file
+    header_end = GGUFFile(_p).data_offset
+    rng = np.random.default_rng(12)
+    seen = {"ok": 0, "error": 0}
+    p = tmp_path / "fuzz.gguf"
+    for _ in range(80):
+        b = bytearray(data)
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            for _ in range(rng.integers(1, 4)):
+                b[rng.integers(0, header_end)] = rng.integers(0, 256)
+        elif kind == 1:
+            o = int(rng.integers(0, header_end - 8))
+            b[o:o + 8] = int(rng.integers(0, 2**63)).to_bytes(8, "little")
+        else:
+            b = b[:rng.integers(0, len(b))]
+        p.write_bytes(bytes(b))
+        try:
+            nbformer.load(p).forward(IDS[:1, :3])
+            seen["ok"] += 1
+        except NbformerError:
+            seen["error"] += 1
+    assert seen["error"] > 40, seen
