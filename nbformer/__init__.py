@@ -15,7 +15,7 @@ from .errors import ConfigError, GraphError, InputError, NbformerError, WeightsE
 
 
 def load(path, device=None):
-    """Load a Hugging Face model directory or an nbformer .safetensors checkpoint -> Model.
+    """Load a Hugging Face model directory, an nbformer .safetensors checkpoint or a .gguf file -> Model.
     device: 'cpu', 'cuda' or 'cuda:N' (None: $NBFORMER_DEVICE, else 'cpu'); see available_devices()."""
     from .model import Model
     from .weights import load_checkpoint
