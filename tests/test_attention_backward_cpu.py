@@ -197,3 +197,57 @@ def test_huge_scores_on_padded_keys_do_not_leak(rng):
     attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, False,
                        HS ** -0.5)
     assert np.isfinite(d).all() and np.all(d[0, 4, C:] == 0)
+
+
+@pytest.mark.parametrize("causal,p_drop,NKV", [(True, 0.0, 3), (False, 0.0, 1), (True, 0.3, 3), (False, 0.2, 6)])
+def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV):
+    """One pass or two, any block_q / block_k, any thread count: every sum runs in one fixed order, so
+    the gradients are identical bit for bit (GQA groups, dropout, padding and a ragged T included);
+    and they match the float64 reference (kv heads repeated over their group)."""
+    import numba
+
+    B, NH, HS, T = 2, 6, 16, 45
+    A, KV = NH * HS, NKV * HS
+    qkv = rng.normal(size=(B, T, A + 2 * KV)).astype(np.float32)
+    mask = padded_mask(B, T, "left")
+    mask[1, 20:27] = 0
+    scale = HS ** -0.5
+    out = np.empty((B, T, A), np.float32)
+    lse = np.empty((B, NH, T), np.float32)
+    attention_forward(out, lse, qkv, 0, qkv, A, A + KV, mask, NH, HS, causal, scale, dropout_p=p_drop, seed=9,
+                      n_kv_heads=NKV)
+    dout = rng.normal(size=out.shape).astype(np.float32)
+    results = []
+    for passes, blocks, threads in ((1, (64, 64), None), (2, (64, 64), None), (1, (7, 5), None), (2, (16, 9), None),
+                                    (1, (32, 32), 1), (2, (5, 64), 1), (None, (13, 11), None)):
+        d = np.full_like(qkv, np.nan)
+        old = numba.get_num_threads()
+        numba.set_num_threads(threads or old)
+        try:
+            attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, A, A + KV, mask, NH, HS, causal,
+                               scale, dropout_p=p_drop, seed=9, block_q=blocks[0], block_k=blocks[1], n_kv_heads=NKV,
+                               passes=passes)
+        finally:
+            numba.set_num_threads(old)
+        results.append(d)
+    for r in results[1:]:
+        assert np.array_equal(r, results[0])
+    g = NH // NKV
+    q = ref.split_heads(qkv[..., :A], NH)
+    k = np.repeat(ref.split_heads(qkv[..., A:A + KV], NKV), g, axis=1)
+    v = np.repeat(ref.split_heads(qkv[..., A + KV:], NKV), g, axis=1)
+    drop = _keep_mask(B, NH, T, T, 9, p_drop) / (1 - p_drop) if p_drop > 0 else None
+    o64, dq, dk, dv = ref_attention_backward(q, k, v, ref.split_heads(dout, NH), mask, causal, scale, drop)
+    if p_drop > 0:  # D = rowsum(dO * O) must see the reference's dropped output; rerun on it
+        out = ref.merge_heads(o64).astype(np.float32)
+        d = np.full_like(qkv, np.nan)
+        attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, A, A + KV, mask, NH, HS, causal,
+                           scale, dropout_p=p_drop, seed=9, n_kv_heads=NKV)
+        results[0] = d
+    d = results[0]
+    B_, H_, T_, D_ = dk.shape
+    dk = dk.reshape(B_, NKV, g, T_, D_).sum(2)
+    dv = dv.reshape(B_, NKV, g, T_, D_).sum(2)
+    for name, got, want in (("dq", d[..., :A], dq), ("dk", d[..., A:A + KV], dk), ("dv", d[..., A + KV:], dv)):
+        want = ref.merge_heads(want)
+        assert_close(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0, what=name)

@@ -1,15 +1,30 @@
 """Attention backward on the CPU, FlashAttention-2 style, deterministic.
 
 Probabilities are recomputed from the saved logsumexp (P = exp(scale * q.k - lse)), with
-D = rowsum(dO * O). Two passes, so that no two threads ever add into the same row:
-  pass 1, one work item per (batch, head, key tile):   dK, dV
-  pass 2, one work item per (batch, head, query tile): dQ
-Scratch per work item is O(tile * head_size); nothing grows with T^2. Causal tiles entirely
-above the diagonal and key tiles whose keys are all padding are skipped.
+D = rowsum(dO * O). Per (query tile, key tile) pair the five products
+    S = Q K^T,  dP = dO V^T,  dS = P * (dP - D) * scale,  dV += P^T dO,  dK += dS^T Q,  dQ += dS K
+run through the forward's register-blocked micro-kernel (attention._rank_update: 6-row x 16-column
+blocks of C held in 12 AVX accumulators) over contiguous per-tile scratch: K^T (pre-scaled to log2
+units) and V^T with padded row strides, K, Q and dO tiles, S/P and dP/dS tiles (queries x keys).
+
+Two schedules, chosen by the launcher from the shapes and the thread count; both give the same bits:
+  one pass  (passes=1), one work item per (batch, kv head): the item walks the key tiles, and per key
+            tile the query tiles of the group's heads, accumulating dK/dV of the key tile in scratch and
+            dQ in place in dq_buf (the item owns those rows x columns): 5 products per tile pair;
+  two passes (passes=2), when there are too few (batch, kv head) items for the threads:
+            pass 1, one item per (batch, kv head, key tile): dK, dV;
+            pass 2, one item per (batch, head, query tile): dQ (S and dP recomputed: 7 products).
+No two threads ever add into the same row, and every accumulation runs in one fixed order: dK/dV of a
+key over (query head of the group, query row) increasing, dQ of a query over keys increasing, each
+element of S / dP over the head dimension in order (fp32 stores between micro-kernel calls are exact,
+so how the loops are cut into tiles does not change a bit). Every sum above is a per-element FMA chain in a
+fixed order, so the result is the same whatever the thread count, the schedule or the tile sizes
+(tests/test_attention_backward_cpu.py checks all three bit for bit).
+Scratch per work item is O((block_q + block_k) * (block_k + head_size)); nothing grows with T^2.
+Causal tile pairs entirely above the diagonal and key tiles whose keys are all padding are skipped.
 
 Grouped-query attention (n_kv_heads = NKV < NH): query head h reads key/value head h // (NH // NKV);
-a pass-1 work item is then (batch, kv head, key tile) and sums the dK/dV of its group's query
-heads in increasing head order, so the result is still deterministic.
+dK/dV of a kv head are the sums over its query heads in increasing head order.
 
 Attention dropout: the kept probability of (b, h, i, j) is keep(seed, ((b*NH + h)*Tq + i)*Tk + j)
 with scale 1/(1-p), the same counter the forward uses, so the mask is regenerated, not stored.
@@ -20,14 +35,17 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
-from .attention import _exp2
+from .attention import _exp2, _rank_update
 from .precompile import BOOL, F3, F32, F64, I64, R3, RU2, U64, kernel, native_address, native_caller
 from .rng import keep
 
-_LOG2E_F = np.float32(1.4426950408889634)
-# P = exp(s - lse) through the forward's vectorisable exp2. The argument is <= 0 for every visible
-# key (lse >= its score); padded keys are multiplied by 0 afterwards, and the clamp at 0 keeps their
-# (possibly large) scores from overflowing exp2 into inf * 0 = NaN.
+_LOG2E = 1.4426950408889634
+_LOG2E_F = np.float32(_LOG2E)
+_ZERO = np.float32(0.0)
+_PAD = 8  # row padding (floats) of the transposed K/V tiles and of the S/dP tiles (no L1 aliasing)
+# P = exp2(s*log2e - lse*log2e) through the forward's vectorisable exp2. The argument is <= 0 for every
+# visible key (lse >= its score); padded keys are multiplied by 0 afterwards, and the clamp at 0 keeps
+# their (possibly large) scores from overflowing exp2 into inf * 0 = NaN.
 
 _FM = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: lse can be -inf for empty rows
 
@@ -54,22 +72,92 @@ def _tile_has_keys(key_mask, b, k0, k1):
     return False
 
 
-@njit(inline="always", fastmath=_FM)
-def _row_products(s, dp, qrow, grow, kt, vt, n, HS):
-    """s[:n] = K_tile q and dp[:n] = V_tile dO for one query row, from the transposed tiles
-    kt, vt (HS, bk): axpy form, unit stride, no horizontal reductions."""
-    for jj in range(n):
-        s[jj] = np.float32(0.0)
-        dp[jj] = np.float32(0.0)
-    for d in range(HS):
-        qd, gd = qrow[d], grow[d]
-        ktd, vtd = kt[d], vt[d]
-        for jj in range(n):
-            s[jj] += qd * ktd[jj]
-            dp[jj] += gd * vtd[jj]
+@njit(inline="always")
+def _spread(t, n):
+    """Tile order 0, n-1, 1, n-2, ...: a contiguous chunk of work items (numba's static prange
+    split) then mixes the light and the heavy causal tiles."""
+    return t // 2 if t % 2 == 0 else n - 1 - t // 2
 
 
-_BWD_SIG = (F3, R3, I64, R3, I64, I64, R3, R3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64)
+@njit(fastmath=_FM)
+def _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, kc, vc, HS, ldk, kscale):
+    """kt (HS, ldk) = K_tile^T * kscale, vt (HS, ldk) = V_tile^T, ks (nk, HS) = K_tile,
+    allow[:nk] = 1 where the key is not padding, else 0."""
+    for jj in range(nk):
+        allow[jj] = np.float32(1.0) if key_mask[b, k0 + jj] else _ZERO
+        krow = kv_buf[b, k0 + jj, kc:kc + HS]
+        vrow = kv_buf[b, k0 + jj, vc:vc + HS]
+        for d in range(HS):
+            x = krow[d]
+            ks[jj * HS + d] = x
+            kt[d * ldk + jj] = x * kscale
+            vt[d * ldk + jj] = vrow[d]
+
+
+@njit(fastmath=_FM)
+def _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, gc, HS):
+    """qs (nq, HS) = Q tile, gs (nq, HS) = dO tile, contiguous."""
+    for ii in range(nq):
+        qrow = q_buf[b, i0 + ii, qc:qc + HS]
+        grow = dout[b, i0 + ii, gc:gc + HS]
+        for d in range(HS):
+            qs[ii * HS + d] = qrow[d]
+            gs[ii * HS + d] = grow[d]
+
+
+@njit(fastmath=_FM, error_model="numpy")
+def _pair(sp, dp, qs, gs, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ldk, causal,
+          scale, p_drop, seed):
+    """One (query tile, key tile) pair: sp (nq, ld) = P (dropped and rescaled when p_drop > 0) and
+    dp (nq, ld) = dS * scale, both exactly 0 where a key is masked, causal-hidden or padding, and on
+    rows that see no key (lse = -inf)."""
+    shift = Tk - Tq
+    _rank_update(sp, 0, ld, nq, nk, qs, 0, 1, HS, kt, 0, ldk, HS, 0)  # S (log2 units) = Q (K^T * c)
+    _rank_update(dp, 0, ld, nq, nk, gs, 0, 1, HS, vt, 0, ldk, HS, 0)  # dP = dO V^T
+    inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
+    for ii in range(nq):
+        i = i0 + ii
+        L = lse[b, h, i]
+        jv = nk
+        if causal:
+            jv = max(0, min(nk, i + shift - k0 + 1))
+        if L == -np.inf:
+            jv = 0
+        L2 = L * _LOG2E_F
+        Di = delta[b, h, i]
+        srow = sp[ii * ld:ii * ld + nk]
+        prow = dp[ii * ld:ii * ld + nk]
+        if p_drop > 0:
+            base = ((b * NH + h) * Tq + i) * Tk + k0
+            for jj in range(jv):
+                p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
+                if keep(seed, base + jj, p_drop):
+                    prow[jj] = p * (prow[jj] * inv_keep - Di) * scale
+                    srow[jj] = p * inv_keep
+                else:
+                    prow[jj] = -p * Di * scale
+                    srow[jj] = _ZERO
+        else:
+            for jj in range(jv):
+                p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
+                srow[jj] = p
+                prow[jj] = p * (prow[jj] - Di) * scale
+        for jj in range(jv, nk):
+            srow[jj] = _ZERO
+            prow[jj] = _ZERO
+
+
+@njit(fastmath=_FM)
+def _zero_dq_rows(dq, b, i0, i1, qc, HS):
+    for i in range(i0, i1):
+        row = dq[b, i, qc:qc + HS]
+        for d in range(HS):
+            row[d] = _ZERO
+
+
+_BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64, BOOL)
+# (dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale, p_drop,
+#  seed, bq, bk, group, one_pass)
 # Each work item is its own cached kernel (first argument: the item index), called by the parallel
 # loop through its native address (precompile.native_caller) instead of being linked into it: its
 # code is compiled once, in parallel with the loop around it.
@@ -78,76 +166,66 @@ _ITEM_SIG = (I64,) + _BWD_SIG
 
 @kernel(_ITEM_SIG, cost=2.8)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _dkdv_item(w, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
-          p_drop, seed, bq, bk, group):
-    # one work item of _dkdv (see _ITEM_SIG)
-    B, Tq, _ = q_buf.shape
+def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal,
+               scale, p_drop, seed, bq, bk, group, one_pass):
+    # one_pass: item w = (b, kv head), all key tiles, dQ of the group's heads too;
+    # else: item w = (b, kv head, key tile in _spread order), dK/dV only.
+    B, Tq, Wq = q_buf.shape
     Tk = kv_buf.shape[1]
     shift = Tk - Tq  # bottom-right causal alignment
     n_kt = (Tk + bk - 1) // bk
     NKV = NH // group
-    inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
-    b = w // (NKV * n_kt)
-    hk = (w // n_kt) % NKV
-    k0 = (w % n_kt) * bk
-    k1 = min(k0 + bk, Tk)
-    nk = k1 - k0
-    kt = np.empty((HS, nk), np.float32)  # K tile, transposed
-    vt = np.empty((HS, nk), np.float32)  # V tile, transposed
-    dk = np.zeros((nk, HS), np.float32)
-    dv = np.zeros((nk, HS), np.float32)
-    allow = np.empty(nk, np.float32)  # 1 where the key is not padding, else 0
-    s = np.empty(nk, np.float32)
-    dp = np.empty(nk, np.float32)
-    pd = np.empty(nk, np.float32)
-    ds = np.empty(nk, np.float32)
-    if _tile_has_keys(key_mask, b, k0, k1):
+    ld = bk + _PAD
+    kscale = np.float32(scale * _LOG2E)
+    if one_pass:
+        b = w // NKV
+        hk = w % NKV
+        t_first, t_last = 0, n_kt
+        for g in range(group):
+            _zero_dq_rows(dq, b, 0, Tq, q_off + (hk * group + g) * HS, HS)
+    else:
+        b = w // (NKV * n_kt)
+        hk = (w // n_kt) % NKV
+        t_first = _spread(w % n_kt, n_kt)
+        t_last = t_first + 1
+    kt = np.empty(HS * ld, np.float32)   # (HS, ld) K tile^T * scale * log2(e)
+    vt = np.empty(HS * ld, np.float32)   # (HS, ld) V tile^T
+    ks = np.empty(bk * HS, np.float32)   # (bk, HS) K tile
+    qs = np.empty(bq * HS, np.float32)   # (bq, HS) Q tile
+    gs = np.empty(bq * HS, np.float32)   # (bq, HS) dO tile
+    sp = np.empty(bq * ld, np.float32)   # (bq, ld) S, then P
+    dp = np.empty(bq * ld, np.float32)   # (bq, ld) dP, then dS * scale
+    dk = np.empty(bk * HS, np.float32)   # (bk, HS) dK of the key tile
+    dv = np.empty(bk * HS, np.float32)   # (bk, HS) dV of the key tile
+    allow = np.empty(bk, np.float32)
+    for t in range(t_first, t_last):
+        k0 = t * bk
+        nk = min(bk, Tk - k0)
+        for x in range(nk * HS):
+            dk[x] = _ZERO
+            dv[x] = _ZERO
+        if _tile_has_keys(key_mask, b, k0, k0 + nk):
+            _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, k_off + hk * HS, v_off + hk * HS, HS,
+                          ld, kscale)
+            i_first = max(0, k0 - shift) if causal else 0  # earlier queries see none of these keys
+            for g in range(group):  # query heads of the group in order, then their rows
+                h = hk * group + g
+                qc = q_off + h * HS
+                for i0 in range((i_first // bq) * bq, Tq, bq):
+                    nq = min(bq, Tq - i0)
+                    _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, h * HS, HS)
+                    _pair(sp, dp, qs, gs, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld,
+                          causal, scale, p_drop, seed)
+                    _rank_update(dv, 0, HS, nk, HS, sp, 0, ld, 1, gs, 0, HS, nq, 1)  # dV += P^T dO
+                    _rank_update(dk, 0, HS, nk, HS, dp, 0, ld, 1, qs, 0, HS, nq, 1)  # dK += dS^T Q
+                    if one_pass:  # dQ += dS K, in place (this item owns these rows x columns)
+                        _rank_update(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)
         for jj in range(nk):
-            allow[jj] = np.float32(1.0) if key_mask[b, k0 + jj] else np.float32(0.0)
+            dkr = dkv[b, k0 + jj, k_off + hk * HS:k_off + (hk + 1) * HS]
+            dvr = dkv[b, k0 + jj, v_off + hk * HS:v_off + (hk + 1) * HS]
             for d in range(HS):
-                kt[d, jj] = kv_buf[b, k0 + jj, k_off + hk * HS + d]
-                vt[d, jj] = kv_buf[b, k0 + jj, v_off + hk * HS + d]
-        i_first = max(0, k0 - shift) if causal else 0  # earlier queries see none of these keys
-        for ih in range(group * Tq):  # query heads of the group in order, then their rows
-            h = hk * group + ih // Tq
-            i = ih % Tq
-            if i < i_first:
-                continue
-            L = lse[b, h, i]
-            if L == -np.inf:
-                continue
-            j_end = min(nk, i + shift - k0 + 1) if causal else nk
-            if j_end <= 0:
-                continue
-            qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
-            grow = dout[b, i, h * HS:(h + 1) * HS]
-            _row_products(s, dp, qrow, grow, kt, vt, j_end, HS)
-            Di = delta[b, h, i]
-            for jj in range(j_end):
-                pd[jj] = _exp2(min((s[jj] * scale - L) * _LOG2E_F, np.float32(0.0))) * allow[jj]  # P, undropped
-            if p_drop > 0:  # dV uses P * keep / (1 - p); dP = (dO V^T) * keep / (1 - p)
-                base = ((b * NH + h) * Tq + i) * Tk + k0
-                for jj in range(j_end):
-                    p = pd[jj]
-                    if keep(seed, base + jj, p_drop):
-                        ds[jj] = p * (dp[jj] * inv_keep - Di) * scale
-                        pd[jj] = p * inv_keep
-                    else:
-                        ds[jj] = -p * Di * scale
-                        pd[jj] = np.float32(0.0)
-            else:
-                for jj in range(j_end):
-                    ds[jj] = pd[jj] * (dp[jj] - Di) * scale
-            for jj in range(j_end):
-                a, c = pd[jj], ds[jj]
-                dvr, dkr = dv[jj], dk[jj]
-                for d in range(HS):
-                    dvr[d] += a * grow[d]
-                    dkr[d] += c * qrow[d]
-    for jj in range(nk):
-        for d in range(HS):
-            dkv[b, k0 + jj, k_off + hk * HS + d] = dk[jj, d]
-            dkv[b, k0 + jj, v_off + hk * HS + d] = dv[jj, d]
+                dkr[d] = dk[jj * HS + d]
+                dvr[d] = dv[jj * HS + d]
 
 
 _call_dkdv_item = native_caller(_ITEM_SIG)
@@ -155,87 +233,55 @@ _call_dkdv_item = native_caller(_ITEM_SIG)
 
 @kernel(_BWD_SIG + (I64,), cost=1.2)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
-def _dkdv(dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
-          p_drop, seed, bq, bk, group, item_fn):
-    # One work item per (b, kv head, key tile), over the `group` query heads of that kv head in
-    # increasing order. Per query row i, the scores of the whole key tile are computed in axpy form
-    # over the transposed tile (s[:] += q[d] * Kt[d, :]): unit stride, no horizontal reductions, so
-    # the loops vectorise.
+def _dkdv(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
+          p_drop, seed, bq, bk, group, one_pass, item_fn):
+    # pass 1 (or the only pass): items (b, kv head[, key tile]), see _dkdv_item
     B, Tq, _ = q_buf.shape
     Tk = kv_buf.shape[1]
-    shift = Tk - Tq  # bottom-right causal alignment
-    n_kt = (Tk + bk - 1) // bk
     NKV = NH // group
-    inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
-    for w in prange(B * NKV * n_kt):
-        _call_dkdv_item(item_fn, (np.int64(w), dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group))
+    n_items = B * NKV if one_pass else B * NKV * ((Tk + bk - 1) // bk)
+    for w in prange(n_items):
+        _call_dkdv_item(item_fn, (np.int64(w), dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
+                                  key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, one_pass))
 
 
 @kernel(_ITEM_SIG, cost=2.8)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _dq_item(w, dq, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
-        p_drop, seed, bq, bk, group):
-    # one work item of _dq (see _ITEM_SIG)
-    B, Tq, _ = q_buf.shape
+def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
+             p_drop, seed, bq, bk, group, one_pass):
+    # pass 2 of two: item w = (b, head, query tile in _spread order); dQ of the tile's rows, in place
+    B, Tq, Wq = q_buf.shape
     Tk = kv_buf.shape[1]
     shift = Tk - Tq
     n_qt = (Tq + bq - 1) // bq
-    inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
+    ld = bk + _PAD
+    kscale = np.float32(scale * _LOG2E)
     b = w // (NH * n_qt)
     h = (w // n_qt) % NH
     hk = h // group  # the key/value head of query head h
-    i0 = (w % n_qt) * bq
-    i1 = min(i0 + bq, Tq)
-    nq = i1 - i0
-    acc = np.zeros((nq, HS), np.float32)
-    kt = np.empty((HS, bk), np.float32)
-    vt = np.empty((HS, bk), np.float32)
-    kr = np.empty((bk, HS), np.float32)
+    i0 = _spread(w % n_qt, n_qt) * bq
+    nq = min(bq, Tq - i0)
+    qc = q_off + h * HS
+    _zero_dq_rows(dq, b, i0, i0 + nq, qc, HS)
+    kt = np.empty(HS * ld, np.float32)
+    vt = np.empty(HS * ld, np.float32)
+    ks = np.empty(bk * HS, np.float32)
+    qs = np.empty(bq * HS, np.float32)
+    gs = np.empty(bq * HS, np.float32)
+    sp = np.empty(bq * ld, np.float32)
+    dp = np.empty(bq * ld, np.float32)
     allow = np.empty(bk, np.float32)
-    s = np.empty(bk, np.float32)
-    dp = np.empty(bk, np.float32)
-    ds = np.empty(bk, np.float32)
-    j_stop = min(Tk, i1 + shift) if causal else Tk
+    _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, h * HS, HS)
+    j_stop = min(Tk, i0 + nq + shift) if causal else Tk  # keys visible to the tile's last row
     for k0 in range(0, max(j_stop, 0), bk):
-        k1 = min(k0 + bk, j_stop)
-        nk = k1 - k0
-        if not _tile_has_keys(key_mask, b, k0, k1):
+        nk = min(bk, Tk - k0)
+        if not _tile_has_keys(key_mask, b, k0, k0 + nk):
             continue
-        for jj in range(nk):
-            allow[jj] = np.float32(1.0) if key_mask[b, k0 + jj] else np.float32(0.0)
-            for d in range(HS):
-                x = kv_buf[b, k0 + jj, k_off + hk * HS + d]
-                kt[d, jj] = x
-                kr[jj, d] = x
-                vt[d, jj] = kv_buf[b, k0 + jj, v_off + hk * HS + d]
-        for ii in range(nq):
-            i = i0 + ii
-            L = lse[b, h, i]
-            if L == -np.inf:
-                continue
-            j_end = min(nk, i + shift - k0 + 1) if causal else nk
-            if j_end <= 0:
-                continue
-            qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
-            grow = dout[b, i, h * HS:(h + 1) * HS]
-            _row_products(s, dp, qrow, grow, kt, vt, j_end, HS)
-            Di = delta[b, h, i]
-            if p_drop > 0:
-                base = ((b * NH + h) * Tq + i) * Tk + k0
-                for jj in range(j_end):
-                    dp[jj] = dp[jj] * inv_keep if keep(seed, base + jj, p_drop) else np.float32(0.0)
-            for jj in range(j_end):
-                p = _exp2(min((s[jj] * scale - L) * _LOG2E_F, np.float32(0.0))) * allow[jj]
-                ds[jj] = p * (dp[jj] - Di) * scale
-            arow = acc[ii]
-            for jj in range(j_end):
-                c = ds[jj]
-                krow = kr[jj]
-                for d in range(HS):
-                    arow[d] += c * krow[d]
-    for ii in range(nq):
-        for d in range(HS):
-            dq[b, i0 + ii, q_off + h * HS + d] = acc[ii, d]
+        _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, k_off + hk * HS, v_off + hk * HS, HS, ld,
+                      kscale)
+        _pair(sp, dp, qs, gs, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld, causal,
+              scale, p_drop, seed)
+        _rank_update(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)  # dQ += dS K
 
 
 _call_dq_item = native_caller(_ITEM_SIG)
@@ -243,21 +289,26 @@ _call_dq_item = native_caller(_ITEM_SIG)
 
 @kernel(_BWD_SIG + (I64,), cost=1.5)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
-def _dq(dq, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
-        p_drop, seed, bq, bk, group, item_fn):
-    # One work item per (b, h, query tile); key tiles transposed as in _dkdv.
+def _dq(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
+        p_drop, seed, bq, bk, group, one_pass, item_fn):
+    # pass 2 of two: items (b, head, query tile), see _dq_item
     B, Tq, _ = q_buf.shape
-    Tk = kv_buf.shape[1]
-    shift = Tk - Tq
-    n_qt = (Tq + bq - 1) // bq
-    inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
-    for w in prange(B * NH * n_qt):
-        _call_dq_item(item_fn, (np.int64(w), dq, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group))
+    n_items = B * NH * ((Tq + bq - 1) // bq)
+    for w in prange(n_items):
+        _call_dq_item(item_fn, (np.int64(w), dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
+                                key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, one_pass))
+
+
+def choose_passes(B, NKV, threads):
+    """1 when the (batch, kv head) items keep the threads about as busy as the two-pass schedule
+    does with its 7/5 of the work: rounds of items * 5 <= 7 * items / threads."""
+    items = B * NKV
+    return 1 if -(-items // threads) * 5 <= 7 * items / threads else 2
 
 
 def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
-                       n_heads, head_size, causal, scale, dropout_p=0.0, seed=0, block_q=32, block_k=32,
-                       n_kv_heads=None):
+                       n_heads, head_size, causal, scale, dropout_p=0.0, seed=0, block_q=64, block_k=64,
+                       n_kv_heads=None, passes=None):
     """Gradients of attention_forward.
 
     dq_buf (shape of q_buf): columns q_off + h*HS written with dQ; dkv_buf (shape of kv_buf):
@@ -265,8 +316,12 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     the same array as dq_buf and dkv_buf: the three column ranges are disjoint. delta (B, NH, Tq)
     is scratch (rowsum(dO * O)). Other arguments as in attention_forward; dropout_p/seed must be
     those of the forward call. n_kv_heads: grouped-query attention as in attention_forward (dK/dV of
-    a kv head are the sums over its query heads, in head order).
+    a kv head are the sums over its query heads, in head order). passes: 1 or 2 (see the module
+    doc; None: choose_passes from the shapes and the Numba thread count); it never changes the bits,
+    nor do block_q / block_k or the thread count.
     """
+    import numba
+
     NH, HS = int(n_heads), int(head_size)
     NKV = NH if n_kv_heads is None else int(n_kv_heads)
     if NKV < 1 or NH % NKV:
@@ -280,19 +335,27 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or tuple(a.shape) != tuple(shape):
             got = f"{a.dtype}{a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
             raise GraphError(f"attention_backward: {name} must be float32 {tuple(shape)}, got {got}")
+    if not (dq_buf.flags.c_contiguous and dkv_buf.flags.c_contiguous):
+        raise GraphError("attention_backward: dq_buf and dkv_buf must be C-contiguous")
     if key_mask.dtype != np.uint8 or key_mask.shape != (B, Tk):
         raise GraphError(f"attention_backward: key_mask must be uint8 {(B, Tk)}, got {key_mask.dtype}{key_mask.shape}")
     if q_off + C > Wq or max(k_off, v_off) + NKV * HS > Wkv:
         raise GraphError("attention_backward: buffer widths cannot hold the heads at the given offsets")
     if not 0.0 <= dropout_p < 1.0:
         raise GraphError(f"attention_backward: dropout_p must be in [0, 1), got {dropout_p}")
+    bq, bk = int(block_q), int(block_k)
+    if bq < 1 or bk < 1:
+        raise GraphError(f"attention_backward: block_q and block_k must be >= 1, got {bq}, {bk}")
+    if passes is None:
+        passes = choose_passes(B, NKV, numba.get_num_threads())
+    if passes not in (1, 2):
+        raise GraphError(f"attention_backward: passes must be 1 or 2, got {passes!r}")
     if B == 0 or Tq == 0 or Tk == 0:
         return
     sc, pd, sd = np.float32(scale), float(dropout_p), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    args = (dq_buf, dkv_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, key_mask, NH, HS,
+            bool(causal), sc, pd, sd, bq, bk, NH // NKV, passes == 1)
     _delta(delta, out, dout, NH, HS)
-    _dkdv(dkv_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, key_mask, NH, HS,
-          bool(causal), sc, pd, sd, int(block_q), int(block_k), NH // NKV,
-          native_address("attention_backward._dkdv_item"))
-    _dq(dq_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, key_mask, NH, HS,
-        bool(causal), sc, pd, sd, int(block_q), int(block_k), NH // NKV,
-        native_address("attention_backward._dq_item"))
+    _dkdv(*args, native_address("attention_backward._dkdv_item"))
+    if passes == 2:
+        _dq(*args, native_address("attention_backward._dq_item"))
