@@ -244,6 +244,17 @@ def test_kernel_that_writes_nothing_is_caught(cache, monkeypatch):
         K.run([(f, K.parse_shape(f, "4,8"), {})], "cpu", [current_threads()], 1, lambda d, t: roofline.get(d, t))
 
 
+def test_kernel_that_fails_is_a_clear_error(runner, cache, monkeypatch):
+    import nbformer.kernels.cpu.softmax as sm
+
+    def broken(out, x):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(sm, "softmax_forward", broken)
+    one_line_error(runner.invoke(main, ["bench", "--kernel", "softmax", "--shape", "4,8", "-o", "json"]),
+                   "--kernel softmax --shape 4,8 on cpu: the kernel failed (ZeroDivisionError: boom)")
+
+
 def test_visible_pairs_match_brute_force():
     from nbformer.bench.kernels import _visible_pairs
 

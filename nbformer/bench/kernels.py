@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import GraphError, InputError, NbformerError
 from .timing import Samples
 
 ACTS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -362,8 +362,6 @@ def _nan_outputs(case: Case, dev) -> list:
 def time_case(case: Case, dev, repeat: int = 5, min_sample_s: float = 0.01, max_inner: int = 100_000) -> Samples:
     """Warm-up, check the outputs were written, then `repeat` samples of `inner` calls each
     -> Samples of seconds per call (extra: inner, warm-up call seconds)."""
-    from ..errors import GraphError
-
     sync = dev.synchronize
     t0 = time.perf_counter()
     case.call()
@@ -519,7 +517,14 @@ def _run(specs, dev, threads_list, repeat, roofline, params, on_row, on_roofline
                 kw, config, source = tuned_params(fam, sizes, options, dev.kind)
                 tuning = {"config": config, "source": source}
             case = build(fam, sizes, dev, options, kw)
-            s = time_case(case, dev, repeat, min_sample_s=min_sample_s)
+            try:
+                s = time_case(case, dev, repeat, min_sample_s=min_sample_s)
+            except NbformerError:
+                raise
+            except Exception as e:  # a launch the device refused (resources, a --param value the kernel rejects)
+                what = f"--kernel {fam.name} --shape {','.join(str(v) for v in sizes.values())}"
+                msg = " ".join(str(e).split())[:300]
+                raise GraphError(f"{what} on {dev.name}: the kernel failed ({type(e).__name__}: {msg})") from None
             row = kernel_row(case, dev, threads, s, roof)
             if kw:
                 row["params"] = dict(kw)
