@@ -3,9 +3,10 @@
 Each family below names its shape dimensions, builds its arrays (random inputs; outputs filled
 with NaN so a launcher that writes nothing is caught: after the warm-up every output must hold
 numbers) and calls the launcher of nbformer/kernels/<device>/ with the same signature the
-executor uses. FLOPs follow the usual conventions (a multiply-add is 2 FLOPs; attention counts
-its two matmuls, 4*D per visible query-key pair, exactly, causal masks included; the backward its
-five, 10*D per pair; elementwise families count their arithmetic, exp as 1). Bytes are the
+executor uses. FLOPs follow the usual conventions (a multiply-add is 2 FLOPs; linear 2*M*K*N plus
+M*N for the bias, its activation not counted; attention counts its two matmuls, 4*D per visible
+query-key pair, exactly, causal masks included; the backward its five, 10*D per pair; normalisation,
+softmax, loss and Adam count their arithmetic per element, exp and sqrt as 1). Bytes are the
 compulsory traffic: every input read once and every output written once, so GB/s is a lower
 bound of the traffic a kernel really moves, and a shape that fits in cache can show more than the
 DRAM bandwidth of the roofline.
