@@ -28,7 +28,7 @@ def _qtype(name):
 
 def write_llama_gguf(path, hf_cfg, sd: dict, qtype: str = "F32", emb_qtype: str | None = None,
                      tokenizer_json: str | None = None, chat_template: str | None = None, arch: str = "llama",
-                     extra_keys=None, skip=(), override=None):
+                     extra_keys=None, skip=(), override=None, permute=True):
     """Write sd (HF LlamaForCausalLM names) as a llama GGUF file. qtype: type of the 2-D matrices
     (F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1); norms stay F32. Returns {gguf name: float64 array the
     file holds, dequantized} for building float64 references."""
@@ -71,6 +71,8 @@ def write_llama_gguf(path, hf_cfg, sd: dict, qtype: str = "F32", emb_qtype: str 
                       p + "mlp.gate_proj.weight": b + "ffn_gate.weight",
                       p + "mlp.up_proj.weight": b + "ffn_up.weight",
                       p + "mlp.down_proj.weight": b + "ffn_down.weight"})
+        for x in "qkv":  # Qwen2's biases
+            names[p + f"self_attn.{x}_proj.bias"] = b + f"attn_{x}.bias"
     held = {}
     tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
     for hf_name, a in sd.items():
@@ -80,9 +82,9 @@ def write_llama_gguf(path, hf_cfg, sd: dict, qtype: str = "F32", emb_qtype: str 
         if name in skip:
             continue
         a = np.ascontiguousarray(a, dtype=np.float32)
-        if name.endswith("attn_q.weight"):
+        if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
             a = permute_gguf_qk(a, NH)
-        elif name.endswith("attn_k.weight"):
+        elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
             a = permute_gguf_qk(a, NKV)
         if override and name in override:
             a = override[name]

@@ -173,6 +173,30 @@ def test_gpt2_architecture(tmp_path, tok_json):
     assert nm.tokenizer.encode("Hello world") == Tokenizer(json_text=tok_json).encode("Hello world")
 
 
+def test_qwen2_architecture(tmp_path, tok_json):
+    """'qwen2': Q/K/V biases, Q/K rows as Hugging Face stores them (llama.cpp rotates halves),
+    vs transformers' Qwen2ForCausalLM and its GGUF loader."""
+    pytest.importorskip("accelerate")
+    torch.manual_seed(4)
+    cfg = transformers.Qwen2Config(vocab_size=tokenizer_size(tok_json), hidden_size=48, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                                   max_position_embeddings=64, rope_theta=1e6, tie_word_embeddings=True,
+                                   rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=2)
+    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    path = tmp_path / "qwen2.gguf"
+    write_llama_gguf(path, cfg, hf_llama_tensors(m), arch="qwen2", permute=False, tokenizer_json=tok_json)
+    nm = nbformer.load(path)
+    assert nm.config.qkv_bias and not nm.config.attn_out_bias
+    ids = IDS % cfg.vocab_size
+    assert_close(nm.forward(ids), torch_logits(m, ids), atol=1e-4, rtol=0, what="qwen2 GGUF logits vs transformers")
+    hm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    assert_close(nm.forward(ids), torch_logits(hm, ids), atol=1e-4, rtol=0, what="qwen2 vs transformers' GGUF loader")
+
+
 def test_checked_reader_reads_what_the_library_reads(f32_case):
     _m, path = f32_case
     gf = GGUFFile(path)

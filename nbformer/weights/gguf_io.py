@@ -47,7 +47,8 @@ Interface shared with the quantized kernels (nbformer/quant/) and `nbformer quan
     write_tokenizer_metadata(writer, tokenizer_json_text, ...) is in weights.gguf_tokenizer: the
         tokenizer.ggml.* keys for a GGUFWriter, from a tokenizer.json (used by `nbformer quantize`).
 
-Architectures run: 'llama' (RMSNorm, RoPE, SwiGLU, GQA; tied when there is no output.weight) and
+Architectures run: 'llama' (RMSNorm, RoPE, SwiGLU, GQA; tied when there is no output.weight),
+'qwen2' (the same with Q/K/V biases, Q/K rows not permuted: llama.cpp rotates its halves) and
 'gpt2' (the llama.cpp layout: attn_qkv, position_embd); any other general.architecture is a
 ConfigError naming it.
 """
@@ -330,7 +331,9 @@ class GGUFFile:
 
 
 # ---------------------------------------------------------------- GGUF model -> Checkpoint
-ARCHITECTURES = ("llama", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+# llama.cpp rotates these in the rotate-half ("NEOX") layout, so their converter writes Q/K unpermuted
+ROTATE_HALF_ARCHITECTURES = ("qwen2",)
 
 
 def permute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -484,6 +487,8 @@ def _rules(cfg) -> list:
         r.append(R("pos_emb", ("position_embd.weight",)))
     NH, NKV, HS, F = cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.d_ff
     ln = cfg.norm_type == "layernorm"
+    arch = (cfg.extra or {}).get("gguf", {}).get("architecture", "llama")
+    perm = (0, 0, 0) if arch in ROTATE_HALF_ARCHITECTURES else (NH, NKV, 0)
     for i in range(cfg.n_layers):
         b, h = f"blk.{i}.", f"h{i}."
         r.append(R(h + "ln1.w", (b + "attn_norm.weight",)))
@@ -495,10 +500,10 @@ def _rules(cfg) -> list:
         else:
             sizes = (NH * HS, NKV * HS, NKV * HS)
             src = (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight")
-            r.append(R(h + "attn.qkv.w", src, "cat0", sizes, permute=(NH, NKV, 0)))
+            r.append(R(h + "attn.qkv.w", src, "cat0", sizes, permute=perm))
             if cfg.qkv_bias:
                 src = (b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias")
-                r.append(R(h + "attn.qkv.b", src, "cat0", sizes, permute=(NH, NKV, 0)))
+                r.append(R(h + "attn.qkv.b", src, "cat0", sizes, permute=perm))
         r.append(R(h + "attn.out.w", (b + "attn_output.weight",)))
         if cfg.attn_out_bias:
             r.append(R(h + "attn.out.b", (b + "attn_output.bias",)))
