@@ -31,7 +31,7 @@ def _ints(text, flag, minimum):
 @click.command()
 @click.argument("model", required=False)
 @click.option("--model", "-m", "model_opt", default=None, metavar="MODEL",
-              help="the model (as MODEL): a Hugging Face directory or .safetensors checkpoint (default: "
+              help="the model (as MODEL): a Hugging Face directory, .safetensors or .gguf file (default: "
                    "weights/kjv-gpt; with --embed the default embedding model)")
 @click.option("-p", "--n-prompt", "prompts", default=None, metavar="N[,N..]",
               help="prompt lengths: ppN rows (encoders: embedN; --train: trainN); 0 skips [256, or the model's "
