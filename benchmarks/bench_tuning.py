@@ -42,11 +42,19 @@ def _tune(args_list, label):
     return out
 
 
+_busy = []  # other processes' share of the CPUs before each timed round
+
+
 def _paired(fns: dict, repeat: int) -> dict:
-    """Interleaved rounds (order alternating), -> {name: {median_s, spread, times}} + paired ratio."""
+    """Interleaved rounds (order alternating), each after waiting (bounded) for a quieter machine,
+    -> {name: {median_s, spread, times}} + the median of the per-round ratios."""
+    from common import busy_fraction, wait_quiet
+
     names = list(fns)
     times = {k: [] for k in names}
     for r in range(repeat):
+        wait_quiet()
+        _busy.append(round(busy_fraction(0.1), 2))
         order = names if r % 2 == 0 else names[::-1]
         for k in order:
             t0 = time.perf_counter()
@@ -93,9 +101,17 @@ def main(argv=None):
     kernel_rows, whole_rows, notes, extra = [], [], [], {"threads": threads}
 
     # ------------------------------------------------ GPT-2: tune, then prefill / decode off vs cached
+    saved = TUNE_CACHE / "bench_tuning_runs.json"  # the tune runs' JSON, for --skip-tune
+    runs = json.loads(saved.read_text()) if args.skip_tune and saved.exists() else {}
+    if args.skip_tune and "gpt2" in runs:
+        extra["gpt2_tune"] = t = runs["gpt2"]
+        _kernel_rows("GPT-2 124M", t, kernel_rows)
+        notes.append(f"`{t['command']}`: {t['wall_s']:.0f} s wall in all ({t['seconds']:.0f} s tuning, the rest "
+                     f"loading and compiling); budget {args.budget_gpt2:.0f} s of candidate timing")
     if not args.skip_tune:
         t = _tune([str(gpt2), "-b", "1", "-s", "256", "--budget", str(args.budget_gpt2)], "gpt2")
-        extra["gpt2_tune"] = t
+        runs["gpt2"] = extra["gpt2_tune"] = t
+        saved.write_text(json.dumps(runs))
         _kernel_rows("GPT-2 124M", t, kernel_rows)
         notes.append(f"`{t['command']}`: {t['wall_s']:.0f} s wall in all ({t['seconds']:.0f} s tuning, the rest "
                      f"loading and compiling); budget {args.budget_gpt2:.0f} s of candidate timing")
@@ -159,6 +175,13 @@ def main(argv=None):
     enc = e_off.tokenizer.encode_batch(texts)
     lens = sorted((len(i) for i, _ in enc), reverse=True)
     seqs = sorted({max(lens[s: s + 64]) for s in range(0, len(lens), 64)}, reverse=True)
+    if args.skip_tune and "minilm" in runs:
+        shapes_t = extra["minilm_tune"] = runs["minilm"]
+        for S, t in zip(seqs, shapes_t):
+            _kernel_rows(f"MiniLM-L6 (T={S})", t, kernel_rows)
+        notes.append(f"MiniLM: padded batch lengths {seqs} at batch 64; `nbformer tune -b 64 -s S --phase embed` "
+                     f"for each, {sum(t['wall_s'] for t in shapes_t):.0f} s wall in all "
+                     f"({sum(t['seconds'] for t in shapes_t):.0f} s tuning), budget {args.budget_minilm:.0f} s")
     if not args.skip_tune:
         shapes_t = []
         for S in seqs:
@@ -166,7 +189,8 @@ def main(argv=None):
                        "--budget", str(args.budget_minilm / len(seqs))], "minilm")
             shapes_t.append(t)
             _kernel_rows(f"MiniLM-L6 (T={S})", t, kernel_rows)
-        extra["minilm_tune"] = shapes_t
+        runs["minilm"] = extra["minilm_tune"] = shapes_t
+        saved.write_text(json.dumps(runs))
         notes.append(f"MiniLM: padded batch lengths {seqs} at batch 64; `nbformer tune -b 64 -s S --phase embed` "
                      f"for each, {sum(t['wall_s'] for t in shapes_t):.0f} s wall in all "
                      f"({sum(t['seconds'] for t in shapes_t):.0f} s tuning), budget {args.budget_minilm:.0f} s")
@@ -182,8 +206,11 @@ def main(argv=None):
                        "speed-up (paired median)": f"{em['paired_speedup']:.2f}x"})
     extra["minilm_whole"] = em
     load = os.getloadavg()
-    notes.append(f"load average during the run ~{load[0]:.0f} on {os.cpu_count()} cores (the machine is shared): "
+    notes.append(f"load average at the end ~{load[0]:.0f} on {os.cpu_count()} cores (the machine is shared); "
+                 f"other processes used a median {100 * statistics.median(_busy):.0f} % (max "
+                 f"{100 * max(_busy):.0f} %) of the CPUs just before the {len(_busy)} whole-workload rounds: "
                  f"every figure is a median of interleaved rounds, and still noisy")
+    extra["busy_before_rounds"] = _busy
     extra["whole_rows"] = whole_rows
     md = write_results("tuning", "Kernel tuning (`nbformer tune`): per kernel", 
                        ["model", "phase", "kernel", "default ms", "tuned ms", "speed-up", "tuned config", "tried",
