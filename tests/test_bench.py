@@ -430,6 +430,14 @@ def test_bad_input_is_one_line_error(runner, cache, args, parts):
     one_line_error(runner.invoke(main, ["bench"] + args), *parts)
 
 
+def test_busy_machine_note():
+    from nbformer.bench.report import busy_note
+
+    assert "load average 3.0 on 2 cores" in busy_note({"load_average": [3.0, 1.0, 1.0]}, {"cores": 2})
+    assert busy_note({"load_average": [0.5, 1.0, 1.0]}, {"cores": 2}) is None
+    assert busy_note({}, {"cores": 2}) is None
+
+
 def test_model_names():
     from pathlib import Path
 

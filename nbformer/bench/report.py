@@ -33,7 +33,28 @@ def build_info() -> dict:
 
     info = {"nbformer_version": __version__, **git_commit(), "python": platform.python_version(),
             "numpy": numpy.__version__, "numba": numba.__version__}
+    load = load_average()
+    if load is not None:
+        info["load_average"] = load  # (1, 5, 15 minutes) when the run started: other work on the machine
     return info
+
+
+def load_average():
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_note(build: dict, machine: dict) -> str | None:
+    """A warning when other processes kept the CPUs busy as the run started."""
+    load, cores = build.get("load_average"), machine.get("cores") or 1
+    if load and load[0] > 0.75 * cores:
+        return (f"note: load average {load[0]:.1f} on {cores} core{'s' * (cores != 1)} when the run started: "
+                f"other processes compete for the CPUs, expect noisy rows")
+    return None
 
 
 def machine_info(device: str) -> dict:
@@ -187,6 +208,9 @@ class Writer:
             b = f"build: {commit[:12]}{'-dirty' if self.build.get('git_dirty') else ''}, " if commit else "build: "
             self.echo("")
             self.echo(f"{b}nbformer {self.build['nbformer_version']}; {self.machine.get('description')}")
+            busy = busy_note(self.build, self.machine)
+            if busy:
+                self.echo(busy)
             over = [r for r in self.rows if r.get("roof_fraction", 0) > 1.05]
             if over:
                 self.echo(f"note: {len(over)} row{'s' * (len(over) > 1)} above 100 % of the measured roofline: the "
