@@ -300,7 +300,7 @@ def test_sentencepiece_style_vocab(tmp_path):
         assert tok.encode(s).ids == ht(s)["input_ids"], s
 
 
-def test_sentencepiece_model_vocab_matches_sentencepiece():
+def test_sentencepiece_model_vocab_matches_sentencepiece(tmp_path):
     """A sentencepiece BPE model with byte fallback (Llama's settings: identity normalization, no
     whitespace folding, single digits) put into GGUF metadata the way llama.cpp's converter does
     (pieces, scores, token types): the rebuilt tokenizer gives sentencepiece's own ids and text."""
@@ -326,11 +326,30 @@ def test_sentencepiece_model_vocab_matches_sentencepiece():
           "tokenizer.ggml.token_type": [kind(i) for i in range(n)], "tokenizer.ggml.bos_token_id": 1,
           "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
     tok = Tokenizer.from_str(tokenizer_json_from_gguf(md, "spm"))
+    # and back: that tokenizer.json written by write_tokenizer_metadata (what `nbformer quantize`
+    # does), read again, once with its merges and once from the scores alone (what llama.cpp uses)
+    from nbformer.weights.gguf_tokenizer import write_tokenizer_metadata
+
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    write_tokenizer_metadata(w, tok.to_str(), bos_token_id=1, eos_token_id=2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    back = GGUFFile(path).metadata
+    assert back["tokenizer.ggml.model"] == "llama" and back["tokenizer.ggml.add_bos_token"] is True
+    assert back["tokenizer.ggml.token_type"][3:259] == [6] * 256 and back["tokenizer.ggml.token_type"][:3] == [2, 3, 3]
+    again = Tokenizer.from_str(tokenizer_json_from_gguf(back, "written"))
+    no_merges = {k: v for k, v in back.items() if k != "tokenizer.ggml.merges"}
+    from_scores = Tokenizer.from_str(tokenizer_json_from_gguf(no_merges, "scores"))
     for s in TEXTS + [" x", "new\nlines\n\n", "Paris, 1889"]:
         if "<|" in s:  # ChatML markers are no tokens of this vocabulary
             continue
         want = [1] + sp.encode(s)  # llama.cpp adds BOS for a 'llama' vocabulary by default
         assert tok.encode(s).ids == want, s
+        assert again.encode(s).ids == want, s
+        assert from_scores.encode(s).ids == want, s
         assert tok.decode(want, skip_special_tokens=True) == sp.decode(want[1:]), s
 
 

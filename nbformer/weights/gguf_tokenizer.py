@@ -220,20 +220,49 @@ def _pre_name(pre) -> str:
                       f"nbformer knows; cannot write it into a GGUF file")
 
 
+def _prepends_space(doc) -> bool:
+    """Whether a sentencepiece-style tokenizer.json puts '▁' in front of the text."""
+    norm, pre = doc.get("normalizer") or {}, doc.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    if any(x.get("type") == "Prepend" for x in steps if isinstance(x, dict)):
+        return True
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return any(x.get("type") == "Metaspace" and x.get("prepend_scheme", "always") != "never"
+               for x in pres if isinstance(x, dict))
+
+
+def _template_adds(doc, token_id) -> bool:
+    post = doc.get("post_processor") or {}
+    posts = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for x in posts:
+        if isinstance(x, dict) and x.get("type") == "TemplateProcessing":
+            for piece in x.get("single", []):
+                sp = piece.get("SpecialToken") if isinstance(piece, dict) else None
+                if sp and token_id in (x.get("special_tokens", {}).get(sp.get("id"), {}).get("ids") or []):
+                    return True
+    return False
+
+
 def write_tokenizer_metadata(writer, tokenizer_json_text: str, bos_token_id=None, eos_token_id=None,
                              pad_token_id=None, add_bos_token: bool | None = None, chat_template: str | None = None):
     """Add tokenizer.ggml.* (and tokenizer.chat_template) to a gguf.GGUFWriter from tokenizer.json
-    text of a byte-level BPE (GPT-2 / SmolLM2 / Llama 3 style). Token ids are kept; added tokens
-    marked special become CONTROL, other added tokens USER_DEFINED."""
+    text. A byte-level BPE (GPT-2 / SmolLM2 / Llama 3 / Qwen style) becomes tokenizer.ggml.model
+    'gpt2' with its pre-tokenizer's llama.cpp name; a sentencepiece-style BPE with byte fallback
+    (Llama 2 / Mistral / TinyLlama) becomes 'llama', with scores = -(rank of the merge that makes the
+    token) so llama.cpp's score-ordered merging follows the merge list, <0xXX> tokens typed BYTE
+    and add_space_prefix from its normalizer. Token ids are kept; added tokens marked special
+    become CONTROL, other added tokens USER_DEFINED. add_bos_token None: what the tokenizer's
+    post-processor does. Returns the number of tokens written."""
     try:
         doc = json.loads(tokenizer_json_text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"tokenizer.json: not valid JSON ({e.msg})") from None
     model = doc.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ConfigError(f"tokenizer.json: model {model.get('type')!r} (byte_fallback "
-                          f"{model.get('byte_fallback')}) cannot be written to GGUF yet: only byte-level BPE")
-    pre = _pre_name(doc.get("pre_tokenizer"))
+    if model.get("type") != "BPE":
+        raise ConfigError(f"tokenizer.json: model {model.get('type')!r} cannot be written to GGUF yet "
+                          f"(byte-level BPE and sentencepiece-style BPE with byte fallback can)")
+    spm = bool(model.get("byte_fallback"))
+    pre = None if spm else _pre_name(doc.get("pre_tokenizer"))
     vocab = dict(model.get("vocab") or {})
     specials = {}
     for a in doc.get("added_tokens") or []:
@@ -247,16 +276,43 @@ def write_tokenizer_metadata(writer, tokenizer_json_text: str, bos_token_id=None
         if t is None:  # a hole in the ids: llama.cpp wants one token per id
             tokens[i] = f"[PAD{i}]"
             specials[i] = UNUSED
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([specials.get(i, NORMAL) for i in range(n)])
-    writer.add_token_merges(merges)
+    pairs = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+    merges = [" ".join(m) for m in pairs]
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
+    if spm:
+        rank = {}
+        for r, (a, b) in enumerate(pairs):
+            rank.setdefault(a + b, r)
+        unk = model.get("unk_token")
+        types, scores = [], []
+        for i, t in enumerate(tokens):
+            if i in specials:
+                types.append(specials[i] if t != unk else UNKNOWN)
+            elif t == unk:
+                types.append(UNKNOWN)
+            elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types.append(BYTE)
+            else:
+                types.append(NORMAL)
+            scores.append(-float(rank[t]) if t in rank else 0.0)
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)  # llama.cpp merges by the scores; nbformer's reader uses these
+        writer.add_add_space_prefix(_prepends_space(doc))
+        if unk in vocab:
+            writer.add_unk_token_id(int(vocab[unk]))
+    else:
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([specials.get(i, NORMAL) for i in range(n)])
+        writer.add_token_merges(merges)
     for fn, v in (("add_bos_token_id", bos_token_id), ("add_eos_token_id", eos_token_id),
                   ("add_pad_token_id", pad_token_id)):
         if v is not None:
             getattr(writer, fn)(int(v))
+    if add_bos_token is None and bos_token_id is not None:
+        add_bos_token = _template_adds(doc, int(bos_token_id))
     if add_bos_token is not None:
         writer.add_add_bos_token(bool(add_bos_token))
     if chat_template:
