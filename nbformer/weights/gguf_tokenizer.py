@@ -21,8 +21,9 @@ tokenizer_json_from_gguf(metadata) -> tokenizer.json text:
     post-processor when add_bos_token / add_eos_token say so (llama default: BOS on).
 
 write_tokenizer_metadata(writer, tokenizer_json_text, ...) adds those keys to a gguf.GGUFWriter
-from a tokenizer.json (byte-level BPE; `nbformer quantize` uses it), so files nbformer writes carry
-their tokenizer and round-trip through tokenizer_json_from_gguf.
+from a tokenizer.json (byte-level BPE -> 'gpt2', sentencepiece-style BPE with byte fallback ->
+'llama' with scores llama.cpp can merge by; `nbformer quantize` uses it), so files nbformer writes
+carry their tokenizer and round-trip through tokenizer_json_from_gguf.
 """
 from __future__ import annotations
 
