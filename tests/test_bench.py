@@ -82,7 +82,8 @@ def test_model_md_csv_jsonl(runner):
     assert table[0].startswith("| model | type | size | params | device | batch | threads | test | t/s |")
     assert len(table) == 2 + 2 and "| pp4 |" in table[2] and "| tg2 |" in table[3]
     assert " ± " in table[2] and "9.88 MiB" in table[2] and "2.59 M" in table[2]
-    assert md[-1].startswith("build: ")
+    tail = [ln for ln in md if not ln.startswith("|") and ln.strip()]
+    assert tail[0].startswith("build: ") and all(ln.startswith("note: ") for ln in tail[1:])
     rows = list(csv.DictReader(io.StringIO(ok(runner.invoke(main, args + ["-o", "csv"])))))
     assert [r["test"] for r in rows] == ["pp4", "tg2"]
     assert all(r["cpu_model"] and r["machine_id"] and float(r["avg_ts"]) > 0 for r in rows)
