@@ -220,6 +220,8 @@ def _kernels(kernels, shapes, causal, act, params, tuned, thread_list, reps, fmt
         if pp.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
             raise InputError(f"--plot {plot_path}: expected a .png, .svg, .pdf or .jpg file name")
     dev = K.bench_device(device)
+    if dev.kind != "cpu" and thread_list is not None:
+        _note(f"bench: -t/--threads does not apply to kernels on {dev.name} (one row per kernel)")
     w = Writer(fmt, "kernel", build_info(), machine_info(dev.name), _echo)
     measured = set()
 

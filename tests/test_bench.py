@@ -381,8 +381,10 @@ def test_cuda_kernel_under_simulator(runner, cache, monkeypatch):
     one_line_error(runner.invoke(main, ["bench", "--device", "cuda", "-p", "4"]), "simulator")
     monkeypatch.setenv("NBFORMER_BENCH_SIMULATOR", "1")
     roofline.store(roofline.Roofline("cuda:0", None, 1000.0, 100.0, measured_at="planted"))
-    doc = json.loads(ok(runner.invoke(main, ["bench", "--device", "cuda", "--kernel", "softmax", "--shape", "2,8",
-                                             "--param", "threads=8", "-r", "1", "-o", "json"])))
+    res = runner.invoke(main, ["bench", "--device", "cuda", "--kernel", "softmax", "--shape", "2,8", "--param",
+                               "threads=8", "-r", "1", "-t", "1", "-o", "json"])
+    doc = json.loads(ok(res))
+    assert "-t/--threads does not apply to kernels on cuda:0" in res.stderr
     (row,) = doc["rows"]
     assert row["device"] == "cuda:0" and row["n_threads"] is None and row["roof_gflops"] == pytest.approx(
         min(1000.0, 100.0 * row["intensity"]))
