@@ -152,6 +152,10 @@ def test_quantized_files_vs_float64_reference(tmp_path, qtype, emb):
     assert_close(nm.forward(IDS), want, atol=1e-4, rtol=0, what=f"{qtype} GGUF logits vs float64 reference")
     if qtype != "F16" and qtype != "BF16":  # and the quantization really changed the weights
         assert np.abs(want - torch_logits(m, IDS)).max() > 1e-4
+        from nbformer.weights.gguf_io import bytes_per_token
+
+        bpt = bytes_per_token(nm.ckpt)  # kept quantized: a token reads the file's bytes (but one embedding row)
+        assert abs(bpt["loaded"] - bpt["stored"]) <= 4 * 64, bpt
 
 
 def test_gpt2_architecture(tmp_path, tok_json):

@@ -626,10 +626,11 @@ def bytes_per_token(ckpt) -> dict:
         if name == "token_embd.weight" and not tied:
             nb = nb // max(int(shape[0]), 1)
         stored += nb
-    loaded = 0
+    quantized = getattr(ckpt, "quantized", None) or {}  # weights the model keeps quantized (nbformer.quant)
+    loaded = sum(int(getattr(q, "nbytes", 0)) for q in quantized.values())
     for name, a in ckpt.params.items():
         nb = int(getattr(a, "nbytes", 0))
-        if name == "tok_emb" and not tied:
+        if name == "tok_emb" and (not tied or "tok_emb" in quantized):  # the lookup reads one row only
             nb = nb // max(int(ckpt.config.vocab_size), 1)
         loaded += nb
     return {"stored": stored, "loaded": loaded}
