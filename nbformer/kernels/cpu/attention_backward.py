@@ -49,6 +49,7 @@ _PAD = 16  # row padding (floats) of the K^T/V^T and S/dP tiles: rows 64-byte al
 # their (possibly large) scores from overflowing exp2 into inf * 0 = NaN.
 
 _FM = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: lse can be -inf for empty rows
+_WHOLE_BYTES = 8 << 20  # one pass: Q and dO of a (batch, kv head) item copied whole up to this size
 
 
 # ---------------------------------------------------------------- 16-wide register-blocked micro-kernel
@@ -302,14 +303,15 @@ def _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, gc, HS):
 
 
 @njit(fastmath=_FM, error_model="numpy")
-def _pair(sp, dp, qs, gs, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ldk, causal,
+def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ldk, causal,
           scale, p_drop, seed):
-    """One (query tile, key tile) pair: sp (nq, ld) = P (dropped and rescaled when p_drop > 0) and
+    """One (query tile, key tile) pair, the Q / dO tiles at offset qo of qs / gs (rows of HS floats):
+    sp (nq, ld) = P (dropped and rescaled when p_drop > 0) and
     dp (nq, ld) = dS * scale, both exactly 0 where a key is masked, causal-hidden or padding, and on
     rows that see no key (lse = -inf)."""
     shift = Tk - Tq
-    _mm(sp, 0, ld, nq, nk, qs, 0, 1, HS, kt, 0, ldk, HS, 0)  # S (log2 units) = Q (K^T * c)
-    _mm(dp, 0, ld, nq, nk, gs, 0, 1, HS, vt, 0, ldk, HS, 0)  # dP = dO V^T
+    _mm(sp, 0, ld, nq, nk, qs, qo, 1, HS, kt, 0, ldk, HS, 0)  # S (log2 units) = Q (K^T * c)
+    _mm(dp, 0, ld, nq, nk, gs, qo, 1, HS, vt, 0, ldk, HS, 0)  # dP = dO V^T
     inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
     for ii in range(nq):
         i = i0 + ii
@@ -387,8 +389,16 @@ def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
     kt = np.empty(HS * ld, np.float32)   # (HS, ld) K tile^T * scale * log2(e)
     vt = np.empty(HS * ld, np.float32)   # (HS, ld) V tile^T
     ks = np.empty(bk * HS, np.float32)   # (bk, HS) K tile
-    qs = np.empty(bq * HS, np.float32)   # (bq, HS) Q tile
-    gs = np.empty(bq * HS, np.float32)   # (bq, HS) dO tile
+    # Q and dO of the group's heads, contiguous: copied once per item in one pass (group, Tq, HS), else
+    # one query tile at a time (bq, HS)
+    whole = one_pass and group * Tq * HS * 8 <= _WHOLE_BYTES
+    nqs = group * Tq * HS if whole else bq * HS
+    qs = np.empty(nqs, np.float32)
+    gs = np.empty(nqs, np.float32)
+    if whole:
+        for g in range(group):
+            h = hk * group + g
+            _load_q_tile(qs[g * Tq * HS:], gs[g * Tq * HS:], q_buf, dout, b, 0, Tq, q_off + h * HS, h * HS, HS)
     sp = np.empty(bq * ld, np.float32)   # (bq, ld) S, then P
     dp = np.empty(bq * ld, np.float32)   # (bq, ld) dP, then dS * scale
     dk = np.empty(bk * HS, np.float32)   # (bk, HS) dK of the key tile
@@ -409,11 +419,14 @@ def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
                 qc = q_off + h * HS
                 for i0 in range((i_first // bq) * bq, Tq, bq):
                     nq = min(bq, Tq - i0)
-                    _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, h * HS, HS)
-                    _pair(sp, dp, qs, gs, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld,
-                          causal, scale, p_drop, seed)
-                    _mm(dv, 0, HS, nk, HS, sp, 0, ld, 1, gs, 0, HS, nq, 1)  # dV += P^T dO
-                    _mm(dk, 0, HS, nk, HS, dp, 0, ld, 1, qs, 0, HS, nq, 1)  # dK += dS^T Q
+                    qo = (g * Tq + i0) * HS
+                    if not whole:
+                        qo = 0
+                        _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, h * HS, HS)
+                    _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld,
+                          ld, causal, scale, p_drop, seed)
+                    _mm(dv, 0, HS, nk, HS, sp, 0, ld, 1, gs, qo, HS, nq, 1)  # dV += P^T dO
+                    _mm(dk, 0, HS, nk, HS, dp, 0, ld, 1, qs, qo, HS, nq, 1)  # dK += dS^T Q
                     if one_pass:  # dQ += dS K, in place (this item owns these rows x columns)
                         _mm(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)
         for jj in range(nk):
@@ -475,7 +488,7 @@ def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, k
             continue
         _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, k_off + hk * HS, v_off + hk * HS, HS, ld,
                       kscale)
-        _pair(sp, dp, qs, gs, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld, causal,
+        _pair(sp, dp, qs, gs, 0, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld, causal,
               scale, p_drop, seed)
         _mm(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)  # dQ += dS K
 
