@@ -42,6 +42,7 @@ def cache_dir() -> Path:
     return base / "nbformer"
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: importlib.metadata parses files (~2 ms a call)
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
