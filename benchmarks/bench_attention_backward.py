@@ -56,8 +56,13 @@ def make_case(T, causal, seed=0):
                 dqkv=np.empty_like(qkv), delta=np.empty((B, NH, T), np.float32), causal=causal)
 
 
+KERNEL_MODULE = "nbformer.kernels.cpu.attention_backward"
+
+
 def nb_call(c, blocks=None, **kw):
-    from nbformer.kernels.cpu.attention_backward import attention_backward
+    import importlib
+
+    attention_backward = importlib.import_module(KERNEL_MODULE).attention_backward
 
     C = NH * HS
     if blocks is not None:
@@ -120,7 +125,10 @@ def main(argv=None):
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--md", default=None, help="append the table to this markdown file")
     p.add_argument("--label", default="", help="a label for the appended table")
+    p.add_argument("--kernel-module", default=KERNEL_MODULE,
+                   help="module whose attention_backward is timed (e.g. an older copy on sys.path, for before/after)")
     args = p.parse_args(argv)
+    globals()["KERNEL_MODULE"] = args.kernel_module
     threads = set_threads(args.threads)  # before numpy import (and torch before numba's pool)
 
     kw = {} if args.passes is None else {"passes": args.passes}

@@ -3,31 +3,37 @@
 Probabilities are recomputed from the saved logsumexp (P = exp(scale * q.k - lse)), with
 D = rowsum(dO * O). Per (query tile, key tile) pair the five products
     S = Q K^T,  dP = dO V^T,  dS = P * (dP - D) * scale,  dV += P^T dO,  dK += dS^T Q,  dQ += dS K
-run through the forward's register-blocked micro-kernel (attention._rank_update: 6-row x 16-column
-blocks of C held in 12 AVX accumulators) over contiguous per-tile scratch: K^T (pre-scaled to log2
-units) and V^T with padded row strides, K, Q and dO tiles, S/P and dP/dS tiles (queries x keys).
+run through a register-blocked micro-kernel (a rank-t update of a block of C held in vector registers
+across the whole t loop, no packing): with AVX-512 the 12-row x 32-column one below (24 accumulators of
+16 floats), else the forward's attention._rank_update (6 x 16, AVX2). Operands are contiguous scratch:
+K^T (pre-scaled to log2 units) and V^T of the key tile with padded row strides, the K tile, Q and dO
+(of a chunk of _QCHUNK query rows in one pass, else of the query tile), S/P and dP/dS tiles (queries
+x keys); dQ (and in one pass dK/dV) accumulate in place in the output buffers.
 
-Two schedules, chosen by the launcher from the shapes and the thread count; both give the same bits:
-  one pass  (passes=1), one work item per (batch, kv head): the item walks the key tiles, and per key
-            tile the query tiles of the group's heads, accumulating dK/dV of the key tile in scratch and
-            dQ in place in dq_buf (the item owns those rows x columns): 5 products per tile pair;
+Two schedules, chosen by the launcher (choose_passes: shapes and thread count); both give the same bits:
+  one pass  (passes=1), one work item per (batch, kv head), see _one_pass: per query head of the group
+            and chunk of query rows, the key tiles, and per key tile the chunk's query tiles; dK/dV/dQ
+            accumulate in place (the item owns those rows x columns): 5 products per tile pair;
   two passes (passes=2), when there are too few (batch, kv head) items for the threads:
             pass 1, one item per (batch, kv head, key tile): dK, dV;
             pass 2, one item per (batch, head, query tile): dQ (S and dP recomputed: 7 products).
-No two threads ever add into the same row, and every accumulation runs in one fixed order: dK/dV of a
-key over (query head of the group, query row) increasing, dQ of a query over keys increasing, each
-element of S / dP over the head dimension in order (fp32 stores between micro-kernel calls are exact,
-so how the loops are cut into tiles does not change a bit). Every sum above is a per-element FMA chain in a
-fixed order, so the result is the same whatever the thread count, the schedule or the tile sizes
-(tests/test_attention_backward_cpu.py checks all three bit for bit).
-Scratch per work item is O((block_q + block_k) * (block_k + head_size)); nothing grows with T^2.
-Causal tile pairs entirely above the diagonal and key tiles whose keys are all padding are skipped.
+No two threads ever add into the same row, and every sum is a per-element FMA chain in one fixed order:
+dK/dV of a key over (query head of the group, query row) increasing, dQ of a query over keys increasing,
+each element of S / dP over the head dimension in order (fp32 stores between micro-kernel calls are
+exact, so where the loops are cut into tiles changes no bit). The result is the same whatever the thread
+count, the schedule or the tile sizes (tests/test_attention_backward_cpu.py checks all three bit for bit).
+Scratch per work item is O((block_q + block_k) * (block_k + head_size)) floats, plus in one pass a
+chunk's Q and dO (2 * _QCHUNK * head_size floats): independent of T, nothing grows with T^2.
+Causal tile pairs entirely above the diagonal and key tiles whose keys are all padding are skipped;
+static prange chunks see light and heavy causal tiles mixed (_spread).
 
 Grouped-query attention (n_kv_heads = NKV < NH): query head h reads key/value head h // (NH // NKV);
 dK/dV of a kv head are the sums over its query heads in increasing head order.
 
 Attention dropout: the kept probability of (b, h, i, j) is keep(seed, ((b*NH + h)*Tq + i)*Tk + j)
 with scale 1/(1-p), the same counter the forward uses, so the mask is regenerated, not stored.
+Speed vs torch SDPA's backward: benchmarks/bench_attention_backward.py, results in
+benchmarks/results/attention_backward.md.
 """
 import numpy as np
 from llvmlite import binding as _llvm
@@ -49,7 +55,7 @@ _PAD = 16  # row padding (floats) of the K^T/V^T and S/dP tiles: rows 64-byte al
 # their (possibly large) scores from overflowing exp2 into inf * 0 = NaN.
 
 _FM = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: lse can be -inf for empty rows
-_WHOLE_BYTES = 8 << 20  # one pass: Q and dO of a (batch, kv head) item copied whole up to this size
+_QCHUNK = 512  # one pass: query rows per chunk (Q, dO and dQ of a chunk: ~0.4 MiB at head size 64, in L2)
 
 
 # ---------------------------------------------------------------- 16-wide register-blocked micro-kernel
@@ -345,14 +351,6 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
             prow[jj] = _ZERO
 
 
-@njit(fastmath=_FM)
-def _zero_dq_rows(dq, b, i0, i1, qc, HS):
-    for i in range(i0, i1):
-        row = dq[b, i, qc:qc + HS]
-        for d in range(HS):
-            row[d] = _ZERO
-
-
 _BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64, BOOL)
 # (dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale, p_drop,
 #  seed, bq, bk, group, one_pass)
@@ -362,79 +360,115 @@ _BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, R3, RU2, I64, I64, BOOL, F32,
 _ITEM_SIG = (I64,) + _BWD_SIG
 
 
+@njit(fastmath=_FM)
+def _zero_rows(a, b, i0, i1, c0, n):
+    for i in range(i0, i1):
+        row = a[b, i, c0:c0 + n]
+        for d in range(n):
+            row[d] = _ZERO
+
+
+@njit(fastmath=_FM, error_model="numpy")
+def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal,
+              scale, p_drop, seed, bq, bk, group):
+    """All of dQ, dK, dV of (batch b, kv head hk), in place in dq / dkv (this item owns those rows x
+    columns). Loops: query head g of the group, query chunk (_QCHUNK rows, its Q / dO copied once to
+    contiguous scratch so that chunk, its dQ rows and the tiles stay in L2), key tile (K^T, V^T, K
+    copied), query tile of the chunk. dK/dV of a key thus add up over (g, query row) increasing and
+    dQ of a query over keys increasing: the order of the two-pass schedule."""
+    B, Tq, Wq = q_buf.shape
+    Tk, Wkv = kv_buf.shape[1], kv_buf.shape[2]
+    shift = Tk - Tq  # bottom-right causal alignment
+    ld = bk + _PAD
+    kscale = np.float32(scale * _LOG2E)
+    qch = max(bq, (_QCHUNK // bq) * bq)
+    kc, vc = k_off + hk * HS, v_off + hk * HS
+    _zero_rows(dkv, b, 0, Tk, kc, HS)
+    _zero_rows(dkv, b, 0, Tk, vc, HS)
+    kt = np.empty(HS * ld, np.float32)   # (HS, ld) K tile^T * scale * log2(e)
+    vt = np.empty(HS * ld, np.float32)   # (HS, ld) V tile^T
+    ks = np.empty(bk * HS, np.float32)   # (bk, HS) K tile
+    qs = np.empty(min(qch, Tq) * HS, np.float32)  # (chunk, HS) Q rows of the chunk
+    gs = np.empty(min(qch, Tq) * HS, np.float32)  # (chunk, HS) dO rows of the chunk
+    sp = np.empty(bq * ld, np.float32)   # (bq, ld) S, then P
+    dp = np.empty(bq * ld, np.float32)   # (bq, ld) dP, then dS * scale
+    allow = np.empty(bk, np.float32)
+    for g in range(group):
+        h = hk * group + g
+        qc = q_off + h * HS
+        _zero_rows(dq, b, 0, Tq, qc, HS)
+        for c0 in range(0, Tq, qch):
+            c1 = min(Tq, c0 + qch)
+            _load_q_tile(qs, gs, q_buf, dout, b, c0, c1 - c0, qc, h * HS, HS)
+            k_stop = min(Tk, c1 + shift) if causal else Tk  # keys seen by the chunk's last row
+            for k0 in range(0, max(k_stop, 0), bk):
+                nk = min(bk, Tk - k0)
+                if not _tile_has_keys(key_mask, b, k0, k0 + nk):
+                    continue
+                _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, kc, vc, HS, ld, kscale)
+                i_start = c0
+                if causal:  # earlier query tiles see none of these keys
+                    i_start = c0 + (max(0, k0 - shift - c0) // bq) * bq
+                for i0 in range(i_start, c1, bq):
+                    nq = min(bq, c1 - i0)
+                    qo = (i0 - c0) * HS
+                    _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld,
+                          ld, causal, scale, p_drop, seed)
+                    _mm(dkv, (b * Tk + k0) * Wkv + vc, Wkv, nk, HS, sp, 0, ld, 1, gs, qo, HS, nq, 1)  # dV += P^T dO
+                    _mm(dkv, (b * Tk + k0) * Wkv + kc, Wkv, nk, HS, dp, 0, ld, 1, qs, qo, HS, nq, 1)  # dK += dS^T Q
+                    _mm(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)  # dQ += dS K
+
+
 @kernel(_ITEM_SIG, cost=2.8)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal,
                scale, p_drop, seed, bq, bk, group, one_pass):
-    # one_pass: item w = (b, kv head), all key tiles, dQ of the group's heads too;
-    # else: item w = (b, kv head, key tile in _spread order), dK/dV only.
+    # one_pass: item w = (b, kv head), everything (_one_pass);
+    # else: item w = (b, kv head, key tile in _spread order), dK/dV of the key tile only.
     B, Tq, Wq = q_buf.shape
     Tk = kv_buf.shape[1]
+    NKV = NH // group
+    if one_pass:
+        _one_pass(w // NKV, w % NKV, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH,
+                  HS, causal, scale, p_drop, seed, bq, bk, group)
+        return
     shift = Tk - Tq  # bottom-right causal alignment
     n_kt = (Tk + bk - 1) // bk
-    NKV = NH // group
     ld = bk + _PAD
     kscale = np.float32(scale * _LOG2E)
-    if one_pass:
-        b = w // NKV
-        hk = w % NKV
-        t_first, t_last = 0, n_kt
-        for g in range(group):
-            _zero_dq_rows(dq, b, 0, Tq, q_off + (hk * group + g) * HS, HS)
-    else:
-        b = w // (NKV * n_kt)
-        hk = (w // n_kt) % NKV
-        t_first = _spread(w % n_kt, n_kt)
-        t_last = t_first + 1
-    kt = np.empty(HS * ld, np.float32)   # (HS, ld) K tile^T * scale * log2(e)
-    vt = np.empty(HS * ld, np.float32)   # (HS, ld) V tile^T
-    ks = np.empty(bk * HS, np.float32)   # (bk, HS) K tile
-    # Q and dO of the group's heads, contiguous: copied once per item in one pass (group, Tq, HS), else
-    # one query tile at a time (bq, HS)
-    whole = one_pass and group * Tq * HS * 8 <= _WHOLE_BYTES
-    nqs = group * Tq * HS if whole else bq * HS
-    qs = np.empty(nqs, np.float32)
-    gs = np.empty(nqs, np.float32)
-    if whole:
-        for g in range(group):
-            h = hk * group + g
-            _load_q_tile(qs[g * Tq * HS:], gs[g * Tq * HS:], q_buf, dout, b, 0, Tq, q_off + h * HS, h * HS, HS)
-    sp = np.empty(bq * ld, np.float32)   # (bq, ld) S, then P
-    dp = np.empty(bq * ld, np.float32)   # (bq, ld) dP, then dS * scale
-    dk = np.empty(bk * HS, np.float32)   # (bk, HS) dK of the key tile
-    dv = np.empty(bk * HS, np.float32)   # (bk, HS) dV of the key tile
+    b = w // (NKV * n_kt)
+    hk = (w // n_kt) % NKV
+    k0 = _spread(w % n_kt, n_kt) * bk
+    nk = min(bk, Tk - k0)
+    kt = np.empty(HS * ld, np.float32)
+    vt = np.empty(HS * ld, np.float32)
+    ks = np.empty(bk * HS, np.float32)
+    qs = np.empty(bq * HS, np.float32)   # (bq, HS) Q tile
+    gs = np.empty(bq * HS, np.float32)   # (bq, HS) dO tile
+    sp = np.empty(bq * ld, np.float32)
+    dp = np.empty(bq * ld, np.float32)
+    dk = np.zeros(nk * HS, np.float32)   # (nk, HS) dK of the key tile
+    dv = np.zeros(nk * HS, np.float32)   # (nk, HS) dV of the key tile
     allow = np.empty(bk, np.float32)
-    for t in range(t_first, t_last):
-        k0 = t * bk
-        nk = min(bk, Tk - k0)
-        for x in range(nk * HS):
-            dk[x] = _ZERO
-            dv[x] = _ZERO
-        if _tile_has_keys(key_mask, b, k0, k0 + nk):
-            _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, k_off + hk * HS, v_off + hk * HS, HS,
-                          ld, kscale)
-            i_first = max(0, k0 - shift) if causal else 0  # earlier queries see none of these keys
-            for g in range(group):  # query heads of the group in order, then their rows
-                h = hk * group + g
-                qc = q_off + h * HS
-                for i0 in range((i_first // bq) * bq, Tq, bq):
-                    nq = min(bq, Tq - i0)
-                    qo = (g * Tq + i0) * HS
-                    if not whole:
-                        qo = 0
-                        _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, h * HS, HS)
-                    _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld,
-                          ld, causal, scale, p_drop, seed)
-                    _mm(dv, 0, HS, nk, HS, sp, 0, ld, 1, gs, qo, HS, nq, 1)  # dV += P^T dO
-                    _mm(dk, 0, HS, nk, HS, dp, 0, ld, 1, qs, qo, HS, nq, 1)  # dK += dS^T Q
-                    if one_pass:  # dQ += dS K, in place (this item owns these rows x columns)
-                        _mm(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)
-        for jj in range(nk):
-            dkr = dkv[b, k0 + jj, k_off + hk * HS:k_off + (hk + 1) * HS]
-            dvr = dkv[b, k0 + jj, v_off + hk * HS:v_off + (hk + 1) * HS]
-            for d in range(HS):
-                dkr[d] = dk[jj * HS + d]
-                dvr[d] = dv[jj * HS + d]
+    if _tile_has_keys(key_mask, b, k0, k0 + nk):
+        _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, k_off + hk * HS, v_off + hk * HS, HS, ld,
+                      kscale)
+        i_first = max(0, k0 - shift) if causal else 0  # earlier queries see none of these keys
+        for g in range(group):  # query heads of the group in order, then their rows
+            h = hk * group + g
+            for i0 in range((i_first // bq) * bq, Tq, bq):
+                nq = min(bq, Tq - i0)
+                _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, q_off + h * HS, h * HS, HS)
+                _pair(sp, dp, qs, gs, 0, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld,
+                      causal, scale, p_drop, seed)
+                _mm(dv, 0, HS, nk, HS, sp, 0, ld, 1, gs, 0, HS, nq, 1)  # dV += P^T dO
+                _mm(dk, 0, HS, nk, HS, dp, 0, ld, 1, qs, 0, HS, nq, 1)  # dK += dS^T Q
+    for jj in range(nk):
+        dkr = dkv[b, k0 + jj, k_off + hk * HS:k_off + (hk + 1) * HS]
+        dvr = dkv[b, k0 + jj, v_off + hk * HS:v_off + (hk + 1) * HS]
+        for d in range(HS):
+            dkr[d] = dk[jj * HS + d]
+            dvr[d] = dv[jj * HS + d]
 
 
 _call_dkdv_item = native_caller(_ITEM_SIG)
@@ -471,7 +505,7 @@ def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, k
     i0 = _spread(w % n_qt, n_qt) * bq
     nq = min(bq, Tq - i0)
     qc = q_off + h * HS
-    _zero_dq_rows(dq, b, i0, i0 + nq, qc, HS)
+    _zero_rows(dq, b, i0, i0 + nq, qc, HS)
     kt = np.empty(HS * ld, np.float32)
     vt = np.empty(HS * ld, np.float32)
     ks = np.empty(bk * HS, np.float32)
