@@ -255,8 +255,8 @@ def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_long_sequence_query_chunks(rng, causal):
-    """T above the one-pass query chunk (512 rows): chunked one pass == two passes, bit for bit, and
-    both match the float64 reference."""
+    """T above the one-pass query chunk (512 rows by default; also 200 and 16 here): chunked one pass ==
+    two passes, bit for bit, and both match the float64 reference."""
     B, NH, HS, T = 1, 2, 16, 1100
     C = NH * HS
     qkv = rng.normal(size=(B, T, 3 * C)).astype(np.float32)
@@ -268,12 +268,13 @@ def test_long_sequence_query_chunks(rng, causal):
     attention_forward(out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, causal, scale)
     dout = rng.normal(size=out.shape).astype(np.float32)
     results = []
-    for passes, blocks in ((1, (64, 64)), (1, (100, 48)), (2, (64, 64))):
+    for passes, blocks, chunk in ((1, (64, 64), 512), (1, (100, 48), 256), (1, (16, 16), 1), (2, (64, 64), 512)):
         d = np.full_like(qkv, np.nan)
         attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, causal,
-                           scale, block_q=blocks[0], block_k=blocks[1], passes=passes)
+                           scale, block_q=blocks[0], block_k=blocks[1], passes=passes, query_chunk=chunk)
         results.append(d)
-    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+    for r in results[1:]:
+        assert np.array_equal(r, results[0])
     q, k, v = (ref.split_heads(qkv[..., i * C:(i + 1) * C], NH) for i in range(3))
     _, dq, dk, dv = ref_attention_backward(q, k, v, ref.split_heads(dout, NH), mask, causal, scale)
     for name, got, want in (("dq", results[0][..., :C], dq), ("dk", results[0][..., C:2 * C], dk),

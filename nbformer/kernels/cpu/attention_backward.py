@@ -7,7 +7,7 @@ run through a register-blocked micro-kernel (a rank-t update of a block of C hel
 across the whole t loop, no packing): with AVX-512 the 12-row x 32-column one below (24 accumulators of
 16 floats), else the forward's attention._rank_update (6 x 16, AVX2). Operands are contiguous scratch:
 K^T (pre-scaled to log2 units) and V^T of the key tile with padded row strides, the K tile, Q and dO
-(of a chunk of _QCHUNK query rows in one pass, else of the query tile), S/P and dP/dS tiles (queries
+(of a chunk of query_chunk query rows in one pass, else of the query tile), S/P and dP/dS tiles (queries
 x keys); dQ (and in one pass dK/dV) accumulate in place in the output buffers.
 
 Two schedules, chosen by the launcher (choose_passes: shapes and thread count); both give the same bits:
@@ -23,7 +23,7 @@ each element of S / dP over the head dimension in order (fp32 stores between mic
 exact, so where the loops are cut into tiles changes no bit). The result is the same whatever the thread
 count, the schedule or the tile sizes (tests/test_attention_backward_cpu.py checks all three bit for bit).
 Scratch per work item is O((block_q + block_k) * (block_k + head_size)) floats, plus in one pass a
-chunk's Q and dO (2 * _QCHUNK * head_size floats): independent of T, nothing grows with T^2.
+chunk's Q and dO (2 * query_chunk * head_size floats): independent of T, nothing grows with T^2.
 Causal tile pairs entirely above the diagonal and key tiles whose keys are all padding are skipped;
 static prange chunks see light and heavy causal tiles mixed (_spread).
 
@@ -55,7 +55,6 @@ _PAD = 16  # row padding (floats) of the K^T/V^T and S/dP tiles: rows 64-byte al
 # their (possibly large) scores from overflowing exp2 into inf * 0 = NaN.
 
 _FM = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: lse can be -inf for empty rows
-_QCHUNK = 512  # one pass: query rows per chunk (Q, dO and dQ of a chunk: ~0.4 MiB at head size 64, in L2)
 
 
 # ---------------------------------------------------------------- 16-wide register-blocked micro-kernel
@@ -351,9 +350,9 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
             prow[jj] = _ZERO
 
 
-_BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64, BOOL)
+_BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64, I64)
 # (dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale, p_drop,
-#  seed, bq, bk, group, one_pass)
+#  seed, bq, bk, group, qchunk): qchunk = 0: two passes, else one pass with chunks of qchunk query rows
 # Each work item is its own cached kernel (first argument: the item index), called by the parallel
 # loop through its native address (precompile.native_caller) instead of being linked into it: its
 # code is compiled once, in parallel with the loop around it.
@@ -370,9 +369,9 @@ def _zero_rows(a, b, i0, i1, c0, n):
 
 @njit(fastmath=_FM, error_model="numpy")
 def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal,
-              scale, p_drop, seed, bq, bk, group):
+              scale, p_drop, seed, bq, bk, group, qchunk):
     """All of dQ, dK, dV of (batch b, kv head hk), in place in dq / dkv (this item owns those rows x
-    columns). Loops: query head g of the group, query chunk (_QCHUNK rows, its Q / dO copied once to
+    columns). Loops: query head g of the group, query chunk (qchunk rows rounded to block_q, its Q / dO copied once to
     contiguous scratch so that chunk, its dQ rows and the tiles stay in L2), key tile (K^T, V^T, K
     copied), query tile of the chunk. dK/dV of a key thus add up over (g, query row) increasing and
     dQ of a query over keys increasing: the order of the two-pass schedule."""
@@ -381,7 +380,7 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
     shift = Tk - Tq  # bottom-right causal alignment
     ld = bk + _PAD
     kscale = np.float32(scale * _LOG2E)
-    qch = max(bq, (_QCHUNK // bq) * bq)
+    qch = max(bq, (qchunk // bq) * bq)
     kc, vc = k_off + hk * HS, v_off + hk * HS
     _zero_rows(dkv, b, 0, Tk, kc, HS)
     _zero_rows(dkv, b, 0, Tk, vc, HS)
@@ -422,15 +421,15 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
 @kernel(_ITEM_SIG, cost=2.8)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal,
-               scale, p_drop, seed, bq, bk, group, one_pass):
-    # one_pass: item w = (b, kv head), everything (_one_pass);
+               scale, p_drop, seed, bq, bk, group, qchunk):
+    # qchunk > 0: item w = (b, kv head), everything (_one_pass);
     # else: item w = (b, kv head, key tile in _spread order), dK/dV of the key tile only.
     B, Tq, Wq = q_buf.shape
     Tk = kv_buf.shape[1]
     NKV = NH // group
-    if one_pass:
+    if qchunk > 0:
         _one_pass(w // NKV, w % NKV, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH,
-                  HS, causal, scale, p_drop, seed, bq, bk, group)
+                  HS, causal, scale, p_drop, seed, bq, bk, group, qchunk)
         return
     shift = Tk - Tq  # bottom-right causal alignment
     n_kt = (Tk + bk - 1) // bk
@@ -477,21 +476,21 @@ _call_dkdv_item = native_caller(_ITEM_SIG)
 @kernel(_BWD_SIG + (I64,), cost=1.2)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _dkdv(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
-          p_drop, seed, bq, bk, group, one_pass, item_fn):
+          p_drop, seed, bq, bk, group, qchunk, item_fn):
     # pass 1 (or the only pass): items (b, kv head[, key tile]), see _dkdv_item
     B, Tq, _ = q_buf.shape
     Tk = kv_buf.shape[1]
     NKV = NH // group
-    n_items = B * NKV if one_pass else B * NKV * ((Tk + bk - 1) // bk)
+    n_items = B * NKV if qchunk > 0 else B * NKV * ((Tk + bk - 1) // bk)
     for w in prange(n_items):
         _call_dkdv_item(item_fn, (np.int64(w), dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
-                                  key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, one_pass))
+                                  key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
 
 
 @kernel(_ITEM_SIG, cost=2.8)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
-             p_drop, seed, bq, bk, group, one_pass):
+             p_drop, seed, bq, bk, group, qchunk):
     # pass 2 of two: item w = (b, head, query tile in _spread order); dQ of the tile's rows, in place
     B, Tq, Wq = q_buf.shape
     Tk = kv_buf.shape[1]
@@ -533,13 +532,13 @@ _call_dq_item = native_caller(_ITEM_SIG)
 @kernel(_BWD_SIG + (I64,), cost=1.5)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _dq(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
-        p_drop, seed, bq, bk, group, one_pass, item_fn):
+        p_drop, seed, bq, bk, group, qchunk, item_fn):
     # pass 2 of two: items (b, head, query tile), see _dq_item
     B, Tq, _ = q_buf.shape
     n_items = B * NH * ((Tq + bq - 1) // bq)
     for w in prange(n_items):
         _call_dq_item(item_fn, (np.int64(w), dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
-                                key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, one_pass))
+                                key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
 
 
 def choose_passes(B, NKV, threads):
@@ -551,7 +550,7 @@ def choose_passes(B, NKV, threads):
 
 def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
                        n_heads, head_size, causal, scale, dropout_p=0.0, seed=0, block_q=64, block_k=64,
-                       n_kv_heads=None, passes=None):
+                       n_kv_heads=None, passes=None, query_chunk=512):
     """Gradients of attention_forward.
 
     dq_buf (shape of q_buf): columns q_off + h*HS written with dQ; dkv_buf (shape of kv_buf):
@@ -561,7 +560,8 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     those of the forward call. n_kv_heads: grouped-query attention as in attention_forward (dK/dV of
     a kv head are the sums over its query heads, in head order). passes: 1 or 2 (see the module
     doc; None: choose_passes from the shapes and the Numba thread count); it never changes the bits,
-    nor do block_q / block_k or the thread count.
+    nor do block_q / block_k / query_chunk or the thread count. query_chunk: one pass, query rows whose
+    Q / dO / dQ stay in L2 while the key tiles stream past (rounded down to a multiple of block_q).
     """
     import numba
 
@@ -591,13 +591,16 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
         raise GraphError(f"attention_backward: block_q and block_k must be >= 1, got {bq}, {bk}")
     if passes is None:
         passes = choose_passes(B, NKV, numba.get_num_threads())
+    qch = int(query_chunk)
+    if qch < 1:
+        raise GraphError(f"attention_backward: query_chunk must be >= 1, got {query_chunk}")
     if passes not in (1, 2):
         raise GraphError(f"attention_backward: passes must be 1 or 2, got {passes!r}")
     if B == 0 or Tq == 0 or Tk == 0:
         return
     sc, pd, sd = np.float32(scale), float(dropout_p), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
     args = (dq_buf, dkv_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, key_mask, NH, HS,
-            bool(causal), sc, pd, sd, bq, bk, NH // NKV, passes == 1)
+            bool(causal), sc, pd, sd, bq, bk, NH // NKV, qch if passes == 1 else 0)
     _delta(delta, out, dout, NH, HS)
     _dkdv(*args, native_address("attention_backward._dkdv_item"))
     if passes == 2:
