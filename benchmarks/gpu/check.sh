@@ -3,7 +3,8 @@
 #
 #   versions -> CUDA tests on the real GPU -> compute-sanitizer racecheck + memcheck on small
 #   attention / linear launches -> kernel benchmarks (bench_attention.py, bench_linear.py,
-#   bench_attention_backward.py, when they exist) -> whole-model benchmarks (bench_models.py) ->
+#   bench_attention_backward.py, when they exist) -> `nbformer tune --device cuda` on the linear and
+#   attention spaces -> whole-model benchmarks (bench_models.py) ->
 #   training benchmarks (bench_train.py)
 #
 # Every step runs under its own `timeout` and within an overall budget (CHECK_BUDGET_S, default
@@ -18,7 +19,7 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu/check.sh
 # Caps per step (seconds) may be overridden: CAP_TESTS CAP_RACECHECK CAP_MEMCHECK CAP_BENCH_ATTENTION
-# CAP_BENCH_LINEAR CAP_BENCH_ATTENTION_BACKWARD CAP_BENCH_TRAIN; MODELS_EXTRA (more bench_models.py options,
+# CAP_BENCH_LINEAR CAP_BENCH_ATTENTION_BACKWARD CAP_TUNE CAP_BENCH_TRAIN; MODELS_EXTRA (more bench_models.py options,
 # e.g. "--only decode,prefill"); TRAIN_EXTRA (more bench_train.py options, e.g. "--only gpt2,small");
 # PYTHON (default python3); NUMBA_CACHE_DIR (default a dir under /tmp shared by
 # every step, so kernels compiled by the tests are reused by the later steps).
@@ -123,6 +124,7 @@ EOF
 if "$PY" -c "import pytest" 2>/dev/null; then
     run_step "tests (CUDA, $([ "$TEST_GPU" = 1 ] && echo on the GPU || echo SIMULATED))" "${CAP_TESTS:-150}" "$LOG" \
         env NBFORMER_TEST_GPU=$TEST_GPU "$PY" -m pytest -q --maxfail=10 tests/test_cuda_*.py tests/test_devices.py \
+        tests/test_tuning_cuda.py $("$PY" -c "import gguf" 2>/dev/null && echo tests/test_quant.py) \
         -p no:cacheprovider --durations=10
 else
     log "=== tests: SKIPPED, pytest is not installed (see benchmarks/gpu/README.md: .vendor)"
@@ -182,6 +184,16 @@ kernel_bench() {  # kernel_bench NAME CAP: benchmarks/gpu/NAME.py with the optio
 kernel_bench bench_attention "${CAP_BENCH_ATTENTION:-60}"
 kernel_bench bench_linear "${CAP_BENCH_LINEAR:-75}"
 kernel_bench bench_attention_backward "${CAP_BENCH_ATTENTION_BACKWARD:-45}"
+
+# tuning on the GPU (where block sizes pay most): the CUDA linear and attention spaces at GPT-2
+# shapes, every candidate validated against the float64 reference first; the table lands in the log
+T_TUNE="${CAP_TUNE:-50}"
+run_step "tune (CUDA linear + attention)" "$T_TUNE" "$LOG" \
+    env NBFORMER_CACHE_DIR="$TMPD/nbcache" "$PY" -m cli.main tune --device cuda --kernels linear \
+    --shape N=1024,K=768,M=3072,act=gelu_tanh --shape N=8,K=768,M=2304,act=none --budget "$(( T_TUNE / 3 ))"
+run_step "tune (CUDA attention)" "$T_TUNE" "$LOG" \
+    env NBFORMER_CACHE_DIR="$TMPD/nbcache" "$PY" -m cli.main tune --device cuda --kernels attention \
+    --shape B=1,NH=12,HS=64,Tq=1024,causal=true --budget "$(( T_TUNE / 3 ))"
 
 # bench_models gets what is left less bench_train's cap (or half of what is left, when that is less)
 CAP_TRAIN="${CAP_BENCH_TRAIN:-100}"
