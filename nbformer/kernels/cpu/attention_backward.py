@@ -541,11 +541,14 @@ def _dq(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask,
                                 key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
 
 
+_TWO_PASS_COST = 1.9  # two passes / one pass, one thread, B=1 NH=12 T=1024 HS=64 (measured: 128 / 69 ms)
+
+
 def choose_passes(B, NKV, threads):
-    """1 when the (batch, kv head) items keep the threads about as busy as the two-pass schedule
-    does with its 7/5 of the work: rounds of items * 5 <= 7 * items / threads."""
+    """1 when the (batch, kv head) items, in rounds of `threads`, finish no later than the two-pass
+    schedule's better balanced but larger work (_TWO_PASS_COST times as much) would."""
     items = B * NKV
-    return 1 if -(-items // threads) * 5 <= 7 * items / threads else 2
+    return 1 if -(-items // threads) <= _TWO_PASS_COST * items / threads else 2
 
 
 def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
