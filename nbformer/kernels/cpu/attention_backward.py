@@ -252,18 +252,23 @@ def _host_has_avx512():
 _mm = _rank_update16 if _host_has_avx512() else _rank_update
 
 
+@njit  # no fastmath: the same bits wherever it is linked (the _delta kernel, one-pass items)
+def _delta_rows(delta, out, dout, b, h, HS):
+    # delta[b, h, :] = rowsum(dO * O) of head h, summed in float64
+    for i in range(out.shape[1]):
+        s = 0.0
+        for d in range(HS):
+            s += dout[b, i, h * HS + d] * out[b, i, h * HS + d]
+        delta[b, h, i] = s
+
+
 @kernel((F3, R3, R3, I64, I64), cost=1.5)
 @njit(parallel=True, cache=True)
 def _delta(delta, out, dout, NH, HS):
-    # delta (B, NH, Tq) = rowsum(dO * O) per head
-    B, Tq, _ = out.shape
+    # delta (B, NH, Tq) = rowsum(dO * O) per head (two passes; one-pass items compute their own heads')
+    B = out.shape[0]
     for bh in prange(B * NH):
-        b, h = bh // NH, bh % NH
-        for i in range(Tq):
-            s = 0.0
-            for d in range(HS):
-                s += dout[b, i, h * HS + d] * out[b, i, h * HS + d]
-            delta[b, h, i] = s
+        _delta_rows(delta, out, dout, bh // NH, bh % NH, HS)
 
 
 @njit(inline="always")
@@ -350,8 +355,8 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
             prow[jj] = _ZERO
 
 
-_BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64, I64)
-# (dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale, p_drop,
+_BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, F3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64, I64)
+# (dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal, scale, p_drop,
 #  seed, bq, bk, group, qchunk): qchunk = 0: two passes, else one pass with chunks of qchunk query rows
 # Each work item is its own cached kernel (first argument: the item index), called by the parallel
 # loop through its native address (precompile.native_caller) instead of being linked into it: its
@@ -368,7 +373,7 @@ def _zero_rows(a, b, i0, i1, c0, n):
 
 
 @njit(fastmath=_FM, error_model="numpy")
-def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal,
+def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal,
               scale, p_drop, seed, bq, bk, group, qchunk):
     """All of dQ, dK, dV of (batch b, kv head hk), in place in dq / dkv (this item owns those rows x
     columns). Loops: query head g of the group, query chunk (qchunk rows rounded to block_q, its Q / dO copied once to
@@ -382,6 +387,8 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
     kscale = np.float32(scale * _LOG2E)
     qch = max(bq, (qchunk // bq) * bq)
     kc, vc = k_off + hk * HS, v_off + hk * HS
+    for g in range(group):
+        _delta_rows(delta, out, dout, b, hk * group + g, HS)
     _zero_rows(dkv, b, 0, Tk, kc, HS)
     _zero_rows(dkv, b, 0, Tk, vc, HS)
     kt = np.empty(HS * ld, np.float32)   # (HS, ld) K tile^T * scale * log2(e)
@@ -420,7 +427,7 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
 
 @kernel(_ITEM_SIG, cost=2.8)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal,
+def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal,
                scale, p_drop, seed, bq, bk, group, qchunk):
     # qchunk > 0: item w = (b, kv head), everything (_one_pass);
     # else: item w = (b, kv head, key tile in _spread order), dK/dV of the key tile only.
@@ -428,7 +435,7 @@ def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
     Tk = kv_buf.shape[1]
     NKV = NH // group
     if qchunk > 0:
-        _one_pass(w // NKV, w % NKV, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH,
+        _one_pass(w // NKV, w % NKV, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH,
                   HS, causal, scale, p_drop, seed, bq, bk, group, qchunk)
         return
     shift = Tk - Tq  # bottom-right causal alignment
@@ -475,7 +482,7 @@ _call_dkdv_item = native_caller(_ITEM_SIG)
 
 @kernel(_BWD_SIG + (I64,), cost=1.2)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
-def _dkdv(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
+def _dkdv(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal, scale,
           p_drop, seed, bq, bk, group, qchunk, item_fn):
     # pass 1 (or the only pass): items (b, kv head[, key tile]), see _dkdv_item
     B, Tq, _ = q_buf.shape
@@ -484,12 +491,12 @@ def _dkdv(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mas
     n_items = B * NKV if qchunk > 0 else B * NKV * ((Tk + bk - 1) // bk)
     for w in prange(n_items):
         _call_dkdv_item(item_fn, (np.int64(w), dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
-                                  key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
+                                  out, key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
 
 
 @kernel(_ITEM_SIG, cost=2.8)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
+def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal, scale,
              p_drop, seed, bq, bk, group, qchunk):
     # pass 2 of two: item w = (b, head, query tile in _spread order); dQ of the tile's rows, in place
     B, Tq, Wq = q_buf.shape
@@ -531,14 +538,14 @@ _call_dq_item = native_caller(_ITEM_SIG)
 
 @kernel(_BWD_SIG + (I64,), cost=1.5)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
-def _dq(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, key_mask, NH, HS, causal, scale,
+def _dq(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal, scale,
         p_drop, seed, bq, bk, group, qchunk, item_fn):
     # pass 2 of two: items (b, head, query tile), see _dq_item
     B, Tq, _ = q_buf.shape
     n_items = B * NH * ((Tq + bq - 1) // bq)
     for w in prange(n_items):
         _call_dq_item(item_fn, (np.int64(w), dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
-                                key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
+                                out, key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
 
 
 _TWO_PASS_COST = 1.9  # two passes / one pass, one thread, B=1 NH=12 T=1024 HS=64 (measured: 128 / 69 ms)
@@ -602,9 +609,10 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     if B == 0 or Tq == 0 or Tk == 0:
         return
     sc, pd, sd = np.float32(scale), float(dropout_p), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
-    args = (dq_buf, dkv_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, key_mask, NH, HS,
+    args = (dq_buf, dkv_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, out, key_mask, NH, HS,
             bool(causal), sc, pd, sd, bq, bk, NH // NKV, qch if passes == 1 else 0)
-    _delta(delta, out, dout, NH, HS)
+    if passes == 2:
+        _delta(delta, out, dout, NH, HS)
     _dkdv(*args, native_address("attention_backward._dkdv_item"))
     if passes == 2:
         _dq(*args, native_address("attention_backward._dq_item"))
