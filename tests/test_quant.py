@@ -113,6 +113,9 @@ def test_cpu_qlinear_glu(rng, qtype, M):
             out = np.full((M, F), np.nan, np.float32)
             qlinear_glu_forward(out, x, w.data, qtype, bias, "silu", dense_rows=dense_rows)
             assert_close(out, want, atol=2e-6 * np.abs(want).max(), rtol=1e-5, what=f"{qtype} glu M={M}")
+    from nbformer.kernels.cpu import precompile
+
+    assert [u for u in precompile.unplanned if u[0].startswith("qlinear.")] == [], "compiled outside its signature"
 
 
 def test_cpu_qlinear_errors(rng):

@@ -38,7 +38,10 @@ _FM = {"contract", "afn", "reassoc", "nsz", "arcp"}  # no nnan/ninf
 
 DECODE_COLS = 32  # output columns per work item on the decode path
 PREFILL_COLS = 64  # weight rows dequantized per tile on the prefill path
-PREFILL_MIN_ROWS = 6  # from this many rows of x on, dequantize tiles + sgemm (measured, bench_quant.py)
+# from this many rows of x on, dequantize tiles + sgemm: on a 1536 x 576 weight (2 threads, Zen 5) the
+# decode path was faster up to 12 rows for Q4_1 (621 vs 826 us), even at 16 (840 vs 797), and for Q8_0 up
+# to ~32 rows (noisy machine); dequantizing the tiles is the prefill path's fixed cost
+PREFILL_MIN_ROWS = 16
 
 
 @intrinsic
