@@ -96,6 +96,9 @@ def train(text_file, out_dir, model_path, arch, eval_file, eval_pairs, tokenizer
         tok = Tokenizer(json_text=tok_json, where=str(ckpt_file))
     elif model_path is not None:
         m = nbformer.load(model_path, device="cpu")  # host weights to start from; the trainer puts them on --device
+        from nbformer.quant.binding import refuse_training
+
+        refuse_training(m.ckpt, f"--model {model_path}")
         cfg, params = m.config, dict(m.ckpt.params)
         tok = m.tokenizer
     want = None if arch is None else arch.replace("-", "_")

@@ -17,7 +17,7 @@ from .executor import Executor
 from .graph.build import build_decode, build_encode_source, build_forward, build_seq2seq
 from .graph.plan import plan_memory
 from .weights import Checkpoint
-from .quant.binding import bind_quantized, split_quantized
+from .quant.binding import bind_quantized, refuse_training, split_quantized
 from .weights.params import count_params
 from .weights.positions import position_table
 
@@ -262,11 +262,7 @@ class Model:
         if getattr(self, "_flat", None) is None:
             from .training.state import FlatBuffers
 
-            if self.ckpt.quantized:
-                kinds = ", ".join(sorted({q.qtype.name.upper() for q in self.ckpt.quantized.values()}))
-                raise InputError(f"{self.ckpt.path}: this model keeps {len(self.ckpt.quantized)} weights quantized "
-                                 f"({kinds}); quantized models run inference only, so gradients and training "
-                                 f"need a float checkpoint (a Hugging Face directory, or a GGUF of F32/F16 tensors)")
+            refuse_training(self.ckpt)  # quantized weights: inference only
 
             self.dev.ensure_fits(2 * FlatBuffers.plan_bytes(self.config), "the flat parameter and gradient buffers")
             self._flat = FlatBuffers(self.config, self.ckpt.params, self.dev)

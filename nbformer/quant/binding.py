@@ -60,5 +60,15 @@ def bind_quantized(dev, quant: dict, what: str) -> tuple:
     return buf, {k + ".q": dev.view(buf, offs[k], q.data.shape) for k, q in quant.items()}
 
 
+def refuse_training(ckpt, what: str | None = None):
+    """InputError when ckpt keeps weights quantized: quantized models run inference only."""
+    q = getattr(ckpt, "quantized", None) or {}
+    if q:
+        kinds = ", ".join(sorted({t.qtype.name.upper() for t in q.values()}))
+        raise InputError(f"{what or ckpt.path}: this model keeps {len(q)} weights quantized ({kinds}); quantized "
+                         f"models run inference only, so gradients and training need a float checkpoint (a Hugging "
+                         f"Face directory, or a GGUF of F32/F16 tensors)")
+
+
 def quantized_bytes(quant: dict) -> int:
     return sum(q.nbytes for q in quant.values())
