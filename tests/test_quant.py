@@ -305,6 +305,13 @@ def test_quantize_cli_errors(tiny_sources, tmp_path):
     assert r.exit_code == 1 and "ending in .gguf" in r.output
     r = CliRunner().invoke(main, ["quantize", src, "--type", "q5_k", "-o", str(tmp_path / "x.gguf")])
     assert r.exit_code == 2
+    q = tmp_path / "llama-q8_0.gguf"
+    assert CliRunner().invoke(main, ["quantize", str(sources["llama"][0]), "-t", "q8_0", "-o", str(q)]).exit_code == 0
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, the capital of France is Paris. " * 50)
+    r = CliRunner().invoke(main, ["train", str(text), "-o", str(tmp_path / "run"), "-m", str(q), "--steps", "1",
+                                  "--seq-len", "16"])
+    assert r.exit_code == 1 and "inference only" in r.output, r.output
     cfg = ModelConfig(arch="encoder", vocab_size=50, d_model=32, n_heads=2, n_layers=1, d_ff=64, max_positions=16,
                       family="bert")
     ck = Checkpoint(cfg, init_params(cfg), [], Path("bert"))
