@@ -549,13 +549,18 @@ def _dq(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_
 
 
 _TWO_PASS_COST = 1.9  # two passes / one pass, one thread, B=1 NH=12 T=1024 HS=64 (measured: 128 / 69 ms)
+_TWO_PASS_GAIN = 0.8  # ... and taken only if they promise to finish in < 80% of the one-pass time: on this
+# 2-vCPU machine B=1 NH=1 T=2048 measured 30 ms in one pass (one item, one thread busy) vs 49 ms in two
+# passes on both threads (the two vCPUs do not scale like two cores on FMA-bound code)
 
 
 def choose_passes(B, NKV, threads):
-    """1 when the (batch, kv head) items, in rounds of `threads`, finish no later than the two-pass
-    schedule's better balanced but larger work (_TWO_PASS_COST times as much) would."""
+    """1 unless the two-pass schedule (better balanced, _TWO_PASS_COST times the work) should finish
+    clearly (_TWO_PASS_GAIN) before the (batch, kv head) items do in rounds of `threads`."""
     items = B * NKV
-    return 1 if -(-items // threads) <= _TWO_PASS_COST * items / threads else 2
+    one = -(-items // threads)
+    two = _TWO_PASS_COST * items / threads
+    return 2 if two < _TWO_PASS_GAIN * one else 1
 
 
 def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
