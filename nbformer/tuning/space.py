@@ -380,15 +380,12 @@ class CpuAttention(Family):
     nearest = ("Tq", "Tk", "B")
 
     def tunables(self):
-        import inspect
+        from ..kernels.cpu import attention  # its launcher's default tiles
 
-        from ..kernels.cpu.attention import attention_forward
-
-        p = inspect.signature(attention_forward).parameters  # the launcher's own defaults
         return (
-            Tunable("block_q", (16, 32, 64, 128, 256), p["block_q"].default, False,
+            Tunable("block_q", (16, 32, 64, 128, 256), attention.BLOCK_Q, False,
                     "queries per work item; changes the micro-kernel's grouping (validated at tolerance)"),
-            Tunable("block_k", (32, 64, 128, 256, 512), p["block_k"].default, False,
+            Tunable("block_k", (32, 64, 128, 256, 512), attention.BLOCK_K, False,
                     "keys per tile of the online softmax; changes its summation order (validated at tolerance)"),
             Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
                     "Numba threads; items own disjoint outputs, so bits never change"),

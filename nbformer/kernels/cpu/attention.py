@@ -484,8 +484,11 @@ def _addressable(kv):
     return kv.flags.aligned and s2 == 4 and s0 % 4 == 0 and s1 % 4 == 0
 
 
+BLOCK_Q = BLOCK_K = 256  # default tiles of attention_forward (tunable: nbformer/tuning/space.py)
+
+
 def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_heads, head_size,
-                      causal, scale, block_q=256, block_k=256, dropout_p=0.0, seed=0, key_len=None,
+                      causal, scale, block_q=BLOCK_Q, block_k=BLOCK_K, dropout_p=0.0, seed=0, key_len=None,
                       n_kv_heads=None, threads=None):
     """Scaled dot-product attention forward, FlashAttention-2 style, into out and lse.
 
