@@ -285,3 +285,74 @@ def test_validation_block_sizes():
 def test_flops():
     assert attention_flops(1, 12, 1024, 1024, 64, False) == 4 * 12 * 1024 * 1024 * 64
     assert attention_flops(1, 12, 1024, 1024, 64, True) == 2 * 12 * 1024 * 1024 * 64
+
+
+# ---------------------------------------------------------------- decode path (Tq <= MAX_QUERIES)
+def _gqa_reference(q, kv, mask, NH, NKV, HS, causal, scale, key_len):
+    """float64: query head h reads kv head h // (NH // NKV); keys [0, key_len) of kv."""
+    g = NH // NKV
+    kv64, m = kv[:, :key_len].astype(np.float64), mask[:, :key_len]
+    k = np.repeat(ref.split_heads(kv64[:, :, :NKV * HS], NKV), g, axis=1)
+    v = np.repeat(ref.split_heads(kv64[:, :, NKV * HS:2 * NKV * HS], NKV), g, axis=1)
+    out, lse = ref.attention(ref.split_heads(q.astype(np.float64), NH), k, v, m, causal, scale)
+    return ref.merge_heads(out), lse
+
+
+@pytest.mark.parametrize("B,Tq,NH,NKV,HS,key_len,cap", [
+    (1, 1, 9, 3, 64, 100, 145),   # SmolLM2's heads, a cache prefix
+    (2, 3, 6, 2, 33, 17, 17),     # odd head size, whole cache
+    (3, 4, 5, 5, 8, 1, 9),        # one key, MHA
+    (2, 2, 4, 1, 16, 70, 80),     # MQA
+    (1, 1, 2, 2, 64, 1000, 1001),
+])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_decode_path_matches_reference_and_tiled(rng, monkeypatch, B, Tq, NH, NKV, HS, key_len, cap, causal):
+    import nbformer.kernels.cpu.attention as A
+    from nbformer.kernels.cpu.attention_decode import MAX_QUERIES
+
+    assert Tq <= MAX_QUERIES
+    scale = HS ** -0.5
+    q = f32(rng.normal(size=(B, Tq, NH * HS)))
+    kv = f32(rng.normal(size=(B, cap, 2 * NKV * HS)))
+    mask = (rng.random((B, cap)) > 0.2).astype(np.uint8)
+    mask[:, key_len - 1] = 1
+    if B == 3:
+        mask[2] = 0  # a row that sees no key: out 0, lse -inf
+    outs = {}
+    for route in ("decode", "tiled"):
+        if route == "tiled":
+            monkeypatch.setattr(A, "_decode_max_queries", lambda: 0)
+        out = np.full((B, Tq, NH * HS), np.nan, np.float32)
+        lse = np.full((B, NH, Tq), np.nan, np.float32)
+        attention_forward(out, lse, q, 0, kv, 0, NKV * HS, mask, NH, HS, causal, scale, key_len=key_len,
+                          n_kv_heads=NKV)
+        outs[route] = out, lse
+    r_out, r_lse = _gqa_reference(q, kv, mask, NH, NKV, HS, causal, scale, key_len)
+    out, lse = outs["decode"]
+    assert_close(out, r_out, atol=1e-5 * max(1.0, float(np.abs(r_out).max())), rtol=0.0, what="out")
+    dead = np.isneginf(r_lse)
+    assert np.array_equal(np.isneginf(lse), dead)
+    assert_close(np.where(dead, 0, lse), np.where(dead, 0, r_lse), atol=2e-6, rtol=1e-5, what="lse")
+    assert_close(out, outs["tiled"][0], atol=1e-6, rtol=1e-5, what="decode vs tiled")
+    # the bits do not depend on the thread count (items own disjoint outputs)
+    again = np.full_like(out, np.nan), np.full_like(lse, np.nan)
+    monkeypatch.undo()
+    attention_forward(again[0], again[1], q, 0, kv, 0, NKV * HS, mask, NH, HS, causal, scale, key_len=key_len,
+                      n_kv_heads=NKV, threads=1)
+    assert np.array_equal(again[0], out) and np.array_equal(again[1], lse, equal_nan=True)
+
+
+def test_decode_path_strided_cache_view_and_nan(rng):
+    """A non-contiguous kv (a strided view) is copied, not misread; NaN in a value row shows."""
+    B, NH, HS = 1, 2, 8
+    base = f32(rng.normal(size=(B, 12, 2 * 2 * NH * HS)))
+    kv = base[:, :, ::2]  # every other float: not addressable as rows
+    q = f32(rng.normal(size=(B, 1, NH * HS)))
+    mask = np.ones((B, 12), np.uint8)
+    out, lse = run(q, 0, kv, 0, NH * HS, mask, NH, HS, True)
+    r_out, _ = reference(q, 0, np.ascontiguousarray(kv), 0, NH * HS, mask, NH, HS, True)
+    assert_close(out, r_out, atol=1e-5, rtol=0.0, what="strided kv")
+    kv2 = np.ascontiguousarray(kv)
+    kv2[0, 5, NH * HS + 3] = np.nan
+    out, lse = run(q, 0, kv2, 0, NH * HS, mask, NH, HS, True)
+    assert np.isnan(out[0, 0, 3]) and np.isfinite(out[0, 0, HS:]).all()

@@ -225,7 +225,7 @@ def native_address(key) -> int:
     return a
 
 
-_MODULES = ("attention", "attention_backward", "dropout", "elementwise", "embedding", "gemm", "kv_cache",
+_MODULES = ("attention", "attention_backward", "attention_decode", "dropout", "elementwise", "embedding", "gemm", "kv_cache",
             "layernorm", "linear", "loss", "optim", "pooling", "sampling", "softmax", "rmsnorm", "rope", "swiglu",
             "qlinear")
 
@@ -260,7 +260,8 @@ OPS = {
     ("layernorm", "forward"): ["layernorm._layernorm_forward"],
     ("linear", "forward"): ["linear._linear_fwd"],
     ("kv_write", "forward"): ["kv_cache._kv_write"],
-    ("attention", "forward"): ["attention._attention_forward_core", "attention._attention_item"],
+    ("attention", "forward"): ["attention._attention_forward_core", "attention._attention_item",
+                             "attention_decode._attention_decode"],
     ("add", "forward"): ["elementwise._add_forward"],
     ("take_rows", "forward"): ["elementwise._take_rows"],
     ("softmax", "forward"): ["softmax._softmax_forward"],

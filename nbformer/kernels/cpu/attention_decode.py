@@ -1,0 +1,97 @@
+"""Attention for a few query rows against a KV cache (decoding): one work item per (batch, kv head).
+
+The tiled kernel (attention.py) is built for query tiles of hundreds of rows. With Tq = 1 its
+per-key loops run over one query each and its tiles' scratch has to be set up per call: a
+SmolLM2 step (9 heads, 3 kv heads, ~100 keys) took 48-96 us there for ~0.2 MFLOP. Here an item
+takes every query head of one kv head (grouped-query attention shares K/V rows across the group)
+and every query row, and makes two passes over the visible keys: scores (each K row read once
+for the whole group), then the probability-weighted sum of V rows (each V row read once).
+Scratch per item: scores (R, Tk) and the accumulator (R, HS), R = group * Tq.
+
+Softmax in log2 units with the same exp2 as the tiled kernel; the max over all visible keys is
+taken before any exponent (no running rescale), so the result agrees with the tiled kernel to
+rounding, not bit for bit. Items own disjoint outputs: bits do not depend on the thread count.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from nbformer.kernels.cpu.attention import _FASTMATH, _LN2, _LOG2E, _NEG_INF, _ZERO, _exp2
+from nbformer.kernels.cpu.precompile import BOOL, F3, F64, I64, R3, RU2, kernel
+
+MAX_QUERIES = 4  # the launcher routes Tq <= this (and no dropout) here
+
+
+@kernel((F3, F3, R3, I64, R3, I64, I64, I64, RU2, I64, I64, BOOL, F64, I64), cost=2.0)
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _attention_decode(out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mask, NH, HS, causal, scale, group):
+    # out (B, Tq, NH*HS); lse (B, NH, Tq); q_buf (B, Tq, Wq); kv_buf (B, >= Tk, Wkv) C-contiguous (a whole
+    # KV cache: its first Tk rows are attended, so the rows are contiguous and the dots vectorise);
+    # key_mask (B, >= Tk)
+    B, Tq = q_buf.shape[0], q_buf.shape[1]
+    NKV = NH // group
+    R = group * Tq  # query rows of one item: r = g_local * Tq + i
+    shift = Tk - Tq  # causal: query i sees key j iff j <= i + shift
+    qscale = np.float32(scale * _LOG2E)
+    for item in prange(B * NKV):
+        b = item // NKV
+        hk = item - b * NKV
+        qs = np.empty((R, HS), np.float32)
+        sc = np.empty((R, Tk), np.float32)
+        acc = np.zeros((R, HS), np.float32)
+        mx = np.full(R, _NEG_INF, np.float32)
+        for r in range(R):
+            h = hk * group + r // Tq
+            qrow = q_buf[b, r % Tq, q_off + h * HS:q_off + (h + 1) * HS]
+            for d in range(HS):
+                qs[r, d] = qrow[d] * qscale
+        kc = k_off + hk * HS
+        for j in range(Tk):
+            if key_mask[b, j] == 0:
+                for r in range(R):
+                    sc[r, j] = _NEG_INF
+                continue
+            krow = kv_buf[b, j, kc:kc + HS]
+            for r in range(R):
+                if causal and j > r % Tq + shift:
+                    sc[r, j] = _NEG_INF
+                    continue
+                s = _ZERO
+                for d in range(HS):
+                    s += qs[r, d] * krow[d]
+                sc[r, j] = s
+                mx[r] = max(mx[r], s)
+        l = np.zeros(R, np.float32)
+        for r in range(R):
+            m = mx[r] if mx[r] != _NEG_INF else _ZERO  # no visible key: every p is 0
+            for j in range(Tk):
+                p = _exp2(sc[r, j] - m)
+                sc[r, j] = p
+                l[r] += p
+        vc = v_off + hk * HS
+        for j in range(Tk):
+            if key_mask[b, j] == 0:
+                continue
+            vrow = kv_buf[b, j, vc:vc + HS]
+            for r in range(R):
+                p = sc[r, j]
+                if p != _ZERO:
+                    arow = acc[r]
+                    for d in range(HS):
+                        arow[d] += p * vrow[d]
+        for r in range(R):
+            h = hk * group + r // Tq
+            i = r % Tq
+            orow = out[b, i, h * HS:(h + 1) * HS]
+            if l[r] != _ZERO:
+                inv = np.float32(1.0) / l[r]
+                for d in range(HS):
+                    orow[d] = acc[r, d] * inv
+                lse[b, h, i] = np.float32((np.float64(mx[r]) + math.log2(np.float64(l[r]))) * _LN2)
+            else:
+                for d in range(HS):
+                    orow[d] = _ZERO
+                lse[b, h, i] = _NEG_INF
