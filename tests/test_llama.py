@@ -87,6 +87,41 @@ def test_rope_forward_backward(rng, B, T, NH, NKV, HS):
     assert_close(x, qkv, atol=1e-5, rtol=1e-5, what="rope^-1 rope")
 
 
+@pytest.mark.parametrize("rows", [1, 3, 9, 70])
+def test_small_work_runs_serial_with_the_same_bits(rng, monkeypatch, rows):
+    """rmsnorm / rope / kv_write run on the calling thread below a size threshold (a decode step):
+    the same row code as the parallel kernel, so the same bits on either side of the threshold."""
+    import nbformer.kernels.cpu.kv_cache as kvc
+    import nbformer.kernels.cpu.rmsnorm as rn
+    import nbformer.kernels.cpu.rope as rp
+
+    C, NH, NKV, HS = 48, 4, 2, 12
+    W = (NH + 2 * NKV) * HS
+    x, w = f32(rng.normal(size=(rows, C))), f32(1 + 0.3 * rng.normal(size=C))
+    qkv = f32(rng.normal(size=(1, rows, W)))
+    pos = rng.integers(0, 300, (1, rows))
+    inv = rope_inv_freq(HS, 1e4)
+    results = []
+    for serial in (True, False):
+        big = 1 << 40
+        monkeypatch.setattr(rn, "SERIAL_MAX_ELEMENTS", big if serial else -1)
+        monkeypatch.setattr(rp, "SERIAL_MAX_ROWS", big if serial else -1)
+        monkeypatch.setattr(kvc, "SERIAL_MAX_FLOATS", big if serial else -1)
+        out, rstd = np.full_like(x, np.nan), np.full(rows, np.nan, np.float32)
+        rmsnorm_forward(out, rstd, x, w, 1e-5)
+        q = qkv.copy()
+        rope_forward(q, pos, inv, NH, NKV, HS)
+        cache = np.full((1, rows + 2, 2 * NKV * HS), np.nan, np.float32)
+        kvc.kv_write(cache, q, (NH) * HS, 1)
+        results.append((out, rstd, q, cache))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b, equal_nan=True)
+    want, _ = ref.rmsnorm(x, w, 1e-5)
+    assert_close(results[0][0], want, atol=1e-5, rtol=1e-5, what="serial rmsnorm")
+    assert_close(results[0][2], ref.rope_qkv(qkv, pos, inv, NH, NKV, HS), atol=1e-6, rtol=1e-6, what="serial rope")
+    assert np.array_equal(results[0][3][0, 1:rows + 1], results[0][2][0, :, NH * HS:])
+
+
 def test_rope_inv_freq_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -10,18 +10,33 @@ from ...errors import GraphError
 from .precompile import F3, I64, R3, RI1, kernel
 
 
+@njit(inline="always")
+def _kv_write_row(cache, qkv, offset, pos, bt):
+    Tq = qkv.shape[1]
+    b, t = bt // Tq, bt % Tq
+    dst = cache[b, pos + t]
+    src = qkv[b, t]
+    for j in range(cache.shape[2]):
+        dst[j] = src[offset + j]
+
+
 @kernel((F3, R3, I64, I64), cost=1.0)
 @njit(parallel=True, cache=True, nogil=True)
 def _kv_write(cache, qkv, offset, pos):
     # cache (B, Tmax, 2C) <- qkv (B, Tq, W)[:, :, offset:offset + 2C] at rows [pos, pos + Tq)
-    B, Tq = qkv.shape[0], qkv.shape[1]
-    W2 = cache.shape[2]
-    for bt in prange(B * Tq):
-        b, t = bt // Tq, bt % Tq
-        dst = cache[b, pos + t]
-        src = qkv[b, t]
-        for j in range(W2):
-            dst[j] = src[offset + j]
+    for bt in prange(qkv.shape[0] * qkv.shape[1]):
+        _kv_write_row(cache, qkv, offset, pos, bt)
+
+
+@kernel((F3, R3, I64, I64), cost=0.5)
+@njit(cache=True, nogil=True)
+def _kv_write_serial(cache, qkv, offset, pos):
+    # the same copy on the calling thread: one decoded token's row is ~1.5K floats per layer
+    for bt in range(qkv.shape[0] * qkv.shape[1]):
+        _kv_write_row(cache, qkv, offset, pos, bt)
+
+
+SERIAL_MAX_FLOATS = 65536  # copies of fewer floats than this run on the calling thread
 
 
 def kv_write(cache, qkv, offset, pos):
@@ -35,7 +50,8 @@ def kv_write(cache, qkv, offset, pos):
                          f"{cache.shape}")
     if pos < 0 or pos + Tq > Tmax:
         raise GraphError(f"kv_write: writing {Tq} positions at {pos} overflows the cache of {Tmax} positions")
-    _kv_write(cache, qkv, offset, pos)
+    fn = _kv_write_serial if B * Tq * W2 <= SERIAL_MAX_FLOATS else _kv_write
+    fn(cache, qkv, offset, pos)
 
 
 @kernel((F3, R3, RI1, I64), cost=1.3)

@@ -15,24 +15,39 @@ from .precompile import F1, F2, F64, I64, R1, R2, kernel
 # safe fastmath subset (no nnan/ninf): the float64 row sums may be reassociated, so they vectorise
 _FM = {"contract", "afn", "reassoc", "nsz", "arcp"}
 ROWS_PER_CHUNK = 64  # fixed row chunk for the dw partial sums: never depends on the thread count
+SERIAL_MAX_ELEMENTS = 32768  # forward on fewer elements runs on the calling thread (same bits)
+
+
+@njit(inline="always", fastmath=_FM, error_model="numpy")
+def _rmsnorm_row(out, rstd, x, w, eps, i):
+    xi = x[i]
+    C = xi.shape[0]
+    s = 0.0
+    for c in range(C):
+        v = np.float64(xi[c])
+        s += v * v
+    rf = np.float32(1.0 / math.sqrt(s / C + eps))
+    oi = out[i]
+    for c in range(C):
+        oi[c] = xi[c] * rf * w[c]
+    rstd[i] = rf
 
 
 @kernel((F2, F1, R2, R1, F64), cost=1.0)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _rmsnorm_forward(out, rstd, x, w, eps):
     # x, out (N, C); rstd (N,)
-    N, C = x.shape
-    for i in prange(N):
-        xi = x[i]
-        s = 0.0
-        for c in range(C):
-            v = np.float64(xi[c])
-            s += v * v
-        rf = np.float32(1.0 / math.sqrt(s / C + eps))
-        oi = out[i]
-        for c in range(C):
-            oi[c] = xi[c] * rf * w[c]
-        rstd[i] = rf
+    for i in prange(x.shape[0]):
+        _rmsnorm_row(out, rstd, x, w, eps, i)
+
+
+@kernel((F2, F1, R2, R1, F64), cost=0.5)
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _rmsnorm_forward_serial(out, rstd, x, w, eps):
+    # the same rows on the calling thread: below SERIAL_MAX_ELEMENTS starting the pool costs more
+    # than the work (a decode step's 1 x 576 row: ~8 us in parallel, ~1 us here)
+    for i in range(x.shape[0]):
+        _rmsnorm_row(out, rstd, x, w, eps, i)
 
 
 def rmsnorm_forward(out, rstd, x, w, eps):
@@ -44,7 +59,8 @@ def rmsnorm_forward(out, rstd, x, w, eps):
     _check(op, "out", out, x.shape)
     _check(op, "w", w, (C,))
     _check(op, "rstd", rstd, x.shape[:-1])
-    _rmsnorm_forward(out.reshape(-1, C), rstd.reshape(-1), x.reshape(-1, C), w, float(eps))
+    fn = _rmsnorm_forward_serial if x.size <= SERIAL_MAX_ELEMENTS else _rmsnorm_forward
+    fn(out.reshape(-1, C), rstd.reshape(-1), x.reshape(-1, C), w, float(eps))
 
 
 @kernel((F2, F1, R2, R2, R1, R1, I64), cost=2.0)

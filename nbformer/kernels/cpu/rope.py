@@ -22,27 +22,43 @@ from .precompile import F3, F64, I64, RI2, array, kernel
 _RD1 = array(F64, 1, readonly=True)  # inv_freq: float64 (HS/2,)
 
 
+@njit(inline="always")
+def _rope_row(qkv, pos_ids, inv_freq, n_rot, HS, sign, bt):
+    T = qkv.shape[1]
+    half = HS // 2
+    b = bt // T
+    t = bt - b * T
+    row = qkv[b, t]
+    p = np.float64(pos_ids[b, t])
+    for i in range(half):
+        ang = p * inv_freq[i]
+        c = math.cos(ang)
+        s = sign * math.sin(ang)
+        for h in range(n_rot):
+            j = h * HS + i
+            x1 = np.float64(row[j])
+            x2 = np.float64(row[j + half])
+            row[j] = np.float32(x1 * c - x2 * s)
+            row[j + half] = np.float32(x2 * c + x1 * s)
+
+
 @kernel((F3, RI2, _RD1, I64, I64, F64), cost=1.0)
 @njit(parallel=True, cache=True, nogil=True)
 def _rope(qkv, pos_ids, inv_freq, n_rot, HS, sign):
     # qkv (B, T, W): heads 0 .. n_rot-1 of HS columns from column 0 rotated in place
-    B, T = qkv.shape[0], qkv.shape[1]
-    half = HS // 2
-    for bt in prange(B * T):
-        b = bt // T
-        t = bt - b * T
-        row = qkv[b, t]
-        p = np.float64(pos_ids[b, t])
-        for i in range(half):
-            ang = p * inv_freq[i]
-            c = math.cos(ang)
-            s = sign * math.sin(ang)
-            for h in range(n_rot):
-                j = h * HS + i
-                x1 = np.float64(row[j])
-                x2 = np.float64(row[j + half])
-                row[j] = np.float32(x1 * c - x2 * s)
-                row[j + half] = np.float32(x2 * c + x1 * s)
+    for bt in prange(qkv.shape[0] * qkv.shape[1]):
+        _rope_row(qkv, pos_ids, inv_freq, n_rot, HS, sign, bt)
+
+
+@kernel((F3, RI2, _RD1, I64, I64, F64), cost=0.5)
+@njit(cache=True, nogil=True)
+def _rope_serial(qkv, pos_ids, inv_freq, n_rot, HS, sign):
+    # the same rows on the calling thread, for a few positions (decoding: starting the pool cost more)
+    for bt in range(qkv.shape[0] * qkv.shape[1]):
+        _rope_row(qkv, pos_ids, inv_freq, n_rot, HS, sign, bt)
+
+
+SERIAL_MAX_ROWS = 8  # (batch x position) rows from which the pool is used
 
 
 def _launch(op, qkv, pos_ids, inv_freq, n_heads, n_kv_heads, head_size, sign):
@@ -64,7 +80,8 @@ def _launch(op, qkv, pos_ids, inv_freq, n_heads, n_kv_heads, head_size, sign):
         raise GraphError(f"{op}: 'inv_freq' must have {HS // 2} entries (head_size / 2), got {inv.shape}")
     if B == 0 or T == 0:
         return
-    _rope(qkv, np.ascontiguousarray(pos, dtype=np.int64), inv, NH + NKV, HS, float(sign))
+    fn = _rope_serial if B * T <= SERIAL_MAX_ROWS else _rope
+    fn(qkv, np.ascontiguousarray(pos, dtype=np.int64), inv, NH + NKV, HS, float(sign))
 
 
 def rope_forward(qkv, pos_ids, inv_freq, n_heads, n_kv_heads, head_size):
