@@ -10,11 +10,12 @@ runs on each block straight after its GEMM, while the block is still in cache.
 
 Blocks have a fixed size (ROWS rows, or COLS columns when there are few rows), independent of
 the thread count, so every element is computed by the same sgemm call shape whatever the number
-of threads: results are bit-identical across runs and thread counts. ROWS / COLS are the defaults;
-the forward linear kernel takes its block sizes as run-time arguments (the tuner's `rows`/`cols`,
-see nbformer/tuning/space.py), so a tuned value needs no recompilation. Other block sizes give
-other sgemm call shapes, so they may change the last bits (the tuner validates them at the
-tests' tolerance); the thread count never does.
+of threads: results are bit-identical across runs and thread counts. ROWS / COLS are the defaults
+and only that: every kernel (matmul_nn / matmul_tn here, the linear and gated-FFN forwards) takes
+its block sizes as run-time arguments (the tuner's `rows`/`cols`, see nbformer/tuning/space.py),
+so no block size is a global frozen into compiled code and a tuned value needs no recompilation.
+Other block sizes give other sgemm call shapes, so they may change the last bits (the tuner
+validates them at the tests' tolerance); the thread count never does.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...errors import GraphError
-from .precompile import F2, R2, kernel
+from .precompile import F2, I64, R2, kernel
 
 _lock = threading.Lock()
 _blas_pinned = False
@@ -66,14 +67,8 @@ COLS = 256  # columns per block when there are fewer than 2 * ROWS rows
 
 
 @njit(inline="always")
-def by_rows(N, M):
-    """Split over rows (True) or columns (False)?"""
-    return N >= 2 * ROWS or M <= COLS
-
-
-@njit(inline="always")
 def by_rows_with(N, M, rows, cols):
-    """by_rows with run-time block sizes (the tuned linear forward)."""
+    """Split over rows (True) or columns (False), for blocks of `rows` rows / `cols` columns?"""
     return N >= 2 * rows or M <= cols
 
 
@@ -125,20 +120,21 @@ def _copy_cols(a, m0, m1):
     return c
 
 
-@kernel((F2, R2, R2), cost=3.5)
+@kernel((F2, R2, R2, I64, I64), cost=3.5)
 @njit(parallel=True, cache=True, nogil=True)
-def matmul_nn(out, a, b):
-    """out (N, M) = a (N, K) @ b (K, M)."""
+def matmul_nn(out, a, b, rows, cols):
+    """out (N, M) = a (N, K) @ b (K, M), in blocks of `rows` rows (or `cols` columns when there are
+    few rows)."""
     N, M = out.shape
-    if by_rows(N, M):
-        for c in prange((N + ROWS - 1) // ROWS):
-            r0 = c * ROWS
-            r1 = min(N, r0 + ROWS)
+    if by_rows_with(N, M, rows, cols):
+        for c in prange((N + rows - 1) // rows):
+            r0 = c * rows
+            r1 = min(N, r0 + rows)
             np.dot(a[r0:r1], b, out[r0:r1])
     else:
-        for c in prange((M + COLS - 1) // COLS):
-            m0 = c * COLS
-            m1 = min(M, m0 + COLS)
+        for c in prange((M + cols - 1) // cols):
+            m0 = c * cols
+            m1 = min(M, m0 + cols)
             bc = _copy_cols(b, m0, m1)  # (plain loops here and below: Numba's generic array copy and
             tmp = np.empty((N, m1 - m0), np.float32)  # slice assignment compile slowly)
             np.dot(a, bc, tmp)
@@ -147,13 +143,30 @@ def matmul_nn(out, a, b):
                     out[i, m0 + j] = tmp[i, j]
 
 
-@kernel((F2, R2, R2), cost=2.4)
+@kernel((F2, R2, R2, I64), cost=2.4)
 @njit(parallel=True, cache=True, nogil=True)
-def matmul_tn(out, a, b):
-    """out (M, K) = a (N, M).T @ b (N, K): the weight gradient g.T @ x, split over rows of out."""
+def matmul_tn(out, a, b, rows):
+    """out (M, K) = a (N, M).T @ b (N, K): the weight gradient g.T @ x, split over blocks of `rows`
+    rows of out."""
     M, K = out.shape
-    for c in prange((M + ROWS - 1) // ROWS):
-        m0 = c * ROWS
-        m1 = min(M, m0 + ROWS)
+    for c in prange((M + rows - 1) // rows):
+        m0 = c * rows
+        m1 = min(M, m0 + rows)
         ac = np.ascontiguousarray(a[:, m0:m1])  # (N, m) block of g, made contiguous
         np.dot(ac.T, b, out[m0:m1])
+
+
+# The kernels above are registered as 'gemm.matmul_nn' / 'gemm.matmul_tn' (precompile.OPS) and take
+# their block sizes as arguments; the module names are Python entry points with the default blocks
+# (a block size is a run-time value, never a global frozen into the compiled code).
+_matmul_nn, _matmul_tn = matmul_nn, matmul_tn
+
+
+def matmul_nn(out, a, b, rows=None, cols=None):  # noqa: F811
+    """out (N, M) = a (N, K) @ b (K, M); rows / cols: block sizes (None: ROWS / COLS)."""
+    _matmul_nn(out, a, b, ROWS if rows is None else int(rows), COLS if cols is None else int(cols))
+
+
+def matmul_tn(out, a, b, rows=None):  # noqa: F811
+    """out (M, K) = a (N, M).T @ b (N, K); rows: rows of out per block (None: ROWS)."""
+    _matmul_tn(out, a, b, ROWS if rows is None else int(rows))

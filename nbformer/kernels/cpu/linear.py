@@ -440,6 +440,6 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
                                      native_address("linear._backward_rows"))
     pin_blas_to_one_thread()
     if use_dx:
-        matmul_nn(dx.reshape(-1, K), g2, w)  # (N, M) @ (M, K)
+        matmul_nn(dx.reshape(-1, K), g2, w, ROWS, COLS)  # (N, M) @ (M, K)
     if use_dw:
-        matmul_tn(dw, g2, x2)  # (M, N) @ (N, K)
+        matmul_tn(dw, g2, x2, ROWS)  # (M, N) @ (N, K)

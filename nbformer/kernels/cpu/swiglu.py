@@ -7,8 +7,10 @@ right after it is computed (still in cache), as linear.py does for its activatio
   few rows (decoding): column blocks of F, each thread computing the gate *and* up columns of its
   block, so the epilogue never needs another thread's result.
 Training also keeps pre (N, 2F) = x @ w.T + b for the backward pass (dpre from swiglu_backward,
-then the plain linear backward of the fused weight). Block sizes are fixed (gemm.ROWS / COLS), so
-results are bit-identical run to run and for any thread count.
+then the plain linear backward of the fused weight). Block sizes are run-time arguments (rows /
+cols / skinny_max_rows, defaults gemm.ROWS / COLS and linear.SKINNY_MAX_ROWS, tunable like the
+linear forward's: nbformer/tuning/space.py CpuLinearGlu); for given blocks, results are
+bit-identical run to run and for any thread count. Training always runs the default blocks.
 
 act: silu (SwiGLU, Llama), gelu_tanh / gelu (GeGLU), relu (ReGLU), none (bilinear).
 """
@@ -17,10 +19,11 @@ from numba import njit, prange
 
 from ...errors import GraphError
 from .checks import check_array as _check
-from .gemm import COLS, ROWS, by_rows, pin_blas_to_one_thread
+from .gemm import COLS, ROWS, by_rows_with, check_threads, num_threads, pin_blas_to_one_thread
 from .precompile import BOOL, F2, I64, R1, R2, kernel
-from .linear import (ACT_CODES, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU, SKINNY_MAX_ROWS, _gelu_erf_f32,
-                     _gelu_erf_grad_f32, _gelu_tanh_f32, _gelu_tanh_grad_f32, _sigmoid_f32, _skinny_block, _silu_f32)
+from .linear import (ACT_CODES, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU, SKINNY_MAX_ROWS, _blocks,
+                     _gelu_erf_f32, _gelu_erf_grad_f32, _gelu_tanh_f32, _gelu_tanh_grad_f32, _sigmoid_f32,
+                     _skinny_block, _silu_f32)
 
 _FM = {"contract", "afn", "reassoc", "nsz", "arcp"}  # no nnan/ninf
 _ONE = np.float32(1.0)
@@ -47,16 +50,17 @@ def _glu_row(o, o0, g, u, n, act):
             o[o0 + j] = g[j] * u[j]
 
 
-@kernel((F2, F2, R2, R2, R1, I64, BOOL, BOOL), cost=8.0)
+@kernel((F2, F2, R2, R2, R1, I64, BOOL, BOOL, I64, I64, I64), cost=8.0)
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)
-def _glu_linear_fwd(out, pre, x, w, b, act, use_bias, keep_pre):
+def _glu_linear_fwd(out, pre, x, w, b, act, use_bias, keep_pre, rows, cols, skinny):
     # out (N, F); pre (N, 2F) (written when keep_pre); x (N, K); w (2F, K); b (2F,)
+    # rows / cols: block sizes; skinny: up to this many rows (>= 2) use _skinny_block (run-time values)
     N, F = out.shape
     M = 2 * F
-    if by_rows(N, M):
-        for c in prange((N + ROWS - 1) // ROWS):
-            r0 = c * ROWS
-            r1 = min(N, r0 + ROWS)
+    if by_rows_with(N, M, rows, cols):
+        for c in prange((N + rows - 1) // rows):
+            r0 = c * rows
+            r1 = min(N, r0 + rows)
             blk = pre[r0:r1] if keep_pre else np.empty((r1 - r0, M), np.float32)
             np.dot(x[r0:r1], w.T, blk)
             for i in range(r0, r1):
@@ -66,13 +70,13 @@ def _glu_linear_fwd(out, pre, x, w, b, act, use_bias, keep_pre):
                         row[j] += b[j]
                 _glu_row(out[i], 0, row[:F], row[F:], F, act)
     else:  # few rows (decoding): blocks of F columns, gate and up of a block in one thread
-        for c in prange((F + COLS - 1) // COLS):
-            m0 = c * COLS
-            m1 = min(F, m0 + COLS)
+        for c in prange((F + cols - 1) // cols):
+            m0 = c * cols
+            m1 = min(F, m0 + cols)
             n = m1 - m0
             tg = np.empty((N, n), np.float32)
             tu = np.empty((N, n), np.float32)
-            if 2 <= N <= SKINNY_MAX_ROWS:
+            if 2 <= N <= skinny:
                 _skinny_block(tg, x, w, m0, m1)
                 _skinny_block(tu, x, w, F + m0, F + m1)
             else:
@@ -110,14 +114,23 @@ def _check_linear(op, out, x, w, b):
     return F, w.shape[1]
 
 
-def swiglu_linear_forward(out, x, w, b=None, act="silu"):
-    """out (..., F) = act(x @ w[:F].T + b[:F]) * (x @ w[F:].T + b[F:]); x (..., K), w (2F, K), b (2F,)."""
+def swiglu_linear_forward(out, x, w, b=None, act="silu", *, rows=None, cols=None, skinny_max_rows=None,
+                          threads=None):
+    """out (..., F) = act(x @ w[:F].T + b[:F]) * (x @ w[F:].T + b[F:]); x (..., K), w (2F, K), b (2F,).
+
+    Tunables (None: defaults; see nbformer/tuning/space.py CpuLinearGlu), as linear_forward's:
+    rows (row blocks of all 2F columns, gemm.ROWS), cols (column blocks of F when rows are few,
+    gemm.COLS), skinny_max_rows (linear.SKINNY_MAX_ROWS) may change the last bits; threads never does."""
     op = "swiglu_linear_forward"
     F, K = _check_linear(op, out, x, w, b)
     code = _act_code(op, act)
+    rows, cols, skinny = _blocks(op, rows, cols, skinny_max_rows)
+    threads = check_threads(op, threads)
     out2 = out.reshape(-1, F)
     pin_blas_to_one_thread()
-    _glu_linear_fwd(out2, out2, x.reshape(-1, K), w, w[0] if b is None else b, code, b is not None, False)
+    with num_threads(threads):
+        _glu_linear_fwd(out2, out2, x.reshape(-1, K), w, w[0] if b is None else b, code, b is not None, False,
+                        rows, cols, skinny)
 
 
 def swiglu_linear_forward_train(out, pre, x, w, b=None, act="silu"):
@@ -128,7 +141,7 @@ def swiglu_linear_forward_train(out, pre, x, w, b=None, act="silu"):
     code = _act_code(op, act)
     pin_blas_to_one_thread()
     _glu_linear_fwd(out.reshape(-1, F), pre.reshape(-1, 2 * F), x.reshape(-1, K), w, w[0] if b is None else b,
-                    code, b is not None, True)
+                    code, b is not None, True, ROWS, COLS, SKINNY_MAX_ROWS)
 
 
 @kernel((F2, R2, I64), cost=1.5)
