@@ -44,6 +44,7 @@ from numba.extending import intrinsic
 from ...errors import GraphError
 from .attention import _exp2, _rank_update
 from .precompile import BOOL, F3, F32, F64, I64, R3, RU2, U64, kernel, native_address, native_caller
+from .gemm import check_threads, num_threads
 from .rng import keep
 
 _LOG2E = 1.4426950408889634
@@ -565,7 +566,7 @@ def choose_passes(B, NKV, threads):
 
 def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
                        n_heads, head_size, causal, scale, dropout_p=0.0, seed=0, block_q=64, block_k=64,
-                       n_kv_heads=None, passes=None, query_chunk=512):
+                       n_kv_heads=None, passes=None, query_chunk=512, threads=None):
     """Gradients of attention_forward.
 
     dq_buf (shape of q_buf): columns q_off + h*HS written with dQ; dkv_buf (shape of kv_buf):
@@ -577,6 +578,9 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     doc; None: choose_passes from the shapes and the Numba thread count); it never changes the bits,
     nor do block_q / block_k / query_chunk or the thread count. query_chunk: one pass, query rows whose
     Q / dO / dQ stay in L2 while the key tiles stream past (rounded down to a multiple of block_q).
+    threads: the Numba threads for this call (None: unchanged; choose_passes then sees this count);
+    work items own disjoint rows, so it never changes the bits either (the tuner's
+    cpu.attention_backward family declares all five as bit-exact, nbformer/tuning/space.py).
     """
     import numba
 
@@ -604,8 +608,9 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     bq, bk = int(block_q), int(block_k)
     if bq < 1 or bk < 1:
         raise GraphError(f"attention_backward: block_q and block_k must be >= 1, got {bq}, {bk}")
+    threads = check_threads("attention_backward", threads)
     if passes is None:
-        passes = choose_passes(B, NKV, numba.get_num_threads())
+        passes = choose_passes(B, NKV, numba.get_num_threads() if threads is None else threads)
     qch = int(query_chunk)
     if qch < 1:
         raise GraphError(f"attention_backward: query_chunk must be >= 1, got {query_chunk}")
@@ -616,8 +621,9 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     sc, pd, sd = np.float32(scale), float(dropout_p), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
     args = (dq_buf, dkv_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, out, key_mask, NH, HS,
             bool(causal), sc, pd, sd, bq, bk, NH // NKV, qch if passes == 1 else 0)
-    if passes == 2:
-        _delta(delta, out, dout, NH, HS)
-    _dkdv(*args, native_address("attention_backward._dkdv_item"))
-    if passes == 2:
-        _dq(*args, native_address("attention_backward._dq_item"))
+    with num_threads(threads):
+        if passes == 2:
+            _delta(delta, out, dout, NH, HS)
+        _dkdv(*args, native_address("attention_backward._dkdv_item"))
+        if passes == 2:
+            _dq(*args, native_address("attention_backward._dq_item"))

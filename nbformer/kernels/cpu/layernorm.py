@@ -1,10 +1,16 @@
-"""LayerNorm forward over the last axis; saves mean and rstd for the backward pass."""
+"""LayerNorm forward over the last axis; saves mean and rstd for the backward pass.
+
+Launchers take `threads=None` (the Numba threads for the call; None: unchanged): every row (forward,
+backward dx) and every fixed 64-row chunk of the dw/db partial sums is one thread's alone and the
+chunks are reduced in a fixed order, so the thread count never changes a bit (the tuner's
+cpu.layernorm / cpu.layernorm_backward families, nbformer/tuning/space.py)."""
 import math
 
 import numpy as np
 from numba import njit, prange
 
 from .checks import check_array as _check
+from .gemm import check_threads, num_threads
 from .precompile import F1, F2, F64, I64, R1, R2, kernel
 
 
@@ -35,10 +41,14 @@ def _layernorm_forward(out, mean, rstd, x, w, b, eps):
         rstd[i] = rf
 
 
-def layernorm_forward(out, mean, rstd, x, w, b, eps):
-    """out (..., C) = (x - mean) * rstd * w + b; mean, rstd (...) written for backward."""
+def layernorm_forward(out, mean, rstd, x, w, b, eps, *, threads=None):
+    """out (..., C) = (x - mean) * rstd * w + b; mean, rstd (...) written for backward.
+    threads: Numba threads for this call (None: unchanged); never changes the bits."""
     C = x.shape[-1]
-    _layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), w, b, float(eps))
+    threads = check_threads("layernorm_forward", threads)
+    with num_threads(threads):
+        _layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), w, b,
+                           float(eps))
 
 
 # ---------------------------------------------------------------- backward
@@ -81,12 +91,13 @@ def _layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, rows):
         db[c] = sb
 
 
-def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd):
+def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, *, threads=None):
     """Adjoint of layernorm_forward. x, dout, dx (..., C); w, dw, db (C,); mean, rstd (...).
 
     dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) with dnorm = dout * w;
     dw = sum_rows(dout * norm), db = sum_rows(dout). All three are written, not accumulated;
     dw/db are reduced over fixed 64-row chunks in a fixed order (bit-identical for any thread count).
+    threads: Numba threads for this call (None: unchanged); the chunk stays fixed (not tunable).
     """
     op = "layernorm_backward"
     _check(op, "x", x, None)
@@ -98,5 +109,7 @@ def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd):
         _check(op, name, a, (C,))
     _check(op, "mean", mean, lead)
     _check(op, "rstd", rstd, lead)
-    _layernorm_backward(dx.reshape(-1, C), dw, db, dout.reshape(-1, C), x.reshape(-1, C), w,
-                        mean.reshape(-1), rstd.reshape(-1), ROWS_PER_CHUNK)
+    threads = check_threads(op, threads)
+    with num_threads(threads):
+        _layernorm_backward(dx.reshape(-1, C), dw, db, dout.reshape(-1, C), x.reshape(-1, C), w,
+                            mean.reshape(-1), rstd.reshape(-1), ROWS_PER_CHUNK)

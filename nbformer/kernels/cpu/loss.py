@@ -14,6 +14,7 @@ from numba import njit, prange
 from ...errors import GraphError
 from .attention import _exp2
 from .checks import check_array as _check
+from .gemm import check_threads, num_threads
 from .precompile import BOOL, F1, F2, F64, I64, R1, R2, RI1, kernel
 
 
@@ -109,9 +110,10 @@ def _smoothing(op, label_smoothing):
     return eps
 
 
-def cross_entropy_forward(losses, lse, logits, targets, label_smoothing=0.0, ignore_index=-100):
+def cross_entropy_forward(losses, lse, logits, targets, label_smoothing=0.0, ignore_index=-100, *, threads=None):
     """logits (..., V) float32, targets (...) int -> losses (...) per row (0 where ignored) and
-    lse (...) = logsumexp of each row (saved for backward). torch reduction='none' semantics."""
+    lse (...) = logsumexp of each row (saved for backward). torch reduction='none' semantics.
+    threads: Numba threads for this call (None: unchanged); rows are independent, so never a bit."""
     op = "cross_entropy_forward"
     _check(op, "logits", logits, None)
     if logits.ndim < 1 or logits.shape[-1] < 1:
@@ -122,13 +124,17 @@ def cross_entropy_forward(losses, lse, logits, targets, label_smoothing=0.0, ign
     _check(op, "lse", lse, lead)
     eps = _smoothing(op, label_smoothing)
     t = _targets(op, targets, lead, V, int(ignore_index))
-    _cross_entropy_forward(losses.reshape(-1), lse.reshape(-1), logits.reshape(-1, V), t, eps, int(ignore_index))
+    threads = check_threads(op, threads)
+    with num_threads(threads):
+        _cross_entropy_forward(losses.reshape(-1), lse.reshape(-1), logits.reshape(-1, V), t, eps, int(ignore_index))
 
 
-def cross_entropy_backward(dlogits, logits, lse, targets, label_smoothing=0.0, ignore_index=-100, dloss=1.0):
+def cross_entropy_backward(dlogits, logits, lse, targets, label_smoothing=0.0, ignore_index=-100, dloss=1.0, *,
+                           threads=None):
     """dlogits (..., V) = dloss_row * (softmax(logits) - (1 - eps) * onehot(target) - eps / V), 0 on
     ignored rows. dloss: a scalar applied to every row (1 / n_valid for the mean) or an array (...).
-    Written, not accumulated; dlogits may alias logits (in-place backward saves N*V floats)."""
+    Written, not accumulated; dlogits may alias logits (in-place backward saves N*V floats).
+    threads: Numba threads for this call (None: unchanged); rows are independent, so never a bit."""
     op = "cross_entropy_backward"
     _check(op, "logits", logits, None)
     if logits.ndim < 1 or logits.shape[-1] < 1:
@@ -144,8 +150,10 @@ def cross_entropy_backward(dlogits, logits, lse, targets, label_smoothing=0.0, i
     else:
         _check(op, "dloss", dloss, lead)
         use_row, dscale, drow = True, 0.0, dloss.reshape(-1)
-    _cross_entropy_backward(dlogits.reshape(-1, V), logits.reshape(-1, V), lse.reshape(-1), t, eps,
-                            int(ignore_index), dscale, drow, use_row)
+    threads = check_threads(op, threads)
+    with num_threads(threads):
+        _cross_entropy_backward(dlogits.reshape(-1, V), logits.reshape(-1, V), lse.reshape(-1), t, eps,
+                                int(ignore_index), dscale, drow, use_row)
 
 
 def cross_entropy_mean(losses, targets, ignore_index=-100):

@@ -1,9 +1,13 @@
-"""Row softmax / log-softmax over the last axis (vocabulary) in float32 with float64 sums."""
+"""Row softmax / log-softmax over the last axis (vocabulary) in float32 with float64 sums.
+
+Launchers take `threads=None` (Numba threads for the call; None: unchanged): each row is one
+thread's, summed in one fixed order, so the thread count never changes a bit."""
 import math
 
 import numpy as np
 from numba import njit, prange
 
+from .gemm import check_threads, num_threads
 from .precompile import BOOL, F2, R2, kernel
 
 
@@ -30,11 +34,15 @@ def _softmax_forward(out, x, log):
                 out[i, j] = math.exp(x[i, j] - m) * inv
 
 
-def softmax_forward(out, x):
+def softmax_forward(out, x, *, threads=None):
     V = x.shape[-1]
-    _softmax_forward(out.reshape(-1, V), x.reshape(-1, V), False)
+    threads = check_threads("softmax_forward", threads)
+    with num_threads(threads):
+        _softmax_forward(out.reshape(-1, V), x.reshape(-1, V), False)
 
 
-def log_softmax_forward(out, x):
+def log_softmax_forward(out, x, *, threads=None):
     V = x.shape[-1]
-    _softmax_forward(out.reshape(-1, V), x.reshape(-1, V), True)
+    threads = check_threads("log_softmax_forward", threads)
+    with num_threads(threads):
+        _softmax_forward(out.reshape(-1, V), x.reshape(-1, V), True)
