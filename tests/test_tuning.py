@@ -264,6 +264,15 @@ def _spy(monkeypatch):
         return real_att(*a, **kw)
 
     monkeypatch.setattr(cpu_attention, "attention_forward", spy_att)
+    from nbformer.kernels.cpu import layernorm as cpu_layernorm
+
+    real_ln = cpu_layernorm.layernorm_forward
+
+    def spy_ln(*a, **kw):
+        calls.append(("layernorm", None, dict(kw)))
+        return real_ln(*a, **kw)
+
+    monkeypatch.setattr(cpu_layernorm, "layernorm_forward", spy_ln)
     return calls
 
 
@@ -276,7 +285,7 @@ def test_model_run_uses_the_cached_values(kjv, monkeypatch):
     # tune the model's forward plan for real (tiny budget), then force one visible non-default entry
     g = model_graphs(kjv, 1, 16, ["forward"])["forward"]
     plan = cases_from_graph(g, "cpu")
-    assert {f.name for f, _ in plan} == {"linear", "attention"}
+    assert {f.name for f, _ in plan} == {"linear", "attention", "layernorm"}
     cache = TuningCache("cpu")
     for fam, case in plan:
         r = tune_case(fam, case, budget_s=0.3, rounds=3, confirm_rounds=3)
@@ -284,6 +293,8 @@ def test_model_run_uses_the_cached_values(kjv, monkeypatch):
         cache.put(fam, r)
     lin_fam, lin_case = next((f, c) for f, c in plan if f.name == "linear" and c["M"] == 4096)  # the LM head
     cache.put(lin_fam, _result(lin_fam, lin_case, {"cols": 64, "threads": 1}))
+    ln_fam, ln_case = next((f, c) for f, c in plan if f.name == "layernorm")
+    cache.put(ln_fam, _result(ln_fam, ln_case, {"threads": 1}))
     cache.save()
     os_env("NBFORMER_TUNING", "cached")
     runtime.forget()
@@ -298,9 +309,11 @@ def test_model_run_uses_the_cached_values(kjv, monkeypatch):
     for fam, case in plan:
         e, how = stored.lookup(fam, fam.bucket(case))
         assert how == "exact"
-        key = ("attention", None) if fam.name == "attention" else ((case["N"], case["K"]), (case["M"], case["K"]))
+        key = {"attention": ("attention", None), "layernorm": ("layernorm", None)}.get(fam.name) or (
+            (case["N"], case["K"]), (case["M"], case["K"]))
         assert seen[key] == e["config"]  # what ran is what was cached
     assert seen[((16, 192), (4096, 192))]["cols"] == 64
+    assert seen[("layernorm", None)] == {"threads": 1}
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     # off: the defaults run (no keywords at all) whatever the cache holds
     calls.clear()
@@ -342,5 +355,212 @@ def test_cli_tune_shape_json_and_inspect(monkeypatch):
     assert "[cache" in r.output and "decode" in r.output
     r = CliRunner().invoke(main, ["tune", "--kernels", "linear", "--shape", "N=0"])
     assert r.exit_code == 1 and "error: --shape: N='0'" in r.output
-    r = CliRunner().invoke(main, ["tune", "--kernels", "softmax", "--shape", "N=4"])
-    assert r.exit_code == 1 and "no tunable kernel family 'softmax'" in r.output
+    r = CliRunner().invoke(main, ["tune", "--kernels", "embedding", "--shape", "N=4"])
+    assert r.exit_code == 1 and "no tunable kernel family 'embedding'" in r.output
+
+
+# ---------------------------------------------------------------- more CPU families
+def _flip_first(arr):
+    arr.reshape(-1).view(np.uint32)[0] ^= 1  # one last-bit change: within any tolerance, not the same bits
+
+
+class BrokenGlu(get_family("cpu", "linear_glu").__class__):
+    """The gated FFN forward with two broken variants: rows=64 corrupts one element, rows=32 writes nothing."""
+
+    def workload(self, case, seed=0):
+        wl = super().workload(case, seed)
+        real = wl.run
+
+        def run(outs, cfg):
+            if cfg["rows"] == 32:
+                return
+            real(outs, cfg)
+            if cfg["rows"] == 64:
+                outs["out"][1, 2] += 1e-3
+
+        wl.run = run
+        return wl
+
+
+def test_glu_family_rejects_broken_variants_and_its_defaults_keep_the_bits():
+    from nbformer.kernels.cpu import gemm, swiglu
+
+    fam = get_family("cpu", "linear_glu")
+    assert {t.name: t.bit_exact for t in fam.tunables()} == {"rows": False, "cols": False, "skinny_max_rows": False,
+                                                            "threads": True}
+    case = {"N": 300, "K": 24, "F": 40, "act": "silu", "bias": True}
+    r = tune_case(BrokenGlu(), case, budget_s=30, configs=[{"rows": r, "threads": 1} for r in (32, 64, 256)],
+                  rounds=3, confirm_rounds=3)
+    why = {c["rows"]: reason for c, reason in r.rejected}
+    assert set(why) == {32, 64} and "unwritten" in why[32] and "wrong at (1, 2)" in why[64]
+    assert r.best["rows"] not in (32, 64)
+    # a few rows (decoding path): other column blocks / the skinny kernel validate at tolerance
+    few = {"N": 3, "K": 24, "F": 300, "act": "gelu_tanh", "bias": False}
+    r = tune_case(fam, few, budget_s=30, configs=[{"cols": 64, "skinny_max_rows": 0, "threads": 1}, {"cols": 128}],
+                  rounds=2, confirm_rounds=2)
+    assert r.error is None and r.rejected == [] and r.tried == 2
+    # the default keywords are today's blocks: the same bits as a call without keywords
+    rng = np.random.default_rng(3)
+    for N in (3, 300):
+        x = rng.standard_normal((N, 24), dtype=np.float32)
+        w = rng.standard_normal((600, 24), dtype=np.float32)
+        a, b = np.full((N, 300), np.nan, np.float32), np.full((N, 300), np.nan, np.float32)
+        swiglu.swiglu_linear_forward(a, x, w)
+        swiglu.swiglu_linear_forward(b, x, w, rows=gemm.ROWS, cols=gemm.COLS, skinny_max_rows=16, threads=1)
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    with pytest.raises(Exception, match="tunable 'rows'"):
+        swiglu.swiglu_linear_forward(a, x, w, rows=0)
+
+
+THREAD_CASES = {"layernorm": {"N": 70, "C": 24}, "layernorm_backward": {"N": 150, "C": 24},
+                "softmax": {"N": 9, "V": 50}, "cross_entropy": {"N": 9, "V": 50},
+                "cross_entropy_backward": {"N": 9, "V": 50}}
+
+
+@pytest.mark.skipif(__import__("numba").config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("name", sorted(THREAD_CASES))
+def test_thread_families_keep_the_bits_and_refuse_a_bit_changing_variant(name):
+    fam = get_family("cpu", name)
+    (t,) = fam.tunables()
+    assert t.name == "threads" and t.bit_exact and t.default >= 2
+    case = THREAD_CASES[name]
+    r = tune_case(fam, case, budget_s=20, configs=[{"threads": 1}], rounds=2, confirm_rounds=2)
+    assert r.error is None and r.rejected == [] and r.tried == 1  # checked bit for bit against the default
+
+    class Flipped(fam.__class__):  # threads=1 changes one last bit: within tolerance, but declared bit-exact
+        def workload(self, case, seed=0):
+            wl = super().workload(case, seed)
+            real = wl.run
+
+            def run(outs, cfg):
+                real(outs, cfg)
+                if cfg["threads"] == 1:
+                    _flip_first(outs[next(iter(wl.reference()))])
+
+            wl.run = run
+            return wl
+
+    r = tune_case(Flipped(), case, budget_s=20, configs=[{"threads": 1}], rounds=2, confirm_rounds=2)
+    ((cfg, why),) = r.rejected
+    assert cfg["threads"] == 1 and "differ in their bits" in why and r.best["threads"] == t.default
+
+
+def test_attention_backward_family_keeps_the_bits():
+    fam = get_family("cpu", "attention_backward")
+    assert all(t.bit_exact for t in fam.tunables())
+    case = {"B": 2, "NH": 2, "NKV": 1, "HS": 8, "Tq": 40, "Tk": 40, "causal": True}
+    configs = [{"block_q": 32, "block_k": 32, "passes": 2, "threads": 1},
+               {"block_q": 32, "block_k": 64, "passes": 1, "query_chunk": 256, "threads": 2}]
+    r = tune_case(fam, case, budget_s=30, configs=configs, rounds=2, confirm_rounds=2)
+    assert r.error is None and r.rejected == [] and r.tried == 2  # bit for bit with the default
+    assert fam.launch_kwargs(fam.defaults(case))["passes"] is None  # 'auto': the launcher's choose_passes
+
+    class Broken(fam.__class__):
+        def workload(self, case, seed=0):
+            wl = super().workload(case, seed)
+            real = wl.run
+
+            def run(outs, cfg):
+                real(outs, cfg)
+                if cfg["passes"] == 2:
+                    outs["dkv"][0, 3, 1] += 1.0
+
+            wl.run = run
+            return wl
+
+    r = tune_case(Broken(), case, budget_s=30, configs=configs[:1], rounds=2, confirm_rounds=2)
+    ((cfg, why),) = r.rejected
+    assert "dkv: wrong at (0, 3, 1)" in why
+
+
+# ---------------------------------------------------------------- bound values reach the launchers
+def _run_node(node, g, binding, rng, **host):
+    """Call the node's adapter as the executor does: the bound keywords, then the node's roles."""
+    import functools
+
+    from nbformer import ops
+
+    fn = ops.get(node.op, "cpu", node.direction)
+    if binding is not None and binding.kwargs:
+        fn = functools.partial(fn, **binding.kwargs)
+    kw = {}
+    for role, t in list(node.inputs.items()) + list(node.outputs.items()):
+        spec = g.tensors[t]
+        if role in host:
+            kw[role] = host[role]
+        elif spec.dtype == "f32":
+            kw[role] = rng.standard_normal(spec.shape).astype(np.float32)
+        else:
+            kw[role] = np.ones(spec.shape, dict(u8=np.uint8, i64=np.int64).get(spec.dtype, np.int64))
+    fn(**kw, **node.attrs)
+
+
+def _llama_cfg(**over):
+    from nbformer.config import ModelConfig
+
+    return ModelConfig(**{**dict(arch="decoder", vocab_size=50, d_model=32, n_heads=4, n_layers=1, d_ff=40,
+                                 max_positions=512, norm="pre", positions="rope", norm_type="rmsnorm", ffn_type="glu",
+                                 activation="silu", n_kv_heads=2), **over})
+
+
+def test_glu_binding_hands_the_cached_blocks_to_the_launcher(monkeypatch):
+    from nbformer.graph.build import build_forward
+    from nbformer.kernels.cpu import swiglu
+
+    g = build_forward(_llama_cfg(), 1, 8)
+    node = next(n for n in g.nodes if n.op == "linear_glu")
+    fam = get_family("cpu", "linear_glu")
+    case = fam.case_from_node(node, g)
+    assert {k: case[k] for k in ("N", "K", "F", "act")} == {"N": 8, "K": 32, "F": 40, "act": "silu"}
+    c = TuningCache("cpu")
+    c.put(fam, _result(fam, case, {"cols": 64, "skinny_max_rows": 8, "threads": 1}))
+    c.save()
+    runtime.forget()
+    b = runtime.bind(node, g, "cpu")
+    assert b.source == "cache" and b.kwargs["cols"] == 64
+    seen = []
+    real = swiglu.swiglu_linear_forward
+    monkeypatch.setattr(swiglu, "swiglu_linear_forward", lambda *a, **kw: (seen.append(kw), real(*a, **kw)))
+    _run_node(node, g, b, np.random.default_rng(0))
+    assert seen == [{"rows": 128, "cols": 64, "skinny_max_rows": 8, "threads": 1}]
+
+
+def test_decode_attention_picks_the_config_of_its_key_length(monkeypatch):
+    from nbformer.graph.build import build_decode
+    from nbformer.kernels.cpu import attention as cpu_attention
+
+    g = build_decode(_llama_cfg(norm_type="layernorm", ffn_type="mlp", positions="learned", n_kv_heads=4,
+                                activation="gelu"), 1, 1, 512)
+    node = next(n for n in g.nodes if n.op == "attention")
+    fam = get_family("cpu", "attention")
+    case = fam.case_from_node(node, g)
+    assert case["Tk_max"] == 512 and fam.key_len_buckets(case) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert [c["Tk"] for c in fam.tuning_cases(case)] == [64, 128, 256, 512]
+    c = TuningCache("cpu")
+    c.put(fam, _result(fam, {**case, "Tk": 64}, {"block_k": 32, "threads": 1}))
+    c.put(fam, _result(fam, {**case, "Tk": 512}, {"block_k": 128, "threads": 1}))
+    c.save()
+    runtime.forget()
+    b = runtime.bind(node, g, "cpu")
+    table = b.kwargs["tuned_by_key_len"]
+    assert table[64]["block_k"] == 32 and table[8]["block_k"] == 32 and table[512]["block_k"] == 128
+    assert "Tk<=1..32: cache (nearest Tk=64) " in b.source and "Tk<=64: cache block_q" in b.source
+    assert "Tk<=512: cache block_q=256 block_k=128 threads=1" in b.source
+    seen = []
+    real = cpu_attention.attention_forward
+
+    def spy(*a, **kw):
+        seen.append((kw.get("key_len"), {k: kw[k] for k in ("block_q", "block_k", "threads") if k in kw}))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cpu_attention, "attention_forward", spy)
+    rng = np.random.default_rng(0)
+    for pos in (39, 299):
+        _run_node(node, g, b, rng, cache_pos=np.array([pos], np.int64))
+    assert seen[0] == (40, {"block_q": 256, "block_k": 32, "threads": 1})   # bucket 64, its own entry
+    assert seen[1] == (300, {"block_q": 256, "block_k": 128, "threads": 1})  # bucket 512, its own entry
+    # nothing tuned: no keywords at all (the launcher's defaults, no per-call work)
+    runtime.forget()
+    c.entries.clear()
+    c.save()
+    assert runtime.bind(node, g, "cpu").kwargs == {}

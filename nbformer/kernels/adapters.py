@@ -85,8 +85,8 @@ def install(kind: str):
         K.get("embedding", "embedding_forward")(out, ids, wte, pos_ids, wpe, type_ids, wtt, scale)
 
     @op("layernorm", "layernorm", "layernorm_forward")
-    def _layernorm(out, mean, rstd, x, w, b, eps):
-        K.get("layernorm", "layernorm_forward")(out, mean, rstd, x, w, b, eps)
+    def _layernorm(out, mean, rstd, x, w, b, eps, **tuned):
+        K.get("layernorm", "layernorm_forward")(out, mean, rstd, x, w, b, eps, **tuned)
 
     @op("linear", "linear", "linear_forward")
     def _linear(out, x, w, b=None, residual=None, pre=None, act="none", **tuned):
@@ -105,6 +105,10 @@ def install(kind: str):
                    dropout_p=0.0, stream=0, cache_pos=None, n_kv_heads=None, **tuned):
         # decoding: the keys are the cache's first cache_pos + Tq rows (cache_pos: a (1,) host input)
         key_len = None if cache_pos is None else int(cache_pos[0]) + q.shape[1]
+        if "tuned_by_key_len" in tuned:  # decoding: the config tuned for this key length's bucket
+            table = tuned.pop("tuned_by_key_len")
+            if key_len is not None:
+                tuned = {**tuned, **table.get(1 if key_len <= 1 else 1 << (key_len - 1).bit_length(), {})}
         extra = {} if dropout_p <= 0 else {"dropout_p": dropout_p, "seed": node_seed(seed, stream)}
         fn = K.get("attention", "attention_forward")
         extra.update(kv_heads_kw(fn, kind, n_heads, n_kv_heads))
@@ -120,12 +124,12 @@ def install(kind: str):
         K.get("elementwise", "take_rows")(out, x, idx)
 
     @op("softmax", "softmax", "softmax_forward")
-    def _softmax(out, x):
-        K.get("softmax", "softmax_forward")(out, x)
+    def _softmax(out, x, **tuned):
+        K.get("softmax", "softmax_forward")(out, x, **tuned)
 
     @op("log_softmax", "softmax", "log_softmax_forward")
-    def _log_softmax(out, x):
-        K.get("softmax", "log_softmax_forward")(out, x)
+    def _log_softmax(out, x, **tuned):
+        K.get("softmax", "log_softmax_forward")(out, x, **tuned)
 
     @op("pool", "pooling", "pool")
     def _pool(out, x, mask, mode):
@@ -157,9 +161,9 @@ def install(kind: str):
         K.get("dropout", "dropout_forward")(out, x, p, node_seed(seed, stream), 0)
 
     @op("cross_entropy", "loss", "cross_entropy_forward")
-    def _cross_entropy(losses, lse, logits, targets, label_smoothing, ignore_index, vocab):
+    def _cross_entropy(losses, lse, logits, targets, label_smoothing, ignore_index, vocab, **tuned):
         K.get("loss", "cross_entropy_forward")(losses.reshape(-1), lse.reshape(-1), logits.reshape(-1, vocab),
-                                               targets.reshape(-1), label_smoothing, ignore_index)
+                                               targets.reshape(-1), label_smoothing, ignore_index, **tuned)
 
     # ------------------------------------------------------------ training: backward
     @op("embedding", "embedding", "embedding_backward", "backward")
@@ -170,8 +174,8 @@ def install(kind: str):
             K.get("elementwise", "zero_row")(dwte, padding_idx)  # nn.Embedding(padding_idx=...) semantics
 
     @op("layernorm", "layernorm", "layernorm_backward", "backward")
-    def _layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd):
-        K.get("layernorm", "layernorm_backward")(dx, dw, db, dout, x, w, mean, rstd)
+    def _layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, **tuned):
+        K.get("layernorm", "layernorm_backward")(dx, dw, db, dout, x, w, mean, rstd, **tuned)
 
     @op("linear", "linear", "linear_backward", "backward")
     def _linear_bwd(dw, dout, x, w, dx=None, db=None, pre=None, scratch=None, act="none"):
@@ -182,23 +186,23 @@ def install(kind: str):
         K.get("dropout", "dropout_backward")(dx, dout, p, node_seed(seed, stream), 0)
 
     @op("cross_entropy", "loss", "cross_entropy_backward", "backward")
-    def _cross_entropy_bwd(dlogits, logits, lse, targets, dloss, label_smoothing, ignore_index, vocab):
+    def _cross_entropy_bwd(dlogits, logits, lse, targets, dloss, label_smoothing, ignore_index, vocab, **tuned):
         K.get("loss", "cross_entropy_backward")(dlogits.reshape(-1, vocab), logits.reshape(-1, vocab),
                                                 lse.reshape(-1), targets.reshape(-1), label_smoothing,
-                                                ignore_index, float(dloss[0]))
+                                                ignore_index, float(dloss[0]), **tuned)
 
     @op("attention", "attention_backward", "attention_backward", "backward")
     def _attention_bwd(dq, delta, dout, out, lse, q, kv, key_mask, n_heads, head_size, q_off, k_off, v_off, causal,
-                       scale, dkv=None, seed=None, dropout_p=0.0, stream=0, n_kv_heads=None):
+                       scale, dkv=None, seed=None, dropout_p=0.0, stream=0, n_kv_heads=None, **tuned):
         fn = K.get("attention_backward", "attention_backward")
         fn(dq, dq if dkv is None else dkv, delta, dout, out, lse, q, q_off, kv, k_off, v_off, key_mask, n_heads,
            head_size, causal, scale, dropout_p=dropout_p, seed=0 if seed is None else node_seed(seed, stream),
-           **kv_heads_kw(fn, kind, n_heads, n_kv_heads))
+           **kv_heads_kw(fn, kind, n_heads, n_kv_heads), **tuned)
 
     # ------------------------------------------------------------ Llama family: RMSNorm, RoPE, gated FFN
     @op("rmsnorm", "rmsnorm", "rmsnorm_forward")
-    def _rmsnorm(out, rstd, x, w, eps):
-        K.get("rmsnorm", "rmsnorm_forward")(out, rstd, x, w, eps)
+    def _rmsnorm(out, rstd, x, w, eps, **tuned):
+        K.get("rmsnorm", "rmsnorm_forward")(out, rstd, x, w, eps, **tuned)
 
     @op("rmsnorm", "rmsnorm", "rmsnorm_backward", "backward")
     def _rmsnorm_bwd(dx, dw, dout, x, w, rstd):
@@ -218,9 +222,9 @@ def install(kind: str):
         K.get("rope", "rope_backward")(dx, pos_ids, inv_freq, n_heads, n_kv_heads, head_size)
 
     @op("linear_glu", "swiglu", "swiglu_linear_forward")
-    def _linear_glu(out, x, w, b=None, pre=None, act="silu"):
+    def _linear_glu(out, x, w, b=None, pre=None, act="silu", **tuned):
         if pre is None:
-            K.get("swiglu", "swiglu_linear_forward")(out, x, w, b, act)
+            K.get("swiglu", "swiglu_linear_forward")(out, x, w, b, act, **tuned)
         else:  # training: also keep gate | up for the backward pass
             K.get("swiglu", "swiglu_linear_forward_train")(out, pre, x, w, b, act)
 

@@ -78,24 +78,10 @@ def forget():
         _caches.clear()
 
 
-def bind(node, graph, device_kind: str, allow_tune: bool = True):
-    """The Binding of one node, or None when its op has no tunable family on this device.
-    allow_tune=False: never tune, even with NBFORMER_TUNING=tune (`nbformer inspect --tuning`)."""
-    from .space import family_for
-
-    fam = family_for(node.op, node.direction, device_kind)
-    if fam is None:
-        return None
-    case = fam.case_from_node(node, graph)
-    if case is None:
-        return None
-    m = mode()
+def _resolve(fam, case, m, cache, allow_tune):
+    """(config, launcher kwargs, source) of one case from the cache (tuning it first in tune mode)."""
     bucket = fam.bucket(case)
     default = fam.defaults(case)
-    desc = fam.describe(case)
-    if m == "off":
-        return Binding(fam.key, case, bucket, default, {}, f"default ({ENV}=off)", desc)
-    cache = cache_for(device_kind)
     entry, how = cache.lookup(fam, bucket)
     if entry is None and m == "tune" and allow_tune:
         from .tuner import tune_case
@@ -107,17 +93,67 @@ def bind(node, graph, device_kind: str, allow_tune: bool = True):
                 cache.save()
             entry, how = cache.lookup(fam, bucket)
     if entry is None:
-        return Binding(fam.key, case, bucket, default, {}, f"default ({how})", desc)
+        return default, {}, f"default ({how})"
     config = {**default, **{k: v for k, v in entry["config"].items() if k in default}}
     if how != "exact":
         why = fam.check(config, case)
         if why:  # a neighbour's winner that does not fit this shape
-            return Binding(fam.key, case, bucket, default, {}, f"default (nearest tuned bucket invalid here: {why})",
-                           desc)
+            return default, {}, f"default (nearest tuned bucket invalid here: {why})"
     src = "cache" if how == "exact" else f"cache ({how})"
     if config == default:
         src += ", tuned = default"
-    return Binding(fam.key, case, bucket, config, fam.launch_kwargs(config), src, desc)
+    return config, fam.launch_kwargs(config), src
+
+
+def _by_key_len(fam, case, lens, m, cache, allow_tune):
+    """A decoding attention node: one config per key-length bucket (powers of two up to the cache's
+    capacity), chosen by the adapter at each call from the key length it attends."""
+    tuned_at = {c["Tk"] for c in fam.tuning_cases(case)}  # tune mode tunes these buckets only
+    rows = []
+    for t in lens:
+        c = {**case, "Tk": min(t, case.get("Tk_max") or t)}
+        rows.append((t, *_resolve(fam, c, m, cache, allow_tune and c["Tk"] in tuned_at)))
+    parts, i = [], 0
+    while i < len(rows):  # runs of buckets with the same config and source: 'Tk<=8..64 cache (nearest Tk=64)'
+        j = i
+        while j + 1 < len(rows) and rows[j + 1][1:] == rows[i][1:] and rows[j + 1][3] == rows[i][3]:
+            j += 1
+        span = f"{rows[i][0]}" if i == j else f"{rows[i][0]}..{rows[j][0]}"
+        conf = " ".join(f"{k}={v}" for k, v in rows[i][2].items())
+        parts.append(f"Tk<={span}: {rows[i][3]}" + (f" {conf}" if conf else ""))
+        i = j + 1
+    table = {t: kw for t, _, kw, _ in rows}
+    kwargs = {} if not any(table.values()) else {"tuned_by_key_len": table}
+    return rows[-1][1], kwargs, "per key length: " + "; ".join(parts)
+
+
+def bind(node, graph, device_kind: str, allow_tune: bool = True):
+    """The Binding of one node, or None when its op has no tunable family on this device.
+    allow_tune=False: never tune, even with NBFORMER_TUNING=tune (`nbformer inspect --tuning`).
+
+    A decoding attention node (family.key_len_buckets) binds a table {key-length bucket: kwargs}
+    passed to the adapter as `tuned_by_key_len`; the adapter picks the entry of the current key
+    length (a dict lookup per call). Its Binding.config is the capacity bucket's."""
+    from .space import family_for
+
+    fam = family_for(node.op, node.direction, device_kind)
+    if fam is None:
+        return None
+    case = fam.case_from_node(node, graph)
+    if case is None:
+        return None
+    m = mode()
+    bucket = fam.bucket(case)
+    desc = fam.describe(case)
+    if m == "off":
+        return Binding(fam.key, case, bucket, fam.defaults(case), {}, f"default ({ENV}=off)", desc)
+    cache = cache_for(device_kind)
+    lens = fam.key_len_buckets(case)
+    if lens:
+        config, kwargs, src = _by_key_len(fam, case, lens, m, cache, allow_tune)
+    else:
+        config, kwargs, src = _resolve(fam, case, m, cache, allow_tune)
+    return Binding(fam.key, case, bucket, config, kwargs, src, desc)
 
 
 def bind_schedule(graph, schedule, device_kind: str, allow_tune: bool = True) -> list:

@@ -20,8 +20,16 @@ forward, ...). It declares:
 * `workload(case, seed)`: seeded inputs on the device, the launcher call, the float64 reference;
 * `launch_kwargs(config)`: the keywords the adapter passes to the launcher at run time.
 
-Reduction chunks that fix the bits of a training reduction (kernels/cpu/linear.py
-ROWS_PER_CHUNK, kernels/cuda/linear.py DB_ROWS) are deliberately not declared: they stay fixed.
+Reduction chunks that fix the bits of a training reduction (kernels/cpu/linear.py, layernorm.py,
+rmsnorm.py ROWS_PER_CHUNK, kernels/cuda/linear.py DB_ROWS) are deliberately not declared: they stay
+fixed. The CUDA norm / softmax families' threads per block do shape their tree reductions: they are
+declared bit-changing and validated at the tests' tolerance, which is all they promise.
+
+Decoding attention: the keys a step attends grow with the session, so a decode node's case has
+`Tk_max` (the cache's capacity) and the family lists `key_len_buckets` (powers of two up to it);
+the runtime binds one config per key-length bucket and the adapter picks the one of the current
+key length at each call (a dict lookup). `tuning_cases` gives the buckets `nbformer tune` tunes
+(from DECODE_TUNE_MIN keys up to the capacity); shorter lengths use the nearest tuned bucket.
 """
 from __future__ import annotations
 
@@ -197,6 +205,14 @@ class Family:
     def describe(self, case) -> str:
         return ", ".join(f"{k}={v}" for k, v in case.items())
 
+    def tuning_cases(self, case) -> list:
+        """The cases `nbformer tune` tunes for a node of this case (one, except decoding attention)."""
+        return [case]
+
+    def key_len_buckets(self, case):
+        """None, or the key lengths (Tk values) a decoding node's config is chosen among at run time."""
+        return None
+
     def workload(self, case, seed=0) -> Workload:
         raise NotImplementedError
 
@@ -324,12 +340,38 @@ def _attention_case_from_node(node, graph):
     NH = int(a["n_heads"])
     NKV = int(a.get("n_kv_heads") or NH)
     Tq, Tk = int(q[1]), int(kv[1])
-    if "cache_pos" in node.inputs and Tq > 1:
-        Tk = Tq  # a KV-cache prefill: the prompt's keys only (the session starts at position 0)
-    # a decoding step: the keys are a prefix of the cache that grows every step; the cache's
-    # capacity stands for it (the bucket of its largest, slowest steps)
-    return {"B": int(q[0]), "NH": NH, "NKV": NKV, "HS": int(a["head_size"]), "Tq": Tq, "Tk": Tk,
+    case = {"B": int(q[0]), "NH": NH, "NKV": NKV, "HS": int(a["head_size"]), "Tq": Tq, "Tk": Tk,
             "causal": bool(a.get("causal", False))}
+    if "cache_pos" in node.inputs:
+        if Tq > 1:
+            case["Tk"] = Tq  # a KV-cache prefill: the prompt's keys only (the session starts at position 0)
+        else:
+            # a decoding step: the keys are a prefix of the cache that grows every step; the config is
+            # chosen per key-length bucket at run time (key_len_buckets), Tk here is the capacity
+            case["Tk_max"] = Tk
+    return case
+
+
+DECODE_TUNE_MIN = 64  # decoding attention is tuned at key lengths 64, 128, ... up to the cache's capacity
+
+
+def _attention_key_len_buckets(case):
+    cap = case.get("Tk_max")
+    if not cap:
+        return None
+    out, t = [], 1
+    while t < pow2_bucket(cap):
+        out.append(t)
+        t *= 2
+    return out + [pow2_bucket(cap)]
+
+
+def _attention_tuning_cases(case):
+    cap = case.get("Tk_max")
+    if not cap:
+        return [case]
+    lens = sorted({min(t, cap) for t in _attention_key_len_buckets(case) if t >= min(DECODE_TUNE_MIN, cap)})
+    return [{**case, "Tk": t} for t in lens]
 
 
 def _attention_bucket(case):
@@ -413,6 +455,12 @@ class CpuAttention(Family):
 
     def bucket(self, case):
         return _attention_bucket(case)
+
+    def tuning_cases(self, case):
+        return _attention_tuning_cases(case)
+
+    def key_len_buckets(self, case):
+        return _attention_key_len_buckets(case)
 
     def describe(self, case):
         gqa = f"/{case['NKV']}kv" if case["NKV"] != case["NH"] else ""
@@ -545,10 +593,541 @@ class CudaAttention(Family):
     def bucket(self, case):
         return _attention_bucket(case)
 
+    def tuning_cases(self, case):
+        return _attention_tuning_cases(case)
+
+    def key_len_buckets(self, case):
+        return _attention_key_len_buckets(case)
+
     describe = CpuAttention.describe
 
     def workload(self, case, seed=0):
         return _attention_workload(case, seed, _dev("cuda"), self._mod().attention_forward, self.launch_kwargs)
+
+
+# ---------------------------------------------------------------- gated FFN input layer (forward, inference)
+def _glu_case_from_node(node, graph):
+    if node.op != "linear_glu" or node.direction != "forward" or "pre" in node.outputs:
+        return None  # the training forward keeps the default blocks (as the linear's does)
+    x = graph.tensors[node.inputs["x"]].shape
+    w = graph.tensors[node.inputs["w"]].shape
+    return {"N": int(np.prod(x[:-1], dtype=np.int64)), "K": int(x[-1]), "F": int(w[0]) // 2,
+            "act": str(node.attrs.get("act", "silu")), "bias": "b" in node.inputs}
+
+
+class CpuLinearGlu(Family):
+    """The CPU gated FFN input layer act(x @ Wg.T + bg) * (x @ Wu.T + bu) (swiglu_linear_forward): the
+    linear forward's blocks (row blocks of all 2F columns, or column blocks of F, gate and up of a
+    block in one thread, when rows are few), the same validation and bit-safety as CpuLinear."""
+
+    name, device, op = "linear_glu", "cpu", "linear_glu"
+    sources = ("nbformer.kernels.cpu.swiglu", "nbformer.kernels.cpu.linear", "nbformer.kernels.cpu.gemm")
+    nearest = ("N",)
+    SCRATCH_LIMIT = CpuLinear.SCRATCH_LIMIT
+
+    def tunables(self):
+        from ..kernels.cpu import gemm, linear
+
+        return (
+            Tunable("rows", (32, 64, 128, 256, 512), gemm.ROWS, False,
+                    "rows per GEMM block (row split: N >= 2*rows or 2F <= cols); other sgemm call shapes"),
+            Tunable("cols", (64, 128, 256, 512, 1024), gemm.COLS, False,
+                    "gate/up columns per block when rows are few (decoding)"),
+            Tunable("skinny_max_rows", (0, 4, 8, 16, 32), linear.SKINNY_MAX_ROWS, False,
+                    "at most this many rows (>= 2) use the few-row kernel instead of sgemm"),
+            Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
+                    "Numba threads for the call; blocks are fixed, so bits never change"),
+        )
+
+    def _by_rows(self, config, case):
+        return case["N"] >= 2 * config["rows"] or 2 * case["F"] <= config["cols"]
+
+    def check(self, config, case):
+        from numba import config as nconfig
+
+        N, F = case["N"], case["F"]
+        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
+            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        scratch = 4 * (min(config["rows"], N) * 2 * F if self._by_rows(config, case) else 2 * N * min(config["cols"], F))
+        if scratch > self.SCRATCH_LIMIT:
+            return f"{scratch / 2**20:.0f} MiB of block scratch per thread (> {self.SCRATCH_LIMIT >> 20} MiB)"
+        return None
+
+    def effective(self, config, case):
+        N, F = case["N"], case["F"]
+        rows, cols = config["rows"], config["cols"]
+        if self._by_rows(config, case):
+            return ("rows", min(rows, N), min(config["threads"], -(-N // rows)))
+        return ("cols", min(cols, F), 2 <= N <= config["skinny_max_rows"], min(config["threads"], -(-F // cols)))
+
+    def case_from_node(self, node, graph):
+        return _glu_case_from_node(node, graph)
+
+    def bucket(self, case):
+        return {"N": pow2_bucket(case["N"]), "K": case["K"], "F": case["F"], "act": case["act"],
+                "bias": bool(case["bias"])}
+
+    def describe(self, case):
+        return (f"linear_glu {case['N']}x{case['K']} @ {case['K']}x2*{case['F']} {case['act']}"
+                f"{' +b' if case['bias'] else ''}")
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.swiglu import swiglu_linear_forward
+        from ..reference.forward import linear_glu as ref_glu
+
+        dev = _dev("cpu")
+        N, K, F = case["N"], case["K"], case["F"]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((N, K), dtype=np.float32)
+        w = rng.standard_normal((2 * F, K), dtype=np.float32) / np.float32(math.sqrt(K))
+        b = rng.standard_normal(2 * F, dtype=np.float32) * np.float32(0.1) if case["bias"] else None
+        wds = [w if i == 0 else w.copy() for i in range(rotating_copies(w.nbytes, dev.kind))]
+        act, kw_of, turn = case["act"], self.launch_kwargs, [0]
+
+        def run(outs, config):
+            wd = wds[turn[0] % len(wds)]
+            turn[0] += 1
+            swiglu_linear_forward(outs["out"], x, wd, b, act, **kw_of(config))
+
+        # the linear's tolerance (1e-5 widened as sqrt(K / 64)), times the up value's size (~1) for the product
+        tol = 1e-5 * max(1.0, math.sqrt(K / 64.0))
+        return Workload(out_shapes={"out": (N, F)}, run=run, reference=lambda: {"out": ref_glu(x, w, b, act)},
+                        tolerance={"out": (tol, tol)}, device=dev, flops=4.0 * N * K * F,
+                        bytes=4.0 * (N * K + 2 * F * K + N * F))
+
+
+# ---------------------------------------------------------------- row kernels whose only tunable is the thread count
+def _rows_of(graph, name):
+    shape = graph.tensors[name].shape
+    return int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
+
+
+class _CpuThreadsOnly(Family):
+    """A CPU kernel whose work items (rows, or fixed row chunks reduced in a fixed order) own disjoint
+    outputs: the Numba thread count is its one tunable and never changes a bit (validated bit for bit
+    against the default). Subclasses give `_rows_input` (the (N, C) tensor of the node), `items`,
+    `_run` and `_reference`."""
+
+    nearest = ("N",)
+    _rows_input = "x"
+    dims = ("N", "C")
+
+    def tunables(self):
+        return (Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
+                        "Numba threads for the call; each row (chunk) is one thread's, so bits never change"),)
+
+    def check(self, config, case):
+        from numba import config as nconfig
+
+        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
+            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        return None
+
+    def items(self, case):
+        return case["N"]
+
+    def effective(self, config, case):
+        return (min(config["threads"], max(1, self.items(case))),)
+
+    def case_from_node(self, node, graph):
+        if node.op != self.op or node.direction != self.direction:
+            return None
+        N, C = _rows_of(graph, node.inputs[self._rows_input])
+        return {self.dims[0]: N, self.dims[1]: C}
+
+    def bucket(self, case):
+        return {self.dims[0]: pow2_bucket(case[self.dims[0]]), self.dims[1]: case[self.dims[1]]}
+
+    def describe(self, case):
+        return f"{self.name} {case[self.dims[0]]}x{case[self.dims[1]]}"
+
+
+class CpuLayerNorm(_CpuThreadsOnly):
+    name, device, op = "layernorm", "cpu", "layernorm"
+    sources = ("nbformer.kernels.cpu.layernorm",)
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.layernorm import layernorm_forward
+        from ..reference.forward import layernorm as ref_ln
+
+        N, C = case["N"], case["C"]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((N, C), dtype=np.float32) * np.float32(2.0) + np.float32(0.5)
+        w = rng.standard_normal(C, dtype=np.float32)
+        b = rng.standard_normal(C, dtype=np.float32)
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            layernorm_forward(outs["out"], outs["mean"], outs["rstd"], x, w, b, 1e-5, **kw_of(config))
+
+        def reference():
+            o, m, r = ref_ln(x, w, b, 1e-5)
+            return {"out": o, "mean": m, "rstd": r}
+
+        return Workload(out_shapes={"out": (N, C), "mean": (N,), "rstd": (N,)}, run=run, reference=reference,
+                        tolerance={"out": (1e-5, 1e-5), "mean": (1e-6, 1e-5), "rstd": (1e-6, 1e-5)},
+                        device=_dev("cpu"), flops=8.0 * N * C, bytes=8.0 * N * C)
+
+
+class CpuLayerNormBackward(_CpuThreadsOnly):
+    """dx per row, dw / db over fixed 64-row chunks (layernorm.ROWS_PER_CHUNK, not tunable: it fixes the
+    bits of the reduction) reduced in a fixed order: threads never change a bit."""
+
+    name, device, op, direction = "layernorm_backward", "cpu", "layernorm", "backward"
+    sources = ("nbformer.kernels.cpu.layernorm",)
+    _rows_input = "dout"
+
+    def items(self, case):
+        from ..kernels.cpu.layernorm import ROWS_PER_CHUNK
+
+        return -(-case["N"] // ROWS_PER_CHUNK)
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.layernorm import layernorm_backward
+        from ..reference.backward import layernorm_backward as ref_bwd
+        from ..reference.forward import layernorm as ref_ln
+
+        N, C = case["N"], case["C"]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((N, C), dtype=np.float32)
+        w = rng.standard_normal(C, dtype=np.float32)
+        dout = rng.standard_normal((N, C), dtype=np.float32)
+        _, m64, r64 = ref_ln(x, w, np.zeros(C, np.float32), 1e-5)
+        mean, rstd = m64.astype(np.float32), r64.astype(np.float32)
+        dx, dw, db = ref_bwd(dout, x, w, 1e-5)
+        ref = {"dx": dx, "dw": dw, "db": db}
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            layernorm_backward(outs["dx"], outs["dw"], outs["db"], dout, x, w, mean, rstd, **kw_of(config))
+
+        # the tests' gradient tolerance: 1e-4 of the tensor's largest gradient
+        tol = {k: (1e-4 * max(1.0, float(np.abs(v).max())), 0.0) for k, v in ref.items()}
+        return Workload(out_shapes={"dx": (N, C), "dw": (C,), "db": (C,)}, run=run, reference=lambda: ref,
+                        tolerance=tol, device=_dev("cpu"), flops=12.0 * N * C, bytes=12.0 * N * C)
+
+
+class CpuSoftmax(_CpuThreadsOnly):
+    name, device, op = "softmax", "cpu", "softmax"
+    sources = ("nbformer.kernels.cpu.softmax",)
+    dims = ("N", "V")
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.softmax import softmax_forward
+        from ..reference.forward import softmax as ref_sm
+
+        N, V = case["N"], case["V"]
+        x = np.random.default_rng(seed).standard_normal((N, V), dtype=np.float32) * np.float32(3.0)
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            softmax_forward(outs["out"], x, **kw_of(config))
+
+        return Workload(out_shapes={"out": (N, V)}, run=run, reference=lambda: {"out": ref_sm(x)},
+                        tolerance={"out": (1e-6, 1e-5)}, device=_dev("cpu"), flops=4.0 * N * V, bytes=8.0 * N * V)
+
+
+def _ce_inputs(case, seed):
+    N, V = case["N"], case["V"]
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((N, V), dtype=np.float32) * np.float32(2.0)
+    targets = rng.integers(0, V, N).astype(np.int64)
+    if N > 1:
+        targets[::7] = -100  # ignored rows (padding) take their own path
+    return logits, targets
+
+
+class CpuCrossEntropy(_CpuThreadsOnly):
+    name, device, op = "cross_entropy", "cpu", "cross_entropy"
+    sources = ("nbformer.kernels.cpu.loss",)
+    dims = ("N", "V")
+    _rows_input = "logits"
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.loss import cross_entropy_forward
+        from ..reference.backward import cross_entropy as ref_ce
+
+        N, V = case["N"], case["V"]
+        logits, targets = _ce_inputs(case, seed)
+        losses, lse = ref_ce(logits, targets)
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            cross_entropy_forward(outs["losses"], outs["lse"], logits, targets, **kw_of(config))
+
+        return Workload(out_shapes={"losses": (N,), "lse": (N,)}, run=run,
+                        reference=lambda: {"losses": losses, "lse": lse},
+                        tolerance={"losses": (1e-5, 1e-5), "lse": (1e-5, 1e-5)}, device=_dev("cpu"),
+                        flops=3.0 * N * V, bytes=4.0 * N * V)
+
+
+class CpuCrossEntropyBackward(_CpuThreadsOnly):
+    name, device, op, direction = "cross_entropy_backward", "cpu", "cross_entropy", "backward"
+    sources = ("nbformer.kernels.cpu.loss",)
+    dims = ("N", "V")
+    _rows_input = "logits"
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.loss import cross_entropy_backward
+        from ..reference.backward import cross_entropy as ref_ce
+        from ..reference.backward import cross_entropy_backward as ref_bwd
+
+        N, V = case["N"], case["V"]
+        logits, targets = _ce_inputs(case, seed)
+        lse = ref_ce(logits, targets)[1].astype(np.float32)
+        dloss = 1.0 / max(1, int((targets != -100).sum()))
+        ref = ref_bwd(logits, targets, dloss=dloss)
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            cross_entropy_backward(outs["dlogits"], logits, lse, targets, dloss=dloss, **kw_of(config))
+
+        tol = 1e-4 * max(1e-30, float(np.abs(ref).max()))
+        return Workload(out_shapes={"dlogits": (N, V)}, run=run, reference=lambda: {"dlogits": ref},
+                        tolerance={"dlogits": (tol, 0.0)}, device=_dev("cpu"), flops=3.0 * N * V,
+                        bytes=8.0 * N * V)
+
+
+# ---------------------------------------------------------------- attention backward (training)
+class CpuAttentionBackward(Family):
+    """The CPU attention backward (kernels/cpu/attention_backward.py). Every tunable is bit-exact: each
+    sum there is one per-element FMA chain in a fixed order whatever the tiles, the query chunk, the
+    schedule or the thread count (the kernel's tests check it bit for bit), so the validator demands the
+    default's bits from every candidate, not just the tolerance."""
+
+    name, device, op, direction = "attention_backward", "cpu", "attention", "backward"
+    sources = ("nbformer.kernels.cpu.attention_backward", "nbformer.kernels.cpu.attention")
+    nearest = ("Tq", "Tk", "B")
+
+    def tunables(self):
+        return (
+            Tunable("block_q", (32, 64, 128), 64, True, "query rows per tile"),
+            Tunable("block_k", (32, 64, 128), 64, True, "keys per tile"),
+            Tunable("passes", ("auto", 1, 2), "auto", True,
+                    "1: one item per (batch, kv head); 2: dK/dV then dQ items (auto: choose_passes)"),
+            Tunable("query_chunk", (256, 512, 1024), 512, True, "one pass: query rows kept in L2"),
+            Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True, "Numba threads"),
+        )
+
+    def launch_kwargs(self, config):
+        kw = dict(config)
+        if kw.get("passes") == "auto":
+            kw["passes"] = None
+        return kw
+
+    def _passes(self, config, case):
+        if config["passes"] != "auto":
+            return int(config["passes"])
+        from ..kernels.cpu.attention_backward import choose_passes
+
+        return choose_passes(case["B"], case["NKV"], config["threads"])
+
+    def check(self, config, case):
+        from numba import config as nconfig
+
+        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
+            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        bq, bk, HS = min(config["block_q"], case["Tq"]), min(config["block_k"], case["Tk"]), case["HS"]
+        scratch = 4 * ((bq + bk) * (bk + HS + 16) + 2 * bq * (bk + 16))
+        if self._passes(config, case) == 1:
+            scratch += 4 * 2 * min(config["query_chunk"], case["Tq"]) * HS
+        limit = _l2_bytes()
+        if scratch > limit:
+            return f"per-thread scratch {scratch >> 10} KiB does not fit L2 ({limit >> 10} KiB)"
+        return None
+
+    def effective(self, config, case):
+        p = self._passes(config, case)
+        bq, bk = min(config["block_q"], case["Tq"]), min(config["block_k"], case["Tk"])
+        if p == 1:
+            qch = max(bq, min(config["query_chunk"], case["Tq"]) // bq * bq)
+            items = case["B"] * case["NKV"]
+        else:
+            qch = 0
+            items = max(case["B"] * case["NKV"] * -(-case["Tk"] // bk), case["B"] * case["NH"] * -(-case["Tq"] // bq))
+        return (p, bq, bk, qch, min(config["threads"], items))
+
+    def case_from_node(self, node, graph):
+        if node.op != "attention" or node.direction != "backward" or float(node.attrs.get("dropout_p", 0.0)) > 0:
+            return None
+        q = graph.tensors[node.inputs["q"]].shape
+        kv = graph.tensors[node.inputs["kv"]].shape
+        a = node.attrs
+        NH = int(a["n_heads"])
+        return {"B": int(q[0]), "NH": NH, "NKV": int(a.get("n_kv_heads") or NH), "HS": int(a["head_size"]),
+                "Tq": int(q[1]), "Tk": int(kv[1]), "causal": bool(a.get("causal", False))}
+
+    def bucket(self, case):
+        return _attention_bucket(case)
+
+    def describe(self, case):
+        return "attention_backward" + CpuAttention.describe(self, case)[len("attention"):]
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.attention_backward import attention_backward
+        from ..reference.backward import attention_gqa_backward
+        from ..reference.forward import attention_gqa
+
+        B, NH, NKV, HS, Tq, Tk = (case[k] for k in ("B", "NH", "NKV", "HS", "Tq", "Tk"))
+        causal, scale = bool(case["causal"]), 1.0 / math.sqrt(HS)
+        rng = np.random.default_rng(seed)
+        q = rng.standard_normal((B, Tq, NH * HS), dtype=np.float32)
+        kv = rng.standard_normal((B, Tk, 2 * NKV * HS), dtype=np.float32)
+        dout = rng.standard_normal((B, Tq, NH * HS), dtype=np.float32)
+        mask = np.ones((B, Tk), np.uint8)
+        if B > 1 and Tk > 1:
+            mask[-1, : max(1, Tk // 4)] = 0
+        q4 = q.reshape(B, Tq, NH, HS).transpose(0, 2, 1, 3)
+        k4 = kv[:, :, : NKV * HS].reshape(B, Tk, NKV, HS).transpose(0, 2, 1, 3)
+        v4 = kv[:, :, NKV * HS:].reshape(B, Tk, NKV, HS).transpose(0, 2, 1, 3)
+        o, lse = attention_gqa(q4, k4, v4, mask, causal, scale)
+        out = np.ascontiguousarray(o.transpose(0, 2, 1, 3).reshape(B, Tq, NH * HS), np.float32)
+        lse32 = np.ascontiguousarray(lse, np.float32)
+        d4 = dout.reshape(B, Tq, NH, HS).transpose(0, 2, 1, 3)
+        dq, dk, dv = attention_gqa_backward(q4, k4, v4, d4, mask, causal, scale)
+        ref = {"dq": dq.transpose(0, 2, 1, 3).reshape(B, Tq, NH * HS),
+               "dkv": np.concatenate([dk.transpose(0, 2, 1, 3).reshape(B, Tk, NKV * HS),
+                                      dv.transpose(0, 2, 1, 3).reshape(B, Tk, NKV * HS)], axis=-1)}
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            kw = kw_of(config)
+            if NKV != NH:
+                kw["n_kv_heads"] = NKV
+            attention_backward(outs["dq"], outs["dkv"], outs["delta"], dout, out, lse32, q, 0, kv, 0, NKV * HS,
+                               mask, NH, HS, causal, scale, **kw)
+
+        tol = {k: (1e-4 * max(1.0, float(np.abs(v).max())), 0.0) for k, v in ref.items()}
+        nk = Tk * (Tk + 1) / 2 if causal and Tq == Tk else Tq * Tk
+        wl = Workload(out_shapes={"dq": (B, Tq, NH * HS), "dkv": (B, Tk, 2 * NKV * HS), "delta": (B, NH, Tq)},
+                      run=run, reference=lambda: ref, tolerance=tol, device=_dev("cpu"),
+                      flops=10.0 * B * NH * nk * HS, bytes=4.0 * (3 * q.size + 2 * kv.size))
+        return wl
+
+
+# ---------------------------------------------------------------- CUDA row kernels: threads per block
+class _CudaRowThreads(Family):
+    """A CUDA row kernel (one block per row, a fixed-order shared-memory tree over the block's threads)
+    whose tunable is the threads per block: a power of two, a multiple of the warp (32) and within the
+    device's limit. It shapes the tree (which partial sums meet), so it may change the last bits:
+    declared bit-changing and validated at the tests' tolerance, which is all it promises."""
+
+    device = "cuda"
+    nearest = ("N",)
+    dims = ("N", "C")
+    _rows_input = "x"
+    kernel_module = ""   # nbformer.kernels.cuda.<kernel_module>
+    launcher = ""        # its launcher, also the key of its TUNABLES
+
+    @property
+    def sources(self):
+        return (f"nbformer.kernels.cuda.{self.kernel_module}", "nbformer.kernels.cuda.elementwise",
+                "nbformer.kernels.cuda._jit")
+
+    def _mod(self):
+        import importlib
+
+        return importlib.import_module(f"nbformer.kernels.cuda.{self.kernel_module}")
+
+    def tunables(self):
+        return (Tunable("threads", (32, 64, 128, 256, 512, 1024), self._mod().TUNABLES[self.launcher]["threads"],
+                        False, "threads per block (one block per row): the shape of the reduction tree"),)
+
+    def check(self, config, case):
+        from .machine import machine_key
+
+        t = int(config["threads"])
+        if t < 32 or t % 32 or t & (t - 1):
+            return f"threads per block {t}: expected a power of two and a multiple of the warp (32)"
+        limit = machine_key("cuda")["max_threads_per_block"]
+        if t > limit:
+            return f"{t} threads per block > the device's {limit}"
+        return None
+
+    def effective(self, config, case):
+        return (int(config["threads"]),)  # a thread past the row's end still takes part in the tree
+
+    def case_from_node(self, node, graph):
+        if node.op != self.op or node.direction != self.direction:
+            return None
+        N, C = _rows_of(graph, node.inputs[self._rows_input])
+        return {self.dims[0]: N, self.dims[1]: C}
+
+    def bucket(self, case):
+        return {self.dims[0]: pow2_bucket(case[self.dims[0]]), self.dims[1]: case[self.dims[1]]}
+
+    def describe(self, case):
+        return f"{self.name} {case[self.dims[0]]}x{case[self.dims[1]]}"
+
+
+class CudaLayerNorm(_CudaRowThreads):
+    name, op, kernel_module, launcher = "layernorm", "layernorm", "layernorm", "layernorm_forward"
+
+    def workload(self, case, seed=0):
+        from ..reference.forward import layernorm as ref_ln
+
+        dev, fn, kw_of = _dev("cuda"), self._mod().layernorm_forward, self.launch_kwargs
+        N, C = case["N"], case["C"]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((N, C), dtype=np.float32) * np.float32(2.0) + np.float32(0.5)
+        w = rng.standard_normal(C, dtype=np.float32)
+        b = rng.standard_normal(C, dtype=np.float32)
+        xd, wd, bd = dev.upload(x), dev.upload(w), dev.upload(b)
+
+        def run(outs, config):
+            fn(outs["out"], outs["mean"], outs["rstd"], xd, wd, bd, 1e-5, **kw_of(config))
+
+        def reference():
+            o, m, r = ref_ln(x, w, b, 1e-5)
+            return {"out": o, "mean": m, "rstd": r}
+
+        return Workload(out_shapes={"out": (N, C), "mean": (N,), "rstd": (N,)}, run=run, reference=reference,
+                        tolerance={"out": (1e-5, 1e-5), "mean": (1e-6, 1e-5), "rstd": (1e-6, 1e-5)}, device=dev,
+                        flops=8.0 * N * C, bytes=8.0 * N * C)
+
+
+class CudaRmsNorm(_CudaRowThreads):
+    name, op, kernel_module, launcher = "rmsnorm", "rmsnorm", "rmsnorm", "rmsnorm_forward"
+
+    def workload(self, case, seed=0):
+        from ..reference.forward import rmsnorm as ref_rms
+
+        dev, fn, kw_of = _dev("cuda"), self._mod().rmsnorm_forward, self.launch_kwargs
+        N, C = case["N"], case["C"]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((N, C), dtype=np.float32)
+        w = rng.standard_normal(C, dtype=np.float32)
+        xd, wd = dev.upload(x), dev.upload(w)
+
+        def run(outs, config):
+            fn(outs["out"], outs["rstd"], xd, wd, 1e-6, **kw_of(config))
+
+        def reference():
+            o, r = ref_rms(x, w, 1e-6)
+            return {"out": o, "rstd": r}
+
+        return Workload(out_shapes={"out": (N, C), "rstd": (N,)}, run=run, reference=reference,
+                        tolerance={"out": (1e-5, 1e-5), "rstd": (1e-6, 1e-5)}, device=dev, flops=4.0 * N * C,
+                        bytes=8.0 * N * C)
+
+
+class CudaSoftmax(_CudaRowThreads):
+    name, op, kernel_module, launcher = "softmax", "softmax", "softmax", "softmax_forward"
+    dims = ("N", "V")
+
+    def workload(self, case, seed=0):
+        from ..reference.forward import softmax as ref_sm
+
+        dev, fn, kw_of = _dev("cuda"), self._mod().softmax_forward, self.launch_kwargs
+        N, V = case["N"], case["V"]
+        x = np.random.default_rng(seed).standard_normal((N, V), dtype=np.float32) * np.float32(3.0)
+        xd = dev.upload(x)
+
+        def run(outs, config):
+            fn(outs["out"], xd, **kw_of(config))
+
+        return Workload(out_shapes={"out": (N, V)}, run=run, reference=lambda: {"out": ref_sm(x)},
+                        tolerance={"out": (1e-6, 1e-5)}, device=dev, flops=4.0 * N * V, bytes=8.0 * N * V)
 
 
 # ---------------------------------------------------------------- registry
@@ -560,7 +1139,9 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (CpuLinear(), CpuAttention(), CudaLinear(), CudaAttention()):
+for _f in (CpuLinear(), CpuAttention(), CpuLinearGlu(), CpuLayerNorm(), CpuLayerNormBackward(), CpuSoftmax(),
+           CpuCrossEntropy(), CpuCrossEntropyBackward(), CpuAttentionBackward(),
+           CudaLinear(), CudaAttention(), CudaLayerNorm(), CudaRmsNorm(), CudaSoftmax()):
     register(_f)
 
 

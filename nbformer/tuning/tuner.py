@@ -176,7 +176,8 @@ def tune_case(family, case, *, budget_s=10.0, strategy="grid", seed=0, margin=0.
 
 # ---------------------------------------------------------------- the kernels of a model's plan
 def cases_from_graph(graph, device_kind, families=None) -> list:
-    """[(family, case)] for every tunable node of graph, one per (family, bucket)."""
+    """[(family, case)] for every tunable node of graph, one per (family, bucket); a decoding attention
+    node gives one case per key-length bucket it will run at (family.tuning_cases)."""
     from .space import family_for
 
     out, seen = [], set()
@@ -187,11 +188,12 @@ def cases_from_graph(graph, device_kind, families=None) -> list:
         case = fam.case_from_node(node, graph)
         if case is None:
             continue
-        key = (fam.key, repr(sorted(fam.bucket(case).items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((fam, case))
+        for c in fam.tuning_cases(case):  # decoding attention: one case per key-length bucket
+            key = (fam.key, repr(sorted(fam.bucket(c).items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((fam, c))
     return out
 
 
