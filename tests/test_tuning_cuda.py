@@ -74,3 +74,79 @@ def test_cuda_binding_hands_cached_tunables_to_the_launcher():
     b = runtime.bind(node, g, "cuda")
     assert b.source == "cache" and b.kwargs["BM"] == 32 and b.kwargs["BN"] == 16
     assert runtime.bind(node, g, "cpu").source.startswith("default")  # another device kind's cache
+
+
+ROW_CASES = {"layernorm": {"N": 3, "C": 20}, "rmsnorm": {"N": 3, "C": 20}, "softmax": {"N": 3, "V": 20}}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_CASES))
+def test_cuda_row_families_validate_refuse_and_reject(name):
+    fam = get_family("cuda", name)
+    (t,) = fam.tunables()
+    assert t.name == "threads" and t.bit_exact is False  # the reduction tree's shape: validated at tolerance
+    assert all(v % 32 == 0 for v in t.values)
+    case = ROW_CASES[name]
+    configs = [{"threads": 64}, {"threads": 48}, {"threads": 2048}]
+    r = tune_case(fam, case, configs=configs, default={"threads": 32}, **FAST)
+    assert r.error is None and r.rejected == [] and r.tried == 1
+    why = {c["threads"]: w for c, w in r.invalid}
+    assert "multiple of the warp" in why[48] and "device's 1024" in why[2048]
+
+    class Broken(fam.__class__):  # threads=64 corrupts one element after the kernel ran
+        def workload(self, case, seed=0):
+            wl = super().workload(case, seed)
+            real = wl.run
+
+            def run(outs, cfg):
+                real(outs, cfg)
+                if cfg["threads"] == 64:
+                    o = outs["out"]
+                    h = o.copy_to_host()
+                    h[1, 2] += 1e-2
+                    o.copy_to_device(h)
+
+            wl.run = run
+            return wl
+
+    r = tune_case(Broken(), case, configs=configs[:1], default={"threads": 32}, **FAST)
+    ((cfg, why),) = r.rejected
+    assert cfg["threads"] == 64 and "out: wrong at (1, 2)" in why and r.best["threads"] == 32
+
+
+def test_cuda_layernorm_binding_reaches_the_launcher(monkeypatch):
+    import functools
+
+    import numpy as np
+
+    import nbformer
+    from nbformer import ops
+    from nbformer.devices import get_device
+    from nbformer.kernels.cuda import layernorm as cuda_layernorm
+
+    fam = get_family("cuda", "layernorm")
+    m = nbformer.load(KJV)
+    g = model_graphs(m, 1, 2, ["forward"])["forward"]
+    node = next(n for n in g.nodes if n.op == "layernorm")
+    case = fam.case_from_node(node, g)
+    assert case == {"N": 2, "C": 192}
+    c = TuningCache("cuda")
+    c.put(fam, CaseResult(fam.key, "cuda", case, fam.bucket(case), fam.defaults(case), {"threads": 32}, 2.0, 1.0,
+                          speedup=2.0))
+    c.save()
+    runtime.forget()
+    b = runtime.bind(node, g, "cuda")
+    assert b.source == "cache" and b.kwargs == {"threads": 32}
+    seen = []
+    real = cuda_layernorm.layernorm_forward
+    monkeypatch.setattr(cuda_layernorm, "layernorm_forward", lambda *a, **kw: (seen.append(kw), real(*a, **kw)))
+    dev = get_device("cuda")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 192)).astype(np.float32)
+    out, mean, rstd = (dev.upload(np.full(s, np.nan, np.float32)) for s in ((1, 2, 192), (1, 2), (1, 2)))
+    fn = functools.partial(ops.get("layernorm", "cuda", "forward"), **b.kwargs)
+    fn(out=out, mean=mean, rstd=rstd, x=dev.upload(x), w=dev.upload(np.ones(192, np.float32)),
+       b=dev.upload(np.zeros(192, np.float32)), **node.attrs)
+    assert seen == [{"threads": 32}]
+    got = dev.download(out)
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + node.attrs["eps"])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
