@@ -564,3 +564,15 @@ def test_decode_attention_picks_the_config_of_its_key_length(monkeypatch):
     c.entries.clear()
     c.save()
     assert runtime.bind(node, g, "cpu").kwargs == {}
+
+
+def test_every_family_has_shape_defaults_that_make_a_case():
+    from nbformer.tuning.space import FAMILIES
+
+    for fam in FAMILIES.values():
+        case = fam.shape_defaults()
+        assert case, fam.key
+        if "NKV" in case:
+            case["NKV"], case["Tk"] = case["NKV"] or case["NH"], case["Tk"] or case["Tq"]
+        assert set(fam.bucket(case)) <= set(case) and fam.describe(case)
+        assert set(fam.defaults(case)) == {t.name for t in fam.tunables()} or fam.device == "cuda"

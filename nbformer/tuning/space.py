@@ -205,6 +205,11 @@ class Family:
     def describe(self, case) -> str:
         return ", ".join(f"{k}={v}" for k, v in case.items())
 
+    def shape_defaults(self) -> dict:
+        """The case fields of this family with defaults, for `nbformer tune --kernels NAME --shape K=V,...`
+        (None where the field defaults to another one, e.g. attention's Tk to Tq)."""
+        return dict(getattr(self, "SHAPE_DEFAULTS", {}))
+
     def tuning_cases(self, case) -> list:
         """The cases `nbformer tune` tunes for a node of this case (one, except decoding attention)."""
         return [case]
@@ -273,6 +278,7 @@ def _linear_workload(case, seed, dev, launcher, kwargs_of):
 
 
 class CpuLinear(Family):
+    SHAPE_DEFAULTS = {"N": 256, "K": 768, "M": 768, "act": "none", "bias": False, "residual": False}
     name, device, op = "linear", "cpu", "linear"
     sources = ("nbformer.kernels.cpu.linear", "nbformer.kernels.cpu.gemm")
     nearest = ("N",)
@@ -417,6 +423,7 @@ def _attention_workload(case, seed, dev, launcher, kwargs_of):
 
 
 class CpuAttention(Family):
+    SHAPE_DEFAULTS = {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": False}
     name, device, op = "attention", "cpu", "attention"
     sources = ("nbformer.kernels.cpu.attention",)
     nearest = ("Tq", "Tk", "B")
@@ -479,6 +486,7 @@ class CudaLinear(Family):
     Candidates are the kernel file's CANDIDATES lists (whole tile configurations, not a product)."""
 
     name, device, op = "linear", "cuda", "linear"
+    SHAPE_DEFAULTS = CpuLinear.SHAPE_DEFAULTS
     sources = ("nbformer.kernels.cuda.linear", "nbformer.kernels.cuda._jit")
     nearest = ("N",)
     TILED = ("BM", "BN", "BK", "TM", "TN")
@@ -547,6 +555,7 @@ class CudaLinear(Family):
 
 class CudaAttention(Family):
     name, device, op = "attention", "cuda", "attention"
+    SHAPE_DEFAULTS = CpuAttention.SHAPE_DEFAULTS
     sources = ("nbformer.kernels.cuda.attention", "nbformer.kernels.cuda._jit")
     nearest = ("Tq", "Tk", "B")
 
@@ -621,6 +630,7 @@ class CpuLinearGlu(Family):
     block in one thread, when rows are few), the same validation and bit-safety as CpuLinear."""
 
     name, device, op = "linear_glu", "cpu", "linear_glu"
+    SHAPE_DEFAULTS = {"N": 256, "K": 576, "F": 1536, "act": "silu", "bias": False}
     sources = ("nbformer.kernels.cpu.swiglu", "nbformer.kernels.cpu.linear", "nbformer.kernels.cpu.gemm")
     nearest = ("N",)
     SCRATCH_LIMIT = CpuLinear.SCRATCH_LIMIT
@@ -725,6 +735,9 @@ class _CpuThreadsOnly(Family):
 
     def items(self, case):
         return case["N"]
+
+    def shape_defaults(self):
+        return {self.dims[0]: 256, self.dims[1]: 768}
 
     def effective(self, config, case):
         return (min(config["threads"], max(1, self.items(case))),)
@@ -896,6 +909,7 @@ class CpuAttentionBackward(Family):
     default's bits from every candidate, not just the tolerance."""
 
     name, device, op, direction = "attention_backward", "cpu", "attention", "backward"
+    SHAPE_DEFAULTS = {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": True}
     sources = ("nbformer.kernels.cpu.attention_backward", "nbformer.kernels.cpu.attention")
     nearest = ("Tq", "Tk", "B")
 
@@ -1046,6 +1060,9 @@ class _CudaRowThreads(Family):
 
     def effective(self, config, case):
         return (int(config["threads"]),)  # a thread past the row's end still takes part in the tree
+
+    def shape_defaults(self):
+        return {self.dims[0]: 256, self.dims[1]: 768}
 
     def case_from_node(self, node, graph):
         if node.op != self.op or node.direction != self.direction:
