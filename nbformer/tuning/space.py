@@ -12,7 +12,9 @@ forward, ...). It declares:
   within the device's limits, register tiles dividing the block tiles ...), a reason string when
   a candidate is invalid;
 * `effective(config, case)`: configs that run identically at this shape (a query tile larger than
-  the sequence, a thread count above the number of work items) are timed once;
+  the sequence) are timed once. A thread count is never merged with another, even above the number
+  of work items: it sets the size of the parallel region, whose fork/join (and, on a loaded machine,
+  the wait for a descheduled worker: ~12 ms measured on 2 busy cores) every call pays;
 * `case_from_node(node, graph)`: the shapes a graph node runs at (None: not tunable, e.g. the
   training forward that keeps pre-activations);
 * `bucket(case)`: the cache key of a shape (row counts rounded up to a power of two, model dims
@@ -314,10 +316,8 @@ class CpuLinear(Family):
         N, M = case["N"], case["M"]
         rows, cols = config["rows"], config["cols"]
         if N >= 2 * rows or M <= cols:
-            nblk = -(-N // rows)
-            return ("rows", min(rows, N), min(config["threads"], nblk))
-        nblk = -(-M // cols)
-        return ("cols", min(cols, M), 2 <= N <= config["skinny_max_rows"], min(config["threads"], nblk))
+            return ("rows", min(rows, N), config["threads"])
+        return ("cols", min(cols, M), 2 <= N <= config["skinny_max_rows"], config["threads"])
 
     def case_from_node(self, node, graph):
         return _linear_case_from_node(node, graph)
@@ -454,8 +454,7 @@ class CpuAttention(Family):
 
     def effective(self, config, case):
         bq = min(config["block_q"], case["Tq"])
-        items = case["B"] * case["NH"] * -(-case["Tq"] // bq)
-        return (bq, min(config["block_k"], case["Tk"]), min(config["threads"], items))
+        return (bq, min(config["block_k"], case["Tk"]), config["threads"])
 
     def case_from_node(self, node, graph):
         return _attention_case_from_node(node, graph)
@@ -667,8 +666,8 @@ class CpuLinearGlu(Family):
         N, F = case["N"], case["F"]
         rows, cols = config["rows"], config["cols"]
         if self._by_rows(config, case):
-            return ("rows", min(rows, N), min(config["threads"], -(-N // rows)))
-        return ("cols", min(cols, F), 2 <= N <= config["skinny_max_rows"], min(config["threads"], -(-F // cols)))
+            return ("rows", min(rows, N), config["threads"])
+        return ("cols", min(cols, F), 2 <= N <= config["skinny_max_rows"], config["threads"])
 
     def case_from_node(self, node, graph):
         return _glu_case_from_node(node, graph)
@@ -715,8 +714,8 @@ def _rows_of(graph, name):
 class _CpuThreadsOnly(Family):
     """A CPU kernel whose work items (rows, or fixed row chunks reduced in a fixed order) own disjoint
     outputs: the Numba thread count is its one tunable and never changes a bit (validated bit for bit
-    against the default). Subclasses give `_rows_input` (the (N, C) tensor of the node), `items`,
-    `_run` and `_reference`."""
+    against the default). Subclasses give `_rows_input` (the node's (..., C) tensor that sets the case),
+    `dims` (the case's field names) and `workload`."""
 
     nearest = ("N",)
     _rows_input = "x"
@@ -733,14 +732,11 @@ class _CpuThreadsOnly(Family):
             return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
         return None
 
-    def items(self, case):
-        return case["N"]
-
     def shape_defaults(self):
         return {self.dims[0]: 256, self.dims[1]: 768}
 
     def effective(self, config, case):
-        return (min(config["threads"], max(1, self.items(case))),)
+        return (config["threads"],)
 
     def case_from_node(self, node, graph):
         if node.op != self.op or node.direction != self.direction:
@@ -789,11 +785,6 @@ class CpuLayerNormBackward(_CpuThreadsOnly):
     name, device, op, direction = "layernorm_backward", "cpu", "layernorm", "backward"
     sources = ("nbformer.kernels.cpu.layernorm",)
     _rows_input = "dout"
-
-    def items(self, case):
-        from ..kernels.cpu.layernorm import ROWS_PER_CHUNK
-
-        return -(-case["N"] // ROWS_PER_CHUNK)
 
     def workload(self, case, seed=0):
         from ..kernels.cpu.layernorm import layernorm_backward
@@ -953,13 +944,8 @@ class CpuAttentionBackward(Family):
     def effective(self, config, case):
         p = self._passes(config, case)
         bq, bk = min(config["block_q"], case["Tq"]), min(config["block_k"], case["Tk"])
-        if p == 1:
-            qch = max(bq, min(config["query_chunk"], case["Tq"]) // bq * bq)
-            items = case["B"] * case["NKV"]
-        else:
-            qch = 0
-            items = max(case["B"] * case["NKV"] * -(-case["Tk"] // bk), case["B"] * case["NH"] * -(-case["Tq"] // bq))
-        return (p, bq, bk, qch, min(config["threads"], items))
+        qch = max(bq, min(config["query_chunk"], case["Tq"]) // bq * bq) if p == 1 else 0
+        return (p, bq, bk, qch, config["threads"])
 
     def case_from_node(self, node, graph):
         if node.op != "attention" or node.direction != "backward" or float(node.attrs.get("dropout_p", 0.0)) > 0:
