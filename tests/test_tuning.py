@@ -576,3 +576,58 @@ def test_every_family_has_shape_defaults_that_make_a_case():
             case["NKV"], case["Tk"] = case["NKV"] or case["NH"], case["Tk"] or case["Tq"]
         assert set(fam.bucket(case)) <= set(case) and fam.describe(case)
         assert set(fam.defaults(case)) == {t.name for t in fam.tunables()} or fam.device == "cuda"
+
+
+def test_training_step_uses_the_cached_backward_values_and_keeps_the_bits(monkeypatch):
+    from nbformer.kernels.cpu import attention_backward as cpu_ab
+    from nbformer.kernels.cpu import layernorm as cpu_ln
+    from nbformer.kernels.cpu import loss as cpu_loss
+
+    ids = np.arange(1, 17, dtype=np.int64)[None, :]
+    m = nbformer.load(KJV)
+    loss0, g0 = m.loss_and_grads(ids, ids)  # empty cache: the defaults
+    ex = next(iter(m._runners.values())).executor  # the training step's
+    names = ["layernorm_backward", "cross_entropy", "cross_entropy_backward", "attention_backward"]
+    plan = cases_from_graph(ex.graph, "cpu", names)
+    assert {f.name for f, _ in plan} == set(names)
+    cache = TuningCache("cpu")
+    for fam, case in plan:
+        cache.put(fam, _result(fam, case, {"threads": 1, **({"block_q": 32} if fam.name == "attention_backward"
+                                                            else {})}))
+    cache.save()
+    runtime.forget()
+    seen = {}
+    for mod, fn in ((cpu_ln, "layernorm_backward"), (cpu_loss, "cross_entropy_forward"),
+                    (cpu_loss, "cross_entropy_backward"), (cpu_ab, "attention_backward")):
+        def spy(*a, _real=getattr(mod, fn), _name=fn, **kw):
+            seen.setdefault(_name, []).append({k: kw[k] for k in ("threads", "block_q", "passes") if k in kw})
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(mod, fn, spy)
+    loss1, g1 = nbformer.load(KJV).loss_and_grads(ids, ids)
+    assert set(seen) == {"layernorm_backward", "cross_entropy_forward", "cross_entropy_backward", "attention_backward"}
+    assert all(kw["threads"] == 1 for calls in seen.values() for kw in calls)
+    assert all(kw["block_q"] == 32 and kw["passes"] is None for kw in seen["attention_backward"])
+    # every tunable of these families is bit-exact: the same loss and gradients, bit for bit
+    assert loss1 == loss0 and g1.keys() == g0.keys()
+    assert all(np.array_equal(g1[k].view(np.uint32), g0[k].view(np.uint32)) for k in g0)
+
+
+def test_softmax_binding_reaches_the_launcher(monkeypatch):
+    from nbformer.graph.ir import Graph
+    from nbformer.kernels.cpu import softmax as cpu_softmax
+
+    g = Graph()
+    node = g.node("softmax", {"x": g.tensor("x", (3, 50))}, {"out": g.tensor("out", (3, 50))})
+    fam = get_family("cpu", "softmax")
+    case = fam.case_from_node(node, g)
+    assert case == {"N": 3, "V": 50}
+    c = TuningCache("cpu")
+    c.put(fam, _result(fam, case, {"threads": 1}))
+    c.save()
+    runtime.forget()
+    b = runtime.bind(node, g, "cpu")
+    seen, real = [], cpu_softmax.softmax_forward
+    monkeypatch.setattr(cpu_softmax, "softmax_forward", lambda *a, **kw: (seen.append(kw), real(*a, **kw)))
+    _run_node(node, g, b, np.random.default_rng(0))
+    assert b.source == "cache" and seen == [{"threads": 1}]

@@ -150,3 +150,45 @@ def test_cuda_layernorm_binding_reaches_the_launcher(monkeypatch):
     got = dev.download(out)
     want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + node.attrs["eps"])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _one_node_graph(op, C):
+    from nbformer.graph.ir import Graph
+
+    g = Graph()
+    x, out = g.tensor("x", (2, C)), g.tensor("out", (2, C))
+    if op == "softmax":
+        return g, g.node("softmax", {"x": x}, {"out": out})
+    w, rstd = g.tensor("w", (C,), kind="param"), g.tensor("rstd", (2,))
+    return g, g.node("rmsnorm", {"x": x, "w": w}, {"out": out, "rstd": rstd}, {"eps": 1e-6})
+
+
+@pytest.mark.parametrize("name", ["rmsnorm", "softmax"])
+def test_cuda_rmsnorm_and_softmax_bindings_reach_the_launchers(monkeypatch, name):
+    import functools
+    import importlib
+
+    import numpy as np
+
+    from nbformer import ops
+    from nbformer.devices import get_device
+
+    fam = get_family("cuda", name)
+    g, node = _one_node_graph(name, 40)
+    case = fam.case_from_node(node, g)
+    c = TuningCache("cuda")
+    c.put(fam, CaseResult(fam.key, "cuda", case, fam.bucket(case), fam.defaults(case), {"threads": 64}, 2.0, 1.0,
+                          speedup=2.0))
+    c.save()
+    runtime.forget()
+    b = runtime.bind(node, g, "cuda")
+    assert b.source == "cache" and b.kwargs == {"threads": 64}
+    mod = importlib.import_module(f"nbformer.kernels.cuda.{name}")
+    launcher = f"{name}_forward"
+    seen, real = [], getattr(mod, launcher)
+    monkeypatch.setattr(mod, launcher, lambda *a, **kw: (seen.append(kw), real(*a, **kw)))
+    dev, rng = get_device("cuda"), np.random.default_rng(0)
+    kw = {role: dev.upload(rng.standard_normal(g.tensors[t].shape).astype(np.float32))
+          for role, t in {**node.inputs, **node.outputs}.items()}
+    functools.partial(ops.get(name, "cuda", "forward"), **b.kwargs)(**kw, **node.attrs)
+    assert seen == [{"threads": 64}]
