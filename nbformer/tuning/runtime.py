@@ -10,7 +10,10 @@ NBFORMER_TUNING selects the mode:
 
 `bind(node, graph, device_kind)` -> Binding(kwargs for the launcher, where they came from). The
 executor calls it once per node when it is built, so a run pays nothing per call; the bound
-values are listed by `nbformer inspect MODEL --tuning`.
+values are listed by `nbformer inspect MODEL --tuning`. The one exception is decoding attention,
+whose key length grows every step: its Binding holds a table {power-of-two key-length bucket:
+kwargs} (each bucket resolved here, exact or nearest tuned) and the adapter picks the entry of the
+current length, a dict lookup per call; with nothing tuned the table is dropped (no keywords).
 """
 from __future__ import annotations
 
@@ -116,7 +119,7 @@ def _by_key_len(fam, case, lens, m, cache, allow_tune):
     parts, i = [], 0
     while i < len(rows):  # runs of buckets with the same config and source: 'Tk<=8..64 cache (nearest Tk=64)'
         j = i
-        while j + 1 < len(rows) and rows[j + 1][1:] == rows[i][1:] and rows[j + 1][3] == rows[i][3]:
+        while j + 1 < len(rows) and rows[j + 1][1:] == rows[i][1:]:  # same config, kwargs and source
             j += 1
         span = f"{rows[i][0]}" if i == j else f"{rows[i][0]}..{rows[j][0]}"
         conf = " ".join(f"{k}={v}" for k, v in rows[i][2].items())
