@@ -657,7 +657,8 @@ class CpuLinearGlu(Family):
         N, F = case["N"], case["F"]
         if config["threads"] > nconfig.NUMBA_NUM_THREADS:
             return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
-        scratch = 4 * (min(config["rows"], N) * 2 * F if self._by_rows(config, case) else 2 * N * min(config["cols"], F))
+        by_rows = self._by_rows(config, case)
+        scratch = 4 * (min(config["rows"], N) * 2 * F if by_rows else 2 * N * min(config["cols"], F))
         if scratch > self.SCRATCH_LIMIT:
             return f"{scratch / 2**20:.0f} MiB of block scratch per thread (> {self.SCRATCH_LIMIT >> 20} MiB)"
         return None
