@@ -423,9 +423,12 @@ def _attention_workload(case, seed, dev, launcher, kwargs_of):
 
 
 class CpuAttention(Family):
-    SHAPE_DEFAULTS = {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": False}
+    """The CPU attention forward. Up to attention_decode.MAX_QUERIES queries (decoding) it runs the
+    decode kernel, which has no tiles: there only `threads` changes anything (`effective`)."""
+
     name, device, op = "attention", "cpu", "attention"
-    sources = ("nbformer.kernels.cpu.attention",)
+    SHAPE_DEFAULTS = {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": False}
+    sources = ("nbformer.kernels.cpu.attention", "nbformer.kernels.cpu.attention_decode")
     nearest = ("Tq", "Tk", "B")
 
     def tunables(self):
@@ -453,6 +456,10 @@ class CpuAttention(Family):
         return None
 
     def effective(self, config, case):
+        from ..kernels.cpu.attention_decode import MAX_QUERIES
+
+        if case["Tq"] <= MAX_QUERIES:  # the decode kernel: no tiles
+            return ("decode", config["threads"])
         bq = min(config["block_q"], case["Tq"])
         return (bq, min(config["block_k"], case["Tk"]), config["threads"])
 
