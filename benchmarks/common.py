@@ -180,7 +180,8 @@ def _timed_rounds(fns: dict, repeat: int, quiet: bool) -> dict:
     for k, ts in times.items():
         use = [ts[i] for i in clean] if clean else ts
         out[k] = summarize(use)
-        out[k].update(rounds=len(ts), clean_rounds=len(clean), all_times_s=[round(t, 6) for t in ts])
+        out[k].update(rounds=len(ts), clean_rounds=len(clean), all_times_s=[round(t, 6) for t in ts],
+                      used_rounds=list(clean) if clean else list(range(len(ts))))
     return out
 
 
