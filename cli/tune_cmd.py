@@ -18,11 +18,7 @@ def _parse_shape(text, family):
     """'N=256,K=768,M=3072' -> a case dict of family (missing fields take their defaults)."""
     from nbformer.errors import InputError
 
-    defaults = {"cpu.linear": {"N": 256, "K": 768, "M": 768, "act": "none", "bias": False, "residual": False},
-                "cuda.linear": {"N": 256, "K": 768, "M": 768, "act": "none", "bias": False, "residual": False},
-                "cpu.attention": {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": False},
-                "cuda.attention": {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": False}}
-    case = dict(defaults[family.key])
+    case = dict(family.shape_defaults())  # each family declares its --shape fields
     for part in filter(None, (p.strip() for p in text.split(","))):
         k, eq, v = part.partition("=")
         k = k.strip()
@@ -31,7 +27,7 @@ def _parse_shape(text, family):
         v = v.strip()
         if k == "act":
             case[k] = v
-        elif k in ("bias", "residual", "causal"):
+        elif isinstance(case[k], bool):
             if v.lower() not in ("0", "1", "true", "false", "yes", "no"):
                 raise InputError(f"--shape: {k}={v!r}, expected true or false")
             case[k] = v.lower() in ("1", "true", "yes")

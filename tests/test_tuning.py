@@ -359,6 +359,22 @@ def test_cli_tune_shape_json_and_inspect(monkeypatch):
     assert r.exit_code == 1 and "no tunable kernel family 'embedding'" in r.output
 
 
+@pytest.mark.parametrize("kernel,shape", [("rmsnorm", "N=8,C=64"), ("layernorm_backward", "N=8,C=16"),
+                                          ("linear_glu", "N=3,K=32,F=40,act=gelu_tanh")])
+def test_cli_tune_shape_for_every_kind_of_family(kernel, shape):
+    """--shape reads each family's own declared fields (a fixed table once crashed on new families)."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    r = CliRunner().invoke(main, ["tune", "--kernels", kernel, "--shape", shape, "--budget", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    (res,) = json.loads(r.stdout)["results"]
+    assert res["family"] == f"cpu.{kernel}" and res["error"] is None
+    r = CliRunner().invoke(main, ["tune", "--kernels", kernel, "--shape", "Q=3"])
+    assert r.exit_code == 1 and "expected KEY=VALUE pairs with keys" in r.output
+
+
 # ---------------------------------------------------------------- more CPU families
 def _flip_first(arr):
     arr.reshape(-1).view(np.uint32)[0] ^= 1  # one last-bit change: within any tolerance, not the same bits
@@ -414,7 +430,9 @@ def test_glu_family_rejects_broken_variants_and_its_defaults_keep_the_bits():
 
 THREAD_CASES = {"layernorm": {"N": 70, "C": 24}, "layernorm_backward": {"N": 150, "C": 24},
                 "softmax": {"N": 9, "V": 50}, "cross_entropy": {"N": 9, "V": 50},
-                "cross_entropy_backward": {"N": 9, "V": 50}}
+                "cross_entropy_backward": {"N": 9, "V": 50},
+                # 70 x 600 floats: above rmsnorm.SERIAL_MAX_ELEMENTS, so threads=1 (the serial twin) meets the pool
+                "rmsnorm": {"N": 70, "C": 600}, "rmsnorm_backward": {"N": 150, "C": 24}}
 
 
 @pytest.mark.skipif(__import__("numba").config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")

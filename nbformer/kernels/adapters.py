@@ -205,8 +205,8 @@ def install(kind: str):
         K.get("rmsnorm", "rmsnorm_forward")(out, rstd, x, w, eps, **tuned)
 
     @op("rmsnorm", "rmsnorm", "rmsnorm_backward", "backward")
-    def _rmsnorm_bwd(dx, dw, dout, x, w, rstd):
-        K.get("rmsnorm", "rmsnorm_backward")(dx, dw, dout, x, w, rstd)
+    def _rmsnorm_bwd(dx, dw, dout, x, w, rstd, **tuned):
+        K.get("rmsnorm", "rmsnorm_backward")(dx, dw, dout, x, w, rstd, **tuned)
 
     @op("rope", "rope", "rope_forward")
     def _rope(out, x, pos_ids, inv_freq, n_heads, n_kv_heads, head_size):

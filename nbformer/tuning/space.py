@@ -819,6 +819,70 @@ class CpuLayerNormBackward(_CpuThreadsOnly):
                         tolerance=tol, device=_dev("cpu"), flops=12.0 * N * C, bytes=12.0 * N * C)
 
 
+class CpuRmsNorm(_CpuThreadsOnly):
+    """One row per item; below rmsnorm.SERIAL_MAX_ELEMENTS (and at threads=1) the serial twin runs."""
+
+    name, device, op = "rmsnorm", "cpu", "rmsnorm"
+    sources = ("nbformer.kernels.cpu.rmsnorm",)
+
+    def shape_defaults(self):
+        return {"N": 256, "C": 576}
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.rmsnorm import rmsnorm_forward
+        from ..reference.forward import rmsnorm as ref_rms
+
+        N, C = case["N"], case["C"]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((N, C), dtype=np.float32) * np.float32(2.0)
+        w = rng.standard_normal(C, dtype=np.float32)
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            rmsnorm_forward(outs["out"], outs["rstd"], x, w, 1e-5, **kw_of(config))
+
+        def reference():
+            o, r = ref_rms(x, w, 1e-5)
+            return {"out": o, "rstd": r}
+
+        return Workload(out_shapes={"out": (N, C), "rstd": (N,)}, run=run, reference=reference,
+                        tolerance={"out": (1e-5, 1e-5), "rstd": (1e-6, 1e-5)},
+                        device=_dev("cpu"), flops=4.0 * N * C, bytes=8.0 * N * C)
+
+
+class CpuRmsNormBackward(_CpuThreadsOnly):
+    """dx per row, dw over fixed 64-row chunks (rmsnorm.ROWS_PER_CHUNK, not tunable) in a fixed order."""
+
+    name, device, op, direction = "rmsnorm_backward", "cpu", "rmsnorm", "backward"
+    sources = ("nbformer.kernels.cpu.rmsnorm",)
+    _rows_input = "dout"
+
+    def shape_defaults(self):
+        return {"N": 256, "C": 576}
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu.rmsnorm import rmsnorm_backward
+        from ..reference.backward import rmsnorm_backward as ref_bwd
+        from ..reference.forward import rmsnorm as ref_rms
+
+        N, C = case["N"], case["C"]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((N, C), dtype=np.float32)
+        w = rng.standard_normal(C, dtype=np.float32)
+        dout = rng.standard_normal((N, C), dtype=np.float32)
+        rstd = ref_rms(x, w, 1e-5)[1].astype(np.float32)
+        dx, dw = ref_bwd(dout, x, w, 1e-5)
+        ref = {"dx": dx, "dw": dw}
+        kw_of = self.launch_kwargs
+
+        def run(outs, config):
+            rmsnorm_backward(outs["dx"], outs["dw"], dout, x, w, rstd, **kw_of(config))
+
+        tol = {k: (1e-4 * max(1.0, float(np.abs(v).max())), 0.0) for k, v in ref.items()}
+        return Workload(out_shapes={"dx": (N, C), "dw": (C,)}, run=run, reference=lambda: ref,
+                        tolerance=tol, device=_dev("cpu"), flops=10.0 * N * C, bytes=12.0 * N * C)
+
+
 class CpuSoftmax(_CpuThreadsOnly):
     name, device, op = "softmax", "cpu", "softmax"
     sources = ("nbformer.kernels.cpu.softmax",)
@@ -1150,7 +1214,8 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (CpuLinear(), CpuAttention(), CpuLinearGlu(), CpuLayerNorm(), CpuLayerNormBackward(), CpuSoftmax(),
+for _f in (CpuLinear(), CpuAttention(), CpuLinearGlu(), CpuLayerNorm(), CpuLayerNormBackward(), CpuRmsNorm(),
+          CpuRmsNormBackward(), CpuSoftmax(),
            CpuCrossEntropy(), CpuCrossEntropyBackward(), CpuAttentionBackward(),
            CudaLinear(), CudaAttention(), CudaLayerNorm(), CudaRmsNorm(), CudaSoftmax()):
     register(_f)

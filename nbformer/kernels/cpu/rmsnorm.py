@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from .checks import check_array as _check
+from .gemm import check_threads, num_threads
 from .precompile import F1, F2, F64, I64, R1, R2, kernel
 
 # safe fastmath subset (no nnan/ninf): the float64 row sums may be reassociated, so they vectorise
@@ -50,17 +51,22 @@ def _rmsnorm_forward_serial(out, rstd, x, w, eps):
         _rmsnorm_row(out, rstd, x, w, eps, i)
 
 
-def rmsnorm_forward(out, rstd, x, w, eps):
+def rmsnorm_forward(out, rstd, x, w, eps, *, threads=None):
     """out (..., C) = x * rstd * w with rstd (...) = 1 / sqrt(mean(x^2) + eps), written for backward.
-    out may alias x."""
+    out may alias x. threads: Numba threads for this call (None: unchanged; 1, or fewer than
+    SERIAL_MAX_ELEMENTS elements: the calling thread alone); rows are independent, so never the bits."""
     op = "rmsnorm_forward"
+    threads = check_threads(op, threads)
     _check(op, "x", x, None)
     C = x.shape[-1]
     _check(op, "out", out, x.shape)
     _check(op, "w", w, (C,))
     _check(op, "rstd", rstd, x.shape[:-1])
-    fn = _rmsnorm_forward_serial if x.size <= SERIAL_MAX_ELEMENTS else _rmsnorm_forward
-    fn(out.reshape(-1, C), rstd.reshape(-1), x.reshape(-1, C), w, float(eps))
+    if x.size <= SERIAL_MAX_ELEMENTS or threads == 1:
+        _rmsnorm_forward_serial(out.reshape(-1, C), rstd.reshape(-1), x.reshape(-1, C), w, float(eps))
+        return
+    with num_threads(threads):
+        _rmsnorm_forward(out.reshape(-1, C), rstd.reshape(-1), x.reshape(-1, C), w, float(eps))
 
 
 @kernel((F2, F1, R2, R2, R1, R1, I64), cost=2.0)
@@ -91,12 +97,15 @@ def _rmsnorm_backward(dx, dw, dout, x, w, rstd, rows):
         dw[c] = sw
 
 
-def rmsnorm_backward(dx, dw, dout, x, w, rstd):
+def rmsnorm_backward(dx, dw, dout, x, w, rstd, *, threads=None):
     """Adjoint of rmsnorm_forward. x, dout, dx (..., C); w, dw (C,); rstd (...).
 
     With norm = x * rstd and dnorm = dout * w: dx = rstd * (dnorm - norm * mean(dnorm * norm)),
-    dw = sum_rows(dout * norm). Both written, not accumulated; dx may alias dout."""
+    dw = sum_rows(dout * norm). Both written, not accumulated; dx may alias dout.
+    threads: Numba threads for this call (None: unchanged); the 64-row chunks of dw stay fixed, so
+    never the bits."""
     op = "rmsnorm_backward"
+    threads = check_threads(op, threads)
     _check(op, "x", x, None)
     C = x.shape[-1]
     _check(op, "dout", dout, x.shape)
@@ -104,5 +113,6 @@ def rmsnorm_backward(dx, dw, dout, x, w, rstd):
     _check(op, "w", w, (C,))
     _check(op, "dw", dw, (C,))
     _check(op, "rstd", rstd, x.shape[:-1])
-    _rmsnorm_backward(dx.reshape(-1, C), dw, dout.reshape(-1, C), x.reshape(-1, C), w, rstd.reshape(-1),
-                      ROWS_PER_CHUNK)
+    with num_threads(threads):
+        _rmsnorm_backward(dx.reshape(-1, C), dw, dout.reshape(-1, C), x.reshape(-1, C), w, rstd.reshape(-1),
+                          ROWS_PER_CHUNK)
