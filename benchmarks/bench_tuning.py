@@ -220,8 +220,22 @@ def main(argv=None):
     whole = "\n".join(["", "## Whole workloads, NBFORMER_TUNING=off vs cached (same process, interleaved)", "",
                        md_table(["workload", "default", "tuned", "speed-up (paired median)"], whole_rows), ""])
     path = REPO / "benchmarks" / "results" / "tuning.md"
-    path.write_text(md + whole)
+    path.write_text(md + whole + _hand_written(path))
     print(md + whole)
+
+
+def _hand_written(path) -> str:
+    """The sections of the results file written by hand (their heading says so), kept across runs:
+    from the first such '## ' heading to the end. Re-read them after a run: they may describe old figures."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = 0
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## ") and "written by hand" in line:
+            return "\n" + text[at:]
+        at += len(line)
+    return ""
 
 
 if __name__ == "__main__":
