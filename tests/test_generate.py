@@ -381,3 +381,41 @@ def test_bad_prompts(gpt2, text_model, tmp_path):
         tmp_path, safe_serialization=True)
     with pytest.raises(InputError, match="encoder"):
         nbformer.load(tmp_path).generate(np.array([[1, 2]]), max_new_tokens=3)
+
+
+# ---------------------------------------------------------------- text prompts: what the tokenizer adds
+def _template_tokenizer(single):
+    """A tiny word-level tokenizer whose post-processor wraps a text as `single` says."""
+    import json as _json
+
+    from nbformer.tokenizer import Tokenizer
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}
+    doc = {"version": "1.0", "truncation": None, "padding": None,
+           "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for t, i in (("<s>", 0), ("</s>", 1))],
+           "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
+           "post_processor": {"type": "TemplateProcessing", "single": single, "pair": single,
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]},
+                                                 "</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+           "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    return Tokenizer(json_text=_json.dumps(doc))
+
+
+@pytest.mark.parametrize("template,want", [
+    ([{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], [0, 3, 4]),
+    ([{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+      {"SpecialToken": {"id": "</s>", "type_id": 0}}], [0, 3, 4]),
+    ([{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}], [3, 4]),
+    ([{"Sequence": {"id": "A", "type_id": 0}}], [3, 4]),
+])
+def test_decoder_text_prompts_keep_the_bos_a_tokenizer_adds_never_an_eos(template, want):
+    """Llama / sentencepiece-style tokenizers put BOS before a text (transformers' tokenizer(text) and
+    llama.cpp both feed it): a decoder's text prompt keeps it, but not an appended EOS (the model is to
+    continue the text); an encoder-decoder's decoder prompt gets the plain ids."""
+    from nbformer.generation.inputs import prompt_ids
+
+    tok = _template_tokenizer(template)
+    assert prompt_ids(tok, "hello world", decoder_only=True) == want
+    assert prompt_ids(tok, "hello world", decoder_only=False) == [3, 4]
+    assert prompt_ids(tok, "", decoder_only=True) == []  # empty: the caller starts from bos_token_id

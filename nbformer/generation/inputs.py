@@ -69,6 +69,21 @@ def _clip(ids, mask, n, keep_end):
     return a[..., sl], mask
 
 
+
+def prompt_ids(tok, text: str, decoder_only: bool) -> list:
+    """Token ids of a text prompt. A decoder-only model gets what its tokenizer puts before the text
+    (the BOS of Llama / sentencepiece-style tokenizers, as transformers' tokenizer(text) and llama.cpp
+    give it) but never what it appends after (an EOS would end the text the model is to continue);
+    GPT-2-style tokenizers add nothing. Encoder-decoder prompts are the plain text's ids."""
+    plain = tok.encode(text, add_special_tokens=False)
+    if not decoder_only or not plain:
+        return plain
+    full = tok.encode(text, add_special_tokens=True)
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k] + plain
+    return plain
+
 def prepare(model, prompt, spec: Spec, attention_mask) -> Job:
     """Tokenize / validate / pad / truncate the prompt; also turns a generation-config max_length
     into spec.max_new now that the prompt length is known."""
@@ -141,7 +156,7 @@ def prepare(model, prompt, spec: Spec, attention_mask) -> Job:
         else:
             rows = []
             for i, t in enumerate(texts):
-                r = tok.encode(t, add_special_tokens=False)
+                r = prompt_ids(tok, t, cfg.arch == "decoder")
                 if not r:
                     if cfg.bos_token_id is None:
                         where = "prompt" if kind == "text" else f"prompt[{i}]"
