@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -68,6 +69,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_positions: int = 0  # llama3 only: the pre-training context length
+    # llama.cpp's rope_freqs (GGUF 'rope_freqs.weight', Llama 3.1 files): HS/2 per-dimension divisors of the
+    # inverse frequencies, applied after rope_scaling (inv_freq[i] = scaled[i] / rope_freq_factors[i]); () = none
+    rope_freq_factors: tuple = ()
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -121,6 +125,21 @@ class ModelConfig:
                 bad(name, "a positive number")
         if self.rope_scaling != "none" and self.positions != "rope":
             bad("rope_scaling", "'none' unless positions is 'rope'")
+        if self.rope_freq_factors is None or isinstance(self.rope_freq_factors, (str, bytes)):
+            bad("rope_freq_factors", "a sequence of positive numbers (or empty)")
+        try:  # a list from JSON -> a tuple of floats (the config stays hashable)
+            ff = tuple(float(v) for v in self.rope_freq_factors)
+        except (TypeError, ValueError):
+            bad("rope_freq_factors", "a sequence of positive numbers (or empty)")
+        object.__setattr__(self, "rope_freq_factors", ff)
+        if ff:
+            if self.positions != "rope":
+                bad("rope_freq_factors", "empty unless positions is 'rope'")
+            if len(ff) != self.head_size // 2:
+                raise ConfigError(f"model config: 'rope_freq_factors' has {len(ff)} entries, expected head size / 2 "
+                                  f"= {self.head_size // 2}")
+            if not all(math.isfinite(v) and v > 0 for v in ff):
+                bad("rope_freq_factors", "finite positive numbers")
         if self.rope_scaling == "llama3":
             if not isinstance(self.rope_original_max_positions, int) or self.rope_original_max_positions <= 0:
                 bad("rope_original_max_positions", "a positive integer for rope_scaling 'llama3'")

@@ -6,6 +6,7 @@ from the metadata, inspect / generate on a .gguf path, and hostile files (one Nb
 no memory blow-up)."""
 import struct
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,12 +32,13 @@ CASES = {"gqa4_untied": (4, 1, 64, 96, False, 5e5), "gqa3_tied": (3, 1, 48, 64, 
 IDS = np.array([[1, 5, 17, 99, 250, 3, 7, 42, 8], [9, 8, 7, 6, 5, 4, 3, 2, 1]])
 
 
-def hf_model(NH, NKV, C, F, tied, theta, V=300, seed=0):
+def hf_model(NH, NKV, C, F, tied, theta, V=300, seed=0, rope=None):
     torch.manual_seed(seed)
+    rope_kw = {"rope_parameters": {"rope_theta": theta, **rope}} if rope else {"rope_theta": theta}
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=C, intermediate_size=F, num_hidden_layers=2,
                                    num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=96,
-                                   rope_theta=theta, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=2,
-                                   rms_norm_eps=1e-5)
+                                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=2, rms_norm_eps=1e-5,
+                                   **rope_kw)
     m = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # norms away from 1 so a misplaced norm weight shows
         for n, p in m.named_parameters():
@@ -378,6 +380,139 @@ def test_generate_and_inspect_cli(f32_case):
         assert s in r.output, s
 
 
+# ---------------------------------------------------------------- rotary scaling: rope_freqs (Llama 3.1), linear
+# head size 16 and an original context of 32: the 40 positions below run past it, and the wavelengths
+# 2 pi 10^(i/2) fall in all three llama3 bands (kept, interpolated, divided by the factor)
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+IDS40 = np.random.default_rng(11).integers(0, 300, (2, 40))
+
+
+def llama3_rope_freqs(hf_cfg) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: the F32 freq_factors of 'rope_freqs'.
+    (The converter reads original_max_position_embeddings from the top level of config.json, default
+    8192; these configs keep it in the rope dict, where transformers reads it.)"""
+    import math
+
+    rp = hf_cfg.rope_parameters
+    dim = hf_cfg.head_dim
+    freqs = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+    old = rp["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+def write_with_tensors(path, hf_cfg, sd, tensors: dict, **kw):
+    """write_llama_gguf with extra tensors written first (the converter yields rope_freqs before the weights)."""
+    base = gguf.GGUFWriter
+
+    class Writer(base):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            for name, arr in tensors.items():
+                self.add_tensor(name, arr)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFWriter", Writer)
+        return write_llama_gguf(path, hf_cfg, sd, **kw)
+
+
+@pytest.fixture(scope="module")
+def llama3_file(tmp_path_factory, tok_json):
+    m = hf_model(4, 2, 64, 96, False, 1e4, V=tokenizer_size(tok_json), seed=6, rope=LLAMA3)
+    path = tmp_path_factory.mktemp("llama3") / "llama3.gguf"
+    write_with_tensors(path, m.config, hf_llama_tensors(m), {"rope_freqs.weight": llama3_rope_freqs(m.config)},
+                       tokenizer_json=tok_json)
+    return m, path
+
+
+def test_llama3_rope_freqs_f32_matches_transformers(llama3_file, tmp_path):
+    """rope_freqs.weight divides the frequencies (llama.cpp's freq_factors): F32 logits over 40 positions and
+    greedy KV-cache generation vs transformers' llama3 rope; the file without the tensor is a different model."""
+    from nbformer.weights.positions import rope_inv_freq_of
+
+    m, path = llama3_file
+    nm = nbformer.load(path)
+    c = nm.config
+    assert c.rope_scaling == "none" and len(c.rope_freq_factors) == 8
+    assert_close(rope_inv_freq_of(c), m.model.rotary_emb.inv_freq.double().numpy(), atol=0, rtol=1e-6,
+                 what="inv_freq vs transformers")
+    ids = IDS40 % m.config.vocab_size
+    want = torch_logits(m, ids)
+    assert_close(nm.forward(ids), want, atol=1e-4, rtol=0, what="llama3 GGUF F32 logits vs transformers")
+    plain = tmp_path / "plain.gguf"
+    write_llama_gguf(plain, m.config, hf_llama_tensors(m))
+    assert np.abs(nbformer.load(plain).forward(ids) - want).max() > 1e-3  # the factors do matter here (10x tol)
+    prompt = ids[:1, :30]
+    with torch.no_grad():
+        ref_out = m.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                             pad_token_id=0).numpy()
+    assert np.array_equal(nm.generate(prompt, max_new_tokens=10, stop_at_eos=False), ref_out)
+
+
+def test_linear_rope_scaling_gguf_matches_transformers(tmp_path, tok_json):
+    m = hf_model(4, 2, 64, 96, True, 1e4, seed=7, rope={"rope_type": "linear", "factor": 4.0})
+    path = tmp_path / "linear.gguf"
+    write_llama_gguf(path, m.config, hf_llama_tensors(m),
+                     extra_keys={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
+    nm = nbformer.load(path)
+    assert (nm.config.rope_scaling, nm.config.rope_factor, nm.config.rope_freq_factors) == ("linear", 4.0, ())
+    ids = IDS40 % m.config.vocab_size
+    assert_close(nm.forward(ids), torch_logits(m, ids), atol=1e-4, rtol=0, what="linear GGUF logits vs transformers")
+
+
+def test_quantize_keeps_the_rope_scaling(tmp_path, llama3_file):
+    """`nbformer quantize` of a llama3 HF dir writes rope_freqs.weight as the converter does (and no scaling
+    type key); of a GGUF file with rope_freqs, the same factors; of a linear model, the scaling keys. Loaded
+    back, the rotation is the source's: same logits as the source config on the file's own weights."""
+    from nbformer.model import Model
+    from nbformer.quant.gguf_writer import _float_params
+    from nbformer.weights import Checkpoint
+    from nbformer.weights.positions import rope_inv_freq_of
+
+    m, f32_path = llama3_file
+    src = tmp_path / "hf"
+    m.save_pretrained(src, safe_serialization=True)
+    out = tmp_path / "q8.gguf"
+    r = CliRunner().invoke(cli_main, ["quantize", str(src), "-t", "q8_0", "-o", str(out), "--no-tokenizer"])
+    assert r.exit_code == 0, r.output
+    rd = gguf.GGUFReader(str(out))
+    t = {x.name: x for x in rd.tensors}["rope_freqs.weight"]
+    assert t.tensor_type.name == "F32" and "llama.rope.scaling.type" not in rd.fields
+    assert_close(np.asarray(t.data, np.float64), llama3_rope_freqs(m.config), atol=0, rtol=1e-6,
+                 what="rope_freqs vs convert_hf_to_gguf")
+    q = nbformer.load(out)
+    src_cfg = nbformer.load(src).config
+    assert_close(rope_inv_freq_of(q.config), rope_inv_freq_of(src_cfg), atol=0, rtol=1e-6)
+    ids = IDS40 % m.config.vocab_size
+    same = Model(Checkpoint(src_cfg, _float_params(q.ckpt), [], Path("ref")))
+    assert_close(q.forward(ids), same.forward(ids), atol=1e-5, rtol=0, what="quantized file vs source rope")
+    # GGUF -> GGUF keeps the factors bit for bit
+    again = tmp_path / "again.gguf"
+    r = CliRunner().invoke(cli_main, ["quantize", str(f32_path), "-t", "q8_0", "-o", str(again)])
+    assert r.exit_code == 0, r.output
+    assert nbformer.load(again).config.rope_freq_factors == nbformer.load(f32_path).config.rope_freq_factors
+    # linear: the scaling keys
+    lin = hf_model(4, 2, 64, 96, True, 1e4, seed=7, rope={"rope_type": "linear", "factor": 4.0})
+    lin.save_pretrained(tmp_path / "lin", safe_serialization=True)
+    r = CliRunner().invoke(cli_main, ["quantize", str(tmp_path / "lin"), "-t", "q8_0", "-o", str(tmp_path / "l.gguf"),
+                                      "--no-tokenizer"])
+    assert r.exit_code == 0, r.output
+    lc = nbformer.load(tmp_path / "l.gguf").config
+    assert (lc.rope_scaling, lc.rope_factor, lc.rope_freq_factors) == ("linear", 4.0, ())
+    assert "rope_freqs.weight" not in GGUFFile(tmp_path / "l.gguf").tensors
+
+
 # ---------------------------------------------------------------- hostile files
 @pytest.fixture(scope="module")
 def good_file(tmp_path_factory, tok_json):
@@ -499,6 +634,30 @@ def test_hostile_missing_tensor_and_unknown_architecture(tmp_path, tok_json):
     bad = np.full((64, 64), np.nan, np.float32)
     write_llama_gguf(p, m.config, hf_llama_tensors(m), override={"blk.0.attn_output.weight": bad})
     assert "NaN" in _error(p)
+
+
+def test_hostile_rope_scaling(tmp_path):
+    """rope_freqs of the wrong shape / type, with NaN or zero, and an unknown scaling type: one clear error each."""
+    m = hf_model(4, 1, 64, 96, False, 5e5)
+    sd = hf_llama_tensors(m)
+    cases = {"shape": (np.ones(7, np.float32), "shape (7,), expected (8,)"),
+             "2d": (np.ones((1, 8), np.float32), "expected (8,)"),
+             "nan": (np.array([1, 2, np.nan, 4, 1, 1, 1, 1], np.float32), "nan"),
+             "zero": (np.array([1, 2, 0, 4, 1, 1, 1, 1], np.float32), "0.0"),
+             "negative": (-np.ones(8, np.float32), "-1.0"),
+             "int": (np.ones(8, np.int32), "ggml type I32")}
+    for name, (arr, what) in cases.items():
+        p = tmp_path / f"{name}.gguf"
+        write_with_tensors(p, m.config, sd, {"rope_freqs.weight": arr})
+        msg = _error(p)
+        assert "rope_freqs.weight" in msg and what in msg, msg
+    p = tmp_path / "f16.gguf"  # F16 factors are fine
+    write_with_tensors(p, m.config, sd, {"rope_freqs.weight": np.full(8, 2.0, np.float16)})
+    assert nbformer.load(p).config.rope_freq_factors == (2.0,) * 8
+    p = tmp_path / "yarn.gguf"
+    write_llama_gguf(p, m.config, sd, extra_keys={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    msg = _error(p, ConfigError)
+    assert "'yarn'" in msg and "rope.scaling.type" in msg and "none, linear" in msg
 
 
 def test_every_hostile_error_is_an_nbformer_error_on_the_cli(tmp_path, good_file):

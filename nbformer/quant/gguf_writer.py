@@ -13,6 +13,9 @@ all take it:
 * every linear weight in the chosen block type; norms, biases and position embeddings F32; the
   token embedding in `token_embedding` (default Q8_0, as llama.cpp's own Q4_1 SmolLM2-135M file
   stores it; 'f16' / 'f32' keep it float);
+* rotary scaling as convert_hf_to_gguf writes it: 'linear' as llama.rope.scaling.type / factor,
+  'llama3' (and frequency factors read from a GGUF file) as the F32 rope_freqs.weight tensor of
+  HS/2 divisors of the frequencies (llama.cpp's freq_factors);
 * the tokenizer (tokenizer.ggml.*, from the model's tokenizer.json) and chat template, so the file
   is self-contained.
 
@@ -94,9 +97,6 @@ def write_quantized_gguf(ckpt, path, qtype="q8_0", token_embedding: str = "q8_0"
         raise ConfigError(f"{ckpt.path}: nbformer quantize writes GPT-2 and Llama-family decoders; this model is "
                           f"a {cfg.family} {cfg.arch}")
     arch = "llama" if cfg.family == "llama" else "gpt2"
-    if arch == "llama" and cfg.rope_scaling not in ("none", "linear"):
-        raise ConfigError(f"{ckpt.path}: rope scaling {cfg.rope_scaling!r} cannot be written to GGUF yet "
-                          f"(none or linear)")
     for what, n in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("attention width", cfg.attn_width)):
         if n % 32:
             raise InputError(f"{ckpt.path}: {what} = {n} is not a multiple of 32, so the {t.name.upper()} blocks "
@@ -150,6 +150,12 @@ def write_quantized_gguf(ckpt, path, qtype="q8_0", token_embedding: str = "q8_0"
         if cfg.rope_scaling == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(cfg.rope_factor))
+        # llama3 scaling (and frequency factors read from a GGUF file) as convert_hf_to_gguf writes them:
+        # no scaling type key, a rope_freqs tensor of per-dimension divisors of the frequencies
+        if cfg.rope_scaling == "llama3" or cfg.rope_freq_factors:
+            from ..weights.positions import rope_freq_factors_of
+
+            f32(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freq_factors_of(cfg))
     else:
         w.add_layer_norm_eps(float(cfg.layer_norm_eps))
     w.add_file_type({"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,

@@ -51,6 +51,12 @@ Architectures run: 'llama' (RMSNorm, RoPE, SwiGLU, GQA; tied when there is no ou
 'qwen2' (the same with Q/K/V biases, Q/K rows not permuted: llama.cpp rotates its halves) and
 'gpt2' (the llama.cpp layout: attn_qkv, position_embd); any other general.architecture is a
 ConfigError naming it.
+
+Rotary scaling as llama.cpp reads it: '{arch}.rope.scaling.type' none | linear (with
+'{arch}.rope.scaling.factor': the frequencies divided by it; yarn / longrope are refused), and the
+optional 'rope_freqs.weight' tensor (Llama 3.1 / 3.2 files: convert_hf_to_gguf's per-dimension
+frequency divisors, F32 (HS/2,)), kept as ModelConfig.rope_freq_factors: inv_freq[i] =
+base^(-2i/HS) / factor / rope_freqs[i].
 """
 from __future__ import annotations
 
@@ -387,6 +393,26 @@ def _token_id(gf: GGUFFile, key: str, V: int):
     return int(v) if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < V else None
 
 
+ROPE_FREQS = "rope_freqs.weight"  # gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+
+
+def _rope_freq_factors(gf: GGUFFile, rec: TensorRecord, HS: int) -> tuple:
+    """llama.cpp's rope_freqs tensor (Llama 3.1 files): HS/2 'freq_factors' that divide the rotary
+    frequencies, theta_i = pos * base^(-2i/HS) / ff[i] (ggml_rope_ext). Validated: F32 or F16,
+    shape (HS/2,), finite, > 0."""
+    if rec.type_name not in ("F32", "F16"):
+        raise WeightsError(f"{gf.path}: tensor '{rec.name}' has ggml type {rec.type_name}, expected F32 or F16")
+    if tuple(rec.shape) != (HS // 2,):
+        raise WeightsError(f"{gf.path}: tensor '{rec.name}' has shape {tuple(rec.shape)}, expected ({HS // 2},) "
+                           f"(head size {HS} / 2 rotary frequencies)")
+    ff = tensor_to_float32(rec).astype(np.float64)
+    if not np.isfinite(ff).all() or not (ff > 0).all():
+        bad = ff[~(np.isfinite(ff) & (ff > 0))]
+        raise WeightsError(f"{gf.path}: tensor '{rec.name}' holds {float(bad[0])}: rotary frequency factors must be "
+                           f"finite and > 0")
+    return tuple(float(v) for v in ff)
+
+
 def config_from_gguf(gf: GGUFFile):
     """ModelConfig from a GGUF file's metadata (and which optional tensors it has)."""
     from ..config import ModelConfig
@@ -438,15 +464,15 @@ def config_from_gguf(gf: GGUFFile):
                               f"partial rotary embeddings are not supported")
         if NH % NKV:
             raise ConfigError(f"{gf.path}: '{arch}.attention.head_count_kv' = {NKV} does not divide head_count {NH}")
-        if "rope_freqs.weight" in T:
-            raise ConfigError(f"{gf.path}: has a 'rope_freqs.weight' tensor (Llama 3.1 frequency factors), which "
-                              f"nbformer does not read yet")
         rope = {"rope_theta": m.float("rope.freq_base", 10000.0)}
         kind = m.raw("rope.scaling.type") or "none"
         if kind == "linear":
             rope.update(rope_scaling="linear", rope_factor=m.float("rope.scaling.factor", 1.0))
         elif kind != "none":
-            raise ConfigError(f"{gf.path}: '{arch}.rope.scaling.type' = {kind!r} is not supported (none, linear)")
+            raise ConfigError(f"{gf.path}: '{arch}.rope.scaling.type' = {kind!r} is not supported (supported: "
+                              f"none, linear; Llama 3.1 scaling comes as the rope_freqs.weight tensor)")
+        if ROPE_FREQS in T:
+            rope["rope_freq_factors"] = _rope_freq_factors(gf, T[ROPE_FREQS], HS)
         b = "blk.0."
         return ModelConfig(
             arch="decoder", family="llama", norm_type="rmsnorm", activation="silu", ffn_type="glu",

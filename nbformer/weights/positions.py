@@ -53,6 +53,18 @@ def rope_inv_freq(head_size: int, theta: float, scaling: str = "none", factor: f
 
 
 def rope_inv_freq_of(cfg) -> np.ndarray:
-    """rope_inv_freq for a ModelConfig with positions = 'rope'."""
-    return rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
-                         cfg.rope_high_freq_factor, cfg.rope_original_max_positions)
+    """rope_inv_freq for a ModelConfig with positions = 'rope', then divided by the per-dimension
+    rope_freq_factors when the config has them (llama.cpp's rope_freqs: theta_i = pos * inv_i / ff_i)."""
+    inv = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+                        cfg.rope_high_freq_factor, cfg.rope_original_max_positions)
+    ff = getattr(cfg, "rope_freq_factors", ())
+    return inv / np.asarray(ff, dtype=np.float64) if len(ff) else inv
+
+
+def rope_freq_factors_of(cfg) -> np.ndarray:
+    """(HS/2,) float64 divisors d with rope_inv_freq_of(cfg) = base / d, where base is theta^(-2i/HS)
+    with only a 'linear' rope_scaling applied (GGUF keeps that one as rope.scaling.type / factor):
+    what llama.cpp's rope_freqs tensor holds. All 1 for a model without llama3 scaling or factors."""
+    lin = cfg.rope_scaling == "linear"
+    base = rope_inv_freq(cfg.head_size, cfg.rope_theta, "linear" if lin else "none", cfg.rope_factor)
+    return base / rope_inv_freq_of(cfg)
