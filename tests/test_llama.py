@@ -395,6 +395,59 @@ def test_kv_cache_holds_the_kv_heads_only(llama):
     assert all(v.shape == (2, 10, 2 * c.kv_heads * c.head_size) for v in s.cache.views.values())
 
 
+# ================================================================ rope scaling past the original context
+SCALED_ROPE = {  # llama3: original context 32 (the 40 positions below run past it); with head size 16 the
+    # wavelengths 2 pi 10^(i/2) fall in all three bands: kept (< 8), interpolated, divided by factor (> 32)
+    "llama3": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SCALED_ROPE))
+def test_rope_scaling_past_the_original_context(kind, tmp_path, rng):
+    """40 positions: the inverse frequencies transformers rotates by, logits (right-padded batch),
+    greedy KV-cache generation and, for llama3, every gradient vs transformers."""
+    torch.manual_seed(1)
+    hc = transformers.LlamaConfig(**COMMON, vocab_size=61, hidden_size=64, intermediate_size=48,
+                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                  rope_parameters=dict(SCALED_ROPE[kind]))
+    hf = transformers.LlamaForCausalLM(hc).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    nb = nbformer.load(tmp_path)
+    c = nb.config
+    assert (c.rope_scaling, c.rope_factor) == (kind, 4.0)
+    from nbformer.weights.positions import rope_inv_freq_of
+
+    inv = rope_inv_freq_of(c)
+    assert_close(inv, hf.model.rotary_emb.inv_freq.double().numpy(), atol=0, rtol=1e-6, what="inv_freq")
+    plain = rope_inv_freq(c.head_size, 1e4)
+    kept, divided = np.isclose(inv, plain, rtol=1e-12), np.isclose(inv, plain / 4, rtol=1e-12)
+    assert divided.all() if kind == "linear" else (kept.any() and divided.any() and (~kept & ~divided).any())
+    ids, mask = _right_padded(rng, hc.vocab_size, 2, 40)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    got = nb.forward(ids, attention_mask=mask)
+    real = mask.astype(bool)
+    assert_close(got[real], want[real], atol=1e-4, rtol=0, what=f"{kind} logits vs transformers")
+    p = ids[:1, :28]
+    out = nb.generate(p, max_new_tokens=12, stop_at_eos=False)  # KV cache, positions 28 .. 39
+    with torch.no_grad():
+        ref_out = hf.generate(torch.from_numpy(p), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              pad_token_id=0).numpy()
+    assert np.array_equal(out, ref_out)
+    if kind == "llama3":
+        labels = ids.copy()
+        labels[~real] = -100
+        loss, grads = nb.loss_and_grads(ids, labels, attention_mask=mask)
+        hf.zero_grad()
+        o = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels))
+        o.loss.backward()
+        assert abs(loss - o.loss.item()) < 1e-5
+        for n, prm in hf.named_parameters():
+            rel_check(grads[n], prm.grad.numpy(), n)
+
+
 # ================================================================ fine-tuning from the CLI
 def test_cli_fine_tunes_a_llama_dir(tmp_path):
     from click.testing import CliRunner
@@ -475,6 +528,57 @@ def test_hf_config_variants():
         config_from_hf(_llama_json(num_key_value_heads=3), "c")
     with pytest.raises(ConfigError, match="hidden_act"):
         config_from_hf(_llama_json(hidden_act="tanh"), "c")
+
+
+def test_hf_rope_config_spellings():
+    """rope_type or legacy type, rope_parameters (transformers 5) or rope_scaling (4.x), and what
+    transformers fills in: a top-level rope_theta, a top-level original_max_position_embeddings
+    (it wins), else max_position_embeddings."""
+    from nbformer.weights.hf_llama import config_from_hf
+
+    l3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    a = config_from_hf(_llama_json(rope_theta=5e5, rope_scaling={"type": "llama3", **l3}), "c")
+    assert (a.rope_scaling, a.rope_theta, a.rope_original_max_positions) == ("llama3", 5e5, 64)
+    b = config_from_hf(_llama_json(rope_theta=5e5, original_max_position_embeddings=32,
+                                   rope_parameters={"rope_type": "llama3", **l3,
+                                                    "original_max_position_embeddings": 8192}), "c")
+    assert (b.rope_theta, b.rope_original_max_positions) == (5e5, 32)
+    c = config_from_hf(_llama_json(rope_parameters={"rope_type": "linear", "rope_theta": 2e4, "factor": 3}), "c")
+    assert (c.rope_scaling, c.rope_theta, c.rope_factor) == ("linear", 2e4, 3.0)
+    d = config_from_hf(_llama_json(rope_parameters={"full_attention": {"rope_type": "llama3", "rope_theta": 1e4,
+                                                                       **l3, "original_max_position_embeddings": 16}}),
+                       "c")
+    assert (d.rope_scaling, d.rope_original_max_positions) == ("llama3", 16)
+    for bad, what in (({"rope_type": "linear"}, "'factor'"), ({"rope_type": "linear", "factor": "2"}, "'factor'"),
+                      ({"rope_type": "linear", "factor": float("nan")}, "'factor'"),
+                      ({"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}, "'low_freq_factor'"),
+                      ({"rope_type": "llama3", **l3, "original_max_position_embeddings": -1},
+                       "original_max_position_embeddings"),
+                      ({"rope_type": 3}, "not a string")):
+        with pytest.raises(ConfigError, match=what):
+            config_from_hf(_llama_json(rope_parameters={"rope_theta": 1e4, **bad}), "cfg.json")
+
+
+def test_rope_freq_factors_field():
+    """ModelConfig.rope_freq_factors (GGUF rope_freqs): validated, JSON round trip, divides inv_freq."""
+    from nbformer.weights.positions import rope_freq_factors_of, rope_inv_freq_of
+
+    base = dict(arch="decoder", vocab_size=50, d_model=32, n_heads=4, n_layers=1, d_ff=40, max_positions=64,
+                norm="pre", positions="rope", norm_type="rmsnorm", ffn_type="glu", activation="silu")
+    ff = [1.0, 2.0, 3.0, 4.0]
+    c = ModelConfig(**base, rope_freq_factors=ff)
+    back = ModelConfig.from_dict(json.loads(c.to_json()))  # a JSON list comes back as a tuple: still hashable
+    assert c.rope_freq_factors == (1.0, 2.0, 3.0, 4.0) and back == c and hash(back) == hash(c)
+    assert_close(rope_inv_freq_of(c), rope_inv_freq(8, 1e4) / np.array(ff), atol=0, rtol=1e-15)
+    assert_close(rope_freq_factors_of(c), np.array(ff), atol=0, rtol=1e-15)
+    l3 = c.replace(rope_freq_factors=(), rope_scaling="llama3", rope_factor=4.0, rope_original_max_positions=16)
+    assert_close(rope_inv_freq(8, 1e4) / rope_freq_factors_of(l3), rope_inv_freq_of(l3), atol=0, rtol=1e-15)
+    for bad, what in (([1.0, 2.0], "3 entries|2 entries"), ([1.0, 0.0, 1.0, 1.0], "positive"),
+                      ([1.0, float("nan"), 1.0, 1.0], "positive"), ("abcd", "rope_freq_factors")):
+        with pytest.raises(ConfigError, match=what):
+            ModelConfig(**base, rope_freq_factors=bad)
+    with pytest.raises(ConfigError, match="rope_freq_factors"):
+        ModelConfig(**{**base, "positions": "learned"}, rope_freq_factors=ff)
 
 
 def test_unsupported_rope_scaling_in_a_model_dir(tmp_path):

@@ -15,6 +15,8 @@ RoPE kernel only.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..config import ModelConfig
@@ -32,13 +34,17 @@ _UNSUPPORTED_ROPE = ("dynamic", "yarn", "longrope", "proportional")  # known to 
 def _rope(c: dict, where: str) -> dict:
     """ModelConfig rope fields from rope_parameters (transformers 5) or rope_theta + rope_scaling (4.x)."""
     rp = c.get("rope_parameters")
-    if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):  # per-layer-type layout
+    nested = isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict)
+    if nested:  # per-layer-type layout
         rp = rp["full_attention"]
-    if not isinstance(rp, dict):
-        rp = dict(c.get("rope_scaling") or {})
-        if "rope_theta" in c:
-            rp.setdefault("rope_theta", c["rope_theta"])
+    if not isinstance(rp, dict) or not rp:
+        rp = c.get("rope_scaling")
+    rp = dict(rp) if isinstance(rp, dict) else {}
+    if "rope_theta" in c:  # transformers' standardize_rope_params: the top-level value fills a missing one
+        rp.setdefault("rope_theta", c["rope_theta"])
     kind = rp.get("rope_type", rp.get("type", "default")) or "default"
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}: rope scaling type {kind!r} is not a string")
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (supported: "
                           f"{', '.join(ROPE_TYPES)}; not yet: {', '.join(_UNSUPPORTED_ROPE)})")
@@ -46,17 +52,31 @@ def _rope(c: dict, where: str) -> dict:
     if partial not in (None, 1, 1.0):
         raise ConfigError(f"{where}: partial_rotary_factor = {partial!r} is not supported (rotary positions "
                           f"over the whole head only)")
-    out = {"rope_theta": float(rp.get("rope_theta", 10000.0))}
+
+    def num(key, default=None):
+        v = rp.get(key, default)
+        if v is None:
+            raise ConfigError(f"{where}: rope scaling {kind!r} needs {key!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{where}: rope parameter {key!r} = {v!r}, expected a positive number")
+        return float(v)
+
+    out = {"rope_theta": num("rope_theta", 10000.0)}
     if kind == "linear":
-        out.update(rope_scaling="linear", rope_factor=float(rp["factor"]))
+        out.update(rope_scaling="linear", rope_factor=num("factor"))
     elif kind == "llama3":
-        try:
-            out.update(rope_scaling="llama3", rope_factor=float(rp["factor"]),
-                       rope_low_freq_factor=float(rp["low_freq_factor"]),
-                       rope_high_freq_factor=float(rp["high_freq_factor"]),
-                       rope_original_max_positions=int(rp["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ConfigError(f"{where}: rope scaling 'llama3' needs {e.args[0]!r}") from None
+        # the pre-training length as transformers takes it: a top-level original_max_position_embeddings
+        # wins (non-nested layout), then the rope dict's, then max_position_embeddings
+        orig = c.get("original_max_position_embeddings") if not nested else None
+        if orig is None:
+            orig = rp.get("original_max_position_embeddings", c.get("max_position_embeddings"))
+        if isinstance(orig, float) and orig.is_integer():
+            orig = int(orig)
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+            raise ConfigError(f"{where}: rope scaling 'llama3' needs a positive integer "
+                              f"'original_max_position_embeddings', got {orig!r}")
+        out.update(rope_scaling="llama3", rope_factor=num("factor"), rope_low_freq_factor=num("low_freq_factor"),
+                   rope_high_freq_factor=num("high_freq_factor"), rope_original_max_positions=orig)
     return out
 
 
