@@ -453,6 +453,10 @@ def test_llama3_rope_freqs_f32_matches_transformers(llama3_file, tmp_path):
     plain = tmp_path / "plain.gguf"
     write_llama_gguf(plain, m.config, hf_llama_tensors(m))
     assert np.abs(nbformer.load(plain).forward(ids) - want).max() > 1e-3  # the factors do matter here (10x tol)
+    import reference as ref64  # the float64 reference divides by the factors too
+
+    want64 = ref64.llama_forward(c, nm.ckpt.params, ids)
+    assert_close(want64, want, atol=1e-4, rtol=0, what="float64 reference with rope_freqs vs transformers")
     prompt = ids[:1, :30]
     with torch.no_grad():
         ref_out = m.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False, eos_token_id=None,

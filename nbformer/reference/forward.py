@@ -285,6 +285,9 @@ def llama_forward(cfg, params, ids, mask=None, pos_ids=None):
         pos_ids = np.broadcast_to(np.arange(T), (B, T))
     inv = rope_inv_freq(HS, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
                         cfg.rope_high_freq_factor, cfg.rope_original_max_positions)
+    ff = getattr(cfg, "rope_freq_factors", ())
+    if len(ff):  # a GGUF's rope_freqs divisors (llama.cpp: theta_i = pos * inv_i / ff_i)
+        inv = inv / np.asarray(ff, dtype=np.float64)
     eps = cfg.layer_norm_eps
     x = p["tok_emb"][ids] * cfg.embedding_scale
     for i in range(cfg.n_layers):
