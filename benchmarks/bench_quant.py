@@ -49,29 +49,20 @@ def smollm2_path():
 
 
 def read_bandwidth(mib=512, repeat=5) -> float:
-    """Bytes read per second by a parallel float32 sum (what a memory-bound decode step does)."""
+    """Bytes read per second by nbformer's parallel streaming sum (the roofline's read kernel of
+    `nbformer bench --kernel`: wide vector accumulators, each byte read once), over mib MiB."""
+    import numba
     import numpy as np
-    from numba import njit, prange
 
-    @njit(parallel=True, fastmath=True, cache=False)
-    def _sum(a):
-        n = a.size
-        ch = 1 << 16
-        nc = (n + ch - 1) // ch
-        part = np.zeros(nc)
-        for c in prange(nc):
-            s = np.float32(0.0)
-            for i in range(c * ch, min(n, (c + 1) * ch)):
-                s += a[i]
-            part[c] = s
-        return part.sum()
+    from nbformer.bench._stream import stream_sum
 
     a = np.ones(mib * 1024 * 1024 // 4, np.float32)
-    _sum(a)
+    partial = np.empty(64 * max(1, numba.get_num_threads()), np.float32)
+    stream_sum(a, partial)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        _sum(a)
+        stream_sum(a, partial)
         best = min(best, time.perf_counter() - t0)
     return a.nbytes / best
 
