@@ -118,6 +118,32 @@ def test_cpu_qlinear_glu(rng, qtype, M):
     assert [u for u in precompile.unplanned if u[0].startswith("qlinear.")] == [], "compiled outside its signature"
 
 
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_cpu_qlinear_decode_tiles_bit_identical(rng, qtype):
+    """The decode path's multi-row tiles (4 weight rows, x 2 rows of x) give exactly the bits of the
+    one-row reference (one weight row and one row of x at a time) at awkward shapes: M not a
+    multiple of the tile rows or of the 32-column work items, K = 32 (one block), N = 1, 2, 7 rows
+    (7: tiles of 2 rows of x plus one left), in the plain and the glu launchers."""
+    from nbformer.kernels.cpu.qlinear import decode_reference
+
+    for K in (32, 96):
+        for M_w in (1, 3, 5, 37, 70):
+            w, _ = _case(rng, qtype, 1, K, M_w)
+            for N in (1, 2, 7):
+                x = rng.standard_normal((N, K)).astype(np.float32)
+                ref = decode_reference(x, w.data, qtype)
+                out = np.full((N, M_w), np.nan, np.float32)
+                qlinear_forward(out, x, w.data, qtype, dense_rows=10 ** 9)
+                assert np.array_equal(out, ref), f"{qtype} K={K} M={M_w} N={N}: tiles differ from the one-row path"
+                assert_close(ref, qlinear_reference(x, w), atol=2e-6 * np.abs(ref).max(), rtol=1e-5,
+                             what=f"{qtype} one-row reference K={K} M={M_w} N={N}")
+                if M_w % 2 == 0:  # glu, act 'none': gate * up from the same tiles
+                    F = M_w // 2
+                    og = np.full((N, F), np.nan, np.float32)
+                    qlinear_glu_forward(og, x, w.data, qtype, None, "none", dense_rows=10 ** 9)
+                    assert np.array_equal(og, ref[:, :F] * ref[:, F:]), f"{qtype} glu K={K} M={M_w} N={N}"
+
+
 def test_cpu_qlinear_errors(rng):
     w = quantize(rng.standard_normal((8, 64)).astype(np.float32), "q4_1")
     out = np.empty((1, 8), np.float32)

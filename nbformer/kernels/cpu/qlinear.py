@@ -7,7 +7,10 @@ The weight is the raw ggml bytes wq (M, K/32 * block_bytes) uint8, rows in the n
   is streamed from memory once and dequantized in registers inside the dot product: per block,
   s = sum_t x[t] q[t] (the nibbles / int8 codes converted to float on the fly), then
   acc += d * s + m * sum(x of the block) (Q4_1; Q4_0: d * (s - 8 sum x); Q8_0: d * s). The block
-  sums of x are computed once per call, as llama.cpp keeps them in its q8_1 activations.
+  sums of x are computed once per call, as llama.cpp keeps them in its q8_1 activations. Tiles of
+  4 weight rows (x 2 rows of x) share each load and conversion, with independent accumulators
+  and a software prefetch of the weight stream (_make_tile); every result is bit-identical to the
+  one-row reference (decode_reference).
 * prefill (many rows, compute-bound): a block of weight rows is dequantized into a small float32
   tile (in L2) and multiplied with BLAS sgemm (np.dot, one BLAS thread per Numba thread, as
   linear.py), so the dequantization is paid once per weight per call, not once per row of x.
@@ -66,6 +69,12 @@ _F = ir.FloatType()
 _V16F = ir.VectorType(_F, 16)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
+_I8P = ir.IntType(8).as_pointer()
+_V2F = ir.VectorType(_F, 2)
+_V2H = ir.VectorType(ir.HalfType(), 2)
+# explicit flags on the float ops of the decode tiles: Numba's fastmath pass adds its flags (reassoc ...)
+# only to instructions that have none, and reassociation would let LLVM change the order of the sums
+_EXACT = ("contract",)
 
 
 def _splat(builder, v, ty):
@@ -81,94 +90,240 @@ def _reduce16(builder, v):
         h = n // 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h), list(range(h))))
         hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h), list(range(h, n))))
-        v = builder.fadd(lo, hi)
+        v = builder.fadd(lo, hi, flags=_EXACT)
         n = h
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
-def _half(builder, p):
-    h = builder.load(builder.bitcast(p, ir.IntType(16).as_pointer()), align=1)
-    return builder.fpext(builder.bitcast(h, ir.HalfType()), _F)
+def _c64(v):
+    return ir.Constant(_I64, v)
 
 
-def _make(code):
-    """An intrinsic qrow_dot(row, x, xs, nb) -> float32: the dot product of one quantized weight
-    row (uint8 ggml bytes) with x (K,) float32, xs (nb,) the block sums of x (Q4 formats).
+def _c32(v):
+    return ir.Constant(_I32, v)
 
-    Written in LLVM IR with explicit 16-lane vectors: per block the 16 code bytes (Q8_0: 2 x 16)
-    are widened to int32, split into nibbles, converted to float and multiplied with x; the block
-    scale d multiplies the 16-lane partial (an fma into a vector accumulator), and the offsets
-    (Q4_1: m, Q4_0: -8 d) times the block sum of x go to a scalar; one horizontal sum per row,
-    in a fixed order. (Numba's own loops here were vectorised across blocks with gathers and
-    64-bit integer lanes: 4x slower.) Without AVX-512 LLVM splits the vectors (AVX2: 2 x 8).
-    Callers guarantee K = 32 nb, len(row) = nb * block_bytes, len(xs) >= nb."""
+
+def _arrays(context, builder, sig, args, idx):
+    """(data pointer, row length) of the C-contiguous 2D arrays args[idx]."""
+    out = []
+    for k in idx:
+        a = context.make_array(sig.args[k])(context, builder, args[k])
+        out.append((a.data, cgutils.unpack_tuple(builder, a.shape, 2)[1]))
+    return out
+
+
+def _ints(context, builder, sig, args, idx):
+    return [context.cast(builder, args[k], sig.args[k], types.int64) for k in idx]
+
+
+DECODE_R = 4  # weight rows per tile for one row of x
+DECODE_R2, DECODE_NX = 4, 2  # weight rows x rows of x per tile for 2 .. PREFILL_MIN_ROWS - 1 rows of x
+# software prefetch distance of the decode tiles, in blocks of the weight stream (Q4_1: 7.5 KiB, Q8_0:
+# 12.75 KiB ahead). Without it a decode call on weights not in the caches ran at ~8 GB/s on one core
+# (the hardware prefetcher did not keep up with R interleaved row streams), with it ~16 (Q4_1) and
+# ~30 GB/s (Q8_0) from memory on one core; 144 .. 576 measured, 288 .. 432 best
+DECODE_PREFETCH = 384
+
+
+@intrinsic
+def _block_sums(typingctx, xs, x, nb):
+    """xs[i, blk] = the sum of x[i, 32 blk:32 blk + 32] for every row i, in a fixed order (the two
+    16-lane halves added, then the pairwise horizontal sum of the decode tiles)."""
+    sig = types.void(xs, x, nb)
+
+    def codegen(context, builder, sig_, args):
+        (sp, lds), (xp, ldx) = _arrays(context, builder, sig_, args, (0, 1))
+        n = cgutils.unpack_tuple(builder, context.make_array(sig_.args[1])(context, builder, args[1]).shape, 2)[0]
+        (nbv,) = _ints(context, builder, sig_, args, (2,))
+        with cgutils.for_range(builder, n) as li:
+            xr = builder.gep(xp, [builder.mul(li.index, ldx)])
+            sr = builder.gep(sp, [builder.mul(li.index, lds)])
+            with cgutils.for_range(builder, nbv) as lb:
+                xb = builder.gep(xr, [builder.mul(lb.index, _c64(QK))])
+                x0 = builder.load(builder.bitcast(xb, _V16F.as_pointer()), align=4)
+                x1 = builder.load(builder.bitcast(builder.gep(xb, [_c64(16)]), _V16F.as_pointer()), align=4)
+                builder.store(_reduce16(builder, builder.fadd(x0, x1, flags=_EXACT)), builder.gep(sr, [lb.index]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _make_tile(code, R, NX):
+    """An intrinsic qtile(tmp, c0, i0, wq, r0, x, xs, nb): tmp[i0 + a, c0 + r] = the dot product of
+    the quantized weight row wq[r0 + r] (uint8 ggml bytes, nb blocks) with x[i0 + a] (K = 32 nb
+    float32), for r < R, a < NX; xs (N, nb) the block sums of x (_block_sums; Q4 formats). tmp, wq,
+    x, xs: C-contiguous 2D; callers guarantee the rows exist.
+
+    Written in LLVM IR with explicit 16-lane vectors (Numba's own loops here were vectorised across
+    blocks with gathers and 64-bit integer lanes: 4x slower). One loop over the blocks for R weight
+    rows and NX rows of x: each x block is loaded once for R rows, each weight block converted to
+    float once for NX rows of x, and the R NX accumulator chains are independent (one row at a time,
+    the fma chain of its accumulator was the bound). Per block of a weight row: the fp16 scale d
+    (and the Q4_1 min m) by one 32-bit load and one conversion; the 16 code bytes (Q8_0: 2 x 16)
+    widened to int32, split into nibbles, converted to float. Per (weight row, x row), in this
+    order, which fixes every result bit (the float ops carry explicit flags, so Numba's fastmath
+    pass adds no reassociation to them):
+
+        p = x0 f0;  p = fma(x1, f1, p);  acc = fma(splat(d), p, acc)      (16 lanes)
+        Q4_1: mc = fma(m, s, mc);  Q4_0: mc = fma(d, s, mc)               (s = xs[i, blk])
+        result = hsum(acc) + mc  (Q4_1),  hsum(acc) + (-8 mc)  (Q4_0),  hsum(acc)  (Q8_0)
+
+    with hsum the pairwise 16 -> 8 -> 4 -> 2 -> 1 sum. So a result does not depend on R, NX or
+    where the row falls in a tile: R = NX = 1 is the one-row reference (tests compare the tiles
+    with it bit for bit). Without AVX-512 LLVM splits the vectors (AVX2: 2 x 8); without F16C the
+    half -> float conversion is a library call (slow, same bits).
+
+    Each block load is paired with a software prefetch DECODE_PREFETCH blocks ahead in the weight
+    bytes (rows are contiguous, so that runs into the next rows and the next work item); prefetches
+    past the end of wq are harmless hints."""
     bb = (34, 18, 20)[code]
+    v16i8 = ir.VectorType(ir.IntType(8), 16)
+    v16i32 = ir.VectorType(_I32, 16)
 
     @intrinsic
-    def qrow_dot(typingctx, row, x, xs, nb):
-        sig = types.float32(row, x, xs, nb)
+    def qtile(typingctx, tmp, c0, i0, wq, r0, x, xs, nb):
+        sig = types.void(tmp, c0, i0, wq, r0, x, xs, nb)
 
         def codegen(context, builder, sig_, args):
-            rowp = context.make_array(sig_.args[0])(context, builder, args[0]).data
-            xp = context.make_array(sig_.args[1])(context, builder, args[1]).data
-            xsp = context.make_array(sig_.args[2])(context, builder, args[2]).data
-            nbv = args[3]
+            (tp, ldt), (wp, ldw), (xp, ldx), (sp, lds) = _arrays(context, builder, sig_, args, (0, 3, 5, 6))
+            c0v, i0v, r0v, nbv = _ints(context, builder, sig_, args, (1, 2, 4, 7))
+            rows = [builder.gep(wp, [builder.mul(builder.add(r0v, _c64(r)), ldw)]) for r in range(R)]
+            xrows = [builder.gep(xp, [builder.mul(builder.add(i0v, _c64(a)), ldx)]) for a in range(NX)]
+            srows = [builder.gep(sp, [builder.mul(builder.add(i0v, _c64(a)), lds)]) for a in range(NX)]
             mod = builder.module
-            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+            fma16 = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+            fma2 = cgutils.get_or_insert_function(mod, ir.FunctionType(_V2F, [_V2F] * 3), "llvm.fma.v2f32")
+            fma1 = cgutils.get_or_insert_function(mod, ir.FunctionType(_F, [_F] * 3), "llvm.fma.f32")
+            prefetch = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), "llvm.prefetch.p0")
+            pfd = _c64(DECODE_PREFETCH * bb)
             entry = builder.basic_block
-            loop = builder.append_basic_block("qdot.loop")
-            done = builder.append_basic_block("qdot.done")
+            loop = builder.append_basic_block("qtile.loop")
+            done = builder.append_basic_block("qtile.done")
             builder.branch(loop)
             builder.position_at_end(loop)
             blk = builder.phi(_I64)
-            acc = builder.phi(_V16F)
-            macc = builder.phi(_F)
-            blk.add_incoming(ir.Constant(_I64, 0), entry)
-            acc.add_incoming(ir.Constant(_V16F, [0.0] * 16), entry)
-            macc.add_incoming(ir.Constant(_F, 0.0), entry)
-            o = builder.mul(blk, ir.Constant(_I64, bb))
-            bp = builder.gep(rowp, [o])
-            d = _half(builder, bp)
-            xb = builder.gep(xp, [builder.mul(blk, ir.Constant(_I64, 32))])
-            x0 = builder.load(builder.bitcast(xb, _V16F.as_pointer()), align=4)
-            x1 = builder.load(builder.bitcast(builder.gep(xb, [ir.Constant(_I64, 16)]), _V16F.as_pointer()), align=4)
-            v16i8 = ir.VectorType(ir.IntType(8), 16)
-            v16i32 = ir.VectorType(_I32, 16)
-            if code == 0:
-                q0 = builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(_I64, 2)]), v16i8.as_pointer()), align=1)
-                q1 = builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(_I64, 18)]), v16i8.as_pointer()), align=1)
-                f0 = builder.sitofp(builder.sext(q0, v16i32), _V16F)
-                f1 = builder.sitofp(builder.sext(q1, v16i32), _V16F)
-                mnew = macc
-            else:
-                off = 4 if code == 2 else 2
-                q = builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(_I64, off)]), v16i8.as_pointer()), align=1)
-                q32 = builder.zext(q, v16i32)
-                f0 = builder.uitofp(builder.and_(q32, ir.Constant(v16i32, [15] * 16)), _V16F)
-                f1 = builder.uitofp(builder.lshr(q32, ir.Constant(v16i32, [4] * 16)), _V16F)
-                s = builder.load(builder.gep(xsp, [blk]))
-                if code == 2:
-                    m = _half(builder, builder.gep(bp, [ir.Constant(_I64, 2)]))
+            blk.add_incoming(_c64(0), entry)
+            mty = _V2F if code == 2 else _F  # Q4_1: lanes [sum d s (unused), sum m s]
+            accs, maccs = [], []
+            for _ in range(R * NX):
+                acc = builder.phi(_V16F)
+                acc.add_incoming(ir.Constant(_V16F, [0.0] * 16), entry)
+                mc = builder.phi(mty)
+                mc.add_incoming(ir.Constant(mty, [0.0, 0.0] if code == 2 else 0.0), entry)
+                accs.append(acc)
+                maccs.append(mc)
+            xo = builder.mul(blk, _c64(QK))
+            xv = []
+            for a in range(NX):
+                xb = builder.gep(xrows[a], [xo])
+                x0 = builder.load(builder.bitcast(xb, _V16F.as_pointer()), align=4)
+                x1 = builder.load(builder.bitcast(builder.gep(xb, [_c64(16)]), _V16F.as_pointer()), align=4)
+                s = None
+                if code != 0:
+                    s = builder.load(builder.gep(srows[a], [blk]))
+                    if code == 2:
+                        s = _splat(builder, s, _V2F)
+                xv.append((x0, x1, s))
+            o = builder.mul(blk, _c64(bb))
+            anew, mnew = [None] * (R * NX), [None] * (R * NX)
+            for r in range(R):
+                bp = builder.gep(rows[r], [o])
+                builder.call(prefetch, [builder.gep(bp, [pfd]), _c32(0), _c32(3), _c32(1)])
+                # the block's first two halves, one load and one conversion: [d, m] for Q4_1
+                # (Q4_0 / Q8_0: d and two code bytes, lane 1 not used)
+                dm = builder.fpext(builder.load(builder.bitcast(bp, _V2H.as_pointer()), align=1), _V2F)
+                ds = builder.shuffle_vector(dm, dm, ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+                d = builder.extract_element(dm, _c32(0))
+                if code == 0:
+                    q0 = builder.load(builder.bitcast(builder.gep(bp, [_c64(2)]), v16i8.as_pointer()), align=1)
+                    q1 = builder.load(builder.bitcast(builder.gep(bp, [_c64(18)]), v16i8.as_pointer()), align=1)
+                    f0 = builder.sitofp(builder.sext(q0, v16i32), _V16F)
+                    f1 = builder.sitofp(builder.sext(q1, v16i32), _V16F)
                 else:
-                    m = builder.fmul(d, ir.Constant(_F, -8.0))
-                mnew = builder.fadd(macc, builder.fmul(m, s))
-            p = builder.fmul(x0, f0)
-            p = builder.call(fma, [x1, f1, p])
-            anew = builder.call(fma, [_splat(builder, d, _V16F), p, acc])
-            nxt = builder.add(blk, ir.Constant(_I64, 1))
+                    q = builder.load(builder.bitcast(builder.gep(bp, [_c64(4 if code == 2 else 2)]),
+                                                     v16i8.as_pointer()), align=1)
+                    q32 = builder.zext(q, v16i32)
+                    f0 = builder.uitofp(builder.and_(q32, ir.Constant(v16i32, [15] * 16)), _V16F)
+                    f1 = builder.uitofp(builder.lshr(q32, ir.Constant(v16i32, [4] * 16)), _V16F)
+                for a in range(NX):
+                    k = r * NX + a
+                    x0, x1, s = xv[a]
+                    p = builder.fmul(x0, f0, flags=_EXACT)
+                    p = builder.call(fma16, [x1, f1, p])
+                    anew[k] = builder.call(fma16, [ds, p, accs[k]])
+                    if code == 0:
+                        mnew[k] = maccs[k]
+                    elif code == 1:
+                        mnew[k] = builder.call(fma1, [d, s, maccs[k]])
+                    else:
+                        mnew[k] = builder.call(fma2, [dm, s, maccs[k]])
+            nxt = builder.add(blk, _c64(1))
             blk.add_incoming(nxt, loop)
-            acc.add_incoming(anew, loop)
-            macc.add_incoming(mnew, loop)
+            for k in range(R * NX):
+                accs[k].add_incoming(anew[k], loop)
+                maccs[k].add_incoming(mnew[k], loop)
             builder.cbranch(builder.icmp_signed("<", nxt, nbv), loop, done)
             builder.position_at_end(done)
-            return builder.fadd(_reduce16(builder, anew), mnew)
+            for r in range(R):
+                for a in range(NX):
+                    k = r * NX + a
+                    v = _reduce16(builder, anew[k])
+                    if code == 1:
+                        v = builder.fadd(v, builder.fmul(mnew[k], ir.Constant(_F, -8.0), flags=_EXACT), flags=_EXACT)
+                    elif code == 2:
+                        v = builder.fadd(v, builder.extract_element(mnew[k], _c32(1)), flags=_EXACT)
+                    idx = builder.add(builder.mul(builder.add(i0v, _c64(a)), ldt), builder.add(c0v, _c64(r)))
+                    builder.store(v, builder.gep(tp, [idx]))
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return qrow_dot
+    return qtile
 
 
-qrow_dot_q8_0, qrow_dot_q4_0, qrow_dot_q4_1 = _make(0), _make(1), _make(2)
+def _make_decoder(code):
+    t_r = _make_tile(code, DECODE_R, 1)
+    t_rn = _make_tile(code, DECODE_R2, DECODE_NX)
+    t_r2 = _make_tile(code, DECODE_R2, 1)
+    t_1 = _make_tile(code, 1, 1)
+
+    @njit(inline="always", fastmath=_FM)
+    def decode(tmp, x, xs, wq, r0, n, nb):
+        # tmp[:, :n] = x @ W[r0:r0 + n].T, W dequantized in registers: tiles of R weight rows (x NX rows
+        # of x), then the rows left one at a time
+        N = x.shape[0]
+        j = 0
+        if N == 1:
+            while j + DECODE_R <= n:
+                t_r(tmp, j, 0, wq, r0 + j, x, xs, nb)
+                j += DECODE_R
+        else:
+            while j + DECODE_R2 <= n:
+                i = 0
+                while i + DECODE_NX <= N:
+                    t_rn(tmp, j, i, wq, r0 + j, x, xs, nb)
+                    i += DECODE_NX
+                while i < N:
+                    t_r2(tmp, j, i, wq, r0 + j, x, xs, nb)
+                    i += 1
+                j += DECODE_R2
+        while j < n:
+            for i in range(N):
+                t_1(tmp, j, i, wq, r0 + j, x, xs, nb)
+            j += 1
+
+    @njit(inline="always", fastmath=_FM)
+    def reference(tmp, x, xs, wq, nb):
+        # one weight row and one row of x at a time (the R = NX = 1 tile): what the tiles must equal
+        for j in range(wq.shape[0]):
+            for i in range(x.shape[0]):
+                t_1(tmp, j, i, wq, j, x, xs, nb)
+
+    return decode, reference
+
+
+(_decode_q8_0, _ref_q8_0), (_decode_q4_0, _ref_q4_0), (_decode_q4_1, _ref_q4_1) = (_make_decoder(c) for c in range(3))
 
 
 @njit(inline="always", fastmath=_FM)
@@ -199,17 +354,13 @@ def _dequant_row(dst, row, nb, code):
 
 @njit(inline="always", fastmath=_FM)
 def _decode_block(tmp, x, xs, wq, r0, n, code, nb):
-    # tmp (N, n) = x @ W[r0:r0 + n].T, W dequantized in registers
-    N = x.shape[0]
-    for j in range(n):
-        row = wq[r0 + j]
-        for i in range(N):
-            if code == 0:
-                tmp[i, j] = qrow_dot_q8_0(row, x[i], xs[i], nb)
-            elif code == 1:
-                tmp[i, j] = qrow_dot_q4_0(row, x[i], xs[i], nb)
-            else:
-                tmp[i, j] = qrow_dot_q4_1(row, x[i], xs[i], nb)
+    # tmp (N, >= n) = x @ W[r0:r0 + n].T, W dequantized in registers
+    if code == 0:
+        _decode_q8_0(tmp, x, xs, wq, r0, n, nb)
+    elif code == 1:
+        _decode_q4_0(tmp, x, xs, wq, r0, n, nb)
+    else:
+        _decode_q4_1(tmp, x, xs, wq, r0, n, nb)
 
 
 @njit(inline="always", fastmath=_FM)
@@ -227,27 +378,28 @@ def _qlinear_fwd(out, x, wq, b, act, residual, code, use_bias, use_residual, glu
     N, Mo = out.shape
     K = x.shape[1]
     nb = K // QK
-    xs = np.zeros((N, nb), np.float32)  # block sums of x (the Q4 formats' offsets)
-    if not dense and code != 0:
-        for i in range(N):
-            for blk in range(nb):
-                s = np.float32(0.0)
-                for t in range(QK):
-                    s += x[i, blk * QK + t]
-                xs[i, blk] = s
+    sums = not dense and code != 0
+    xs = np.empty((N, nb if sums else 0), np.float32)  # block sums of x (the Q4 formats' offsets)
+    if sums:
+        _block_sums(xs, x, nb)
     cols = PREFILL_COLS if dense else DECODE_COLS
-    for c in prange((Mo + cols - 1) // cols):
+    nw = (Mo + cols - 1) // cols
+    # the decode path's per-work-item results, one allocation per call (tmp[:, :n] is used)
+    scr = np.empty((0 if dense else nw, 2 if glu else 1, N, cols), np.float32)
+    for c in prange(nw):
         m0 = c * cols
         m1 = min(Mo, m0 + cols)
         n = m1 - m0
-        tmp = np.empty((N, n), np.float32)
-        tmpu = np.empty((N, n if glu else 0), np.float32)
         if dense:
+            tmp = np.empty((N, n), np.float32)
+            tmpu = np.empty((N, n if glu else 0), np.float32)
             tile = np.empty((n, K), np.float32)
             _prefill_block(tmp, tile, x, wq, m0, n, code, nb)
             if glu:
                 _prefill_block(tmpu, tile, x, wq, Mo + m0, n, code, nb)
         else:
+            tmp = scr[c, 0]
+            tmpu = scr[c, 1 if glu else 0]
             _decode_block(tmp, x, xs, wq, m0, n, code, nb)
             if glu:
                 _decode_block(tmpu, x, xs, wq, Mo + m0, n, code, nb)
@@ -263,6 +415,31 @@ def _qlinear_fwd(out, x, wq, b, act, residual, code, use_bias, use_residual, glu
             for i in range(N):
                 _epilogue_row(out, out, tmp, i, i, m0, m1, b, act, residual, use_bias, use_residual, False,
                               SRC_TMP)
+
+
+@njit(cache=False, nogil=True, fastmath=_FM)
+def _decode_reference_fwd(out, x, wq, code):
+    nb = x.shape[1] // QK
+    xs = np.empty((x.shape[0], nb if code != 0 else 0), np.float32)
+    if code != 0:
+        _block_sums(xs, x, nb)
+    if code == 0:
+        _ref_q8_0(out, x, xs, wq, nb)
+    elif code == 1:
+        _ref_q4_0(out, x, xs, wq, nb)
+    else:
+        _ref_q4_1(out, x, xs, wq, nb)
+
+
+def decode_reference(x, wq, qtype):
+    """x (N, K) @ W.T by the one-row reference of the decode tiles (one weight row and one row of x
+    at a time, serial; for tests): the decode path (qlinear_forward with fewer than dense_rows rows)
+    must give these bits exactly."""
+    t = _code_of("decode_reference", qtype)
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty((x.shape[0], wq.shape[0]), np.float32)
+    _decode_reference_fwd(out, x, np.ascontiguousarray(wq), t.code)
+    return out
 
 
 def _code_of(op, qtype):
