@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+import numba
+from numba import get_thread_id, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -123,6 +124,7 @@ DECODE_R2, DECODE_NX = 4, 2  # weight rows x rows of x per tile for 2 .. PREFILL
 # (the hardware prefetcher did not keep up with R interleaved row streams), with it ~16 (Q4_1) and
 # ~30 GB/s (Q8_0) from memory on one core; 144 .. 576 measured, 288 .. 432 best
 DECODE_PREFETCH = 384
+MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # get_thread_id() < this
 
 
 @intrinsic
@@ -143,6 +145,25 @@ def _block_sums(typingctx, xs, x, nb):
                 x0 = builder.load(builder.bitcast(xb, _V16F.as_pointer()), align=4)
                 x1 = builder.load(builder.bitcast(builder.gep(xb, [_c64(16)]), _V16F.as_pointer()), align=4)
                 builder.store(_reduce16(builder, builder.fadd(x0, x1, flags=_EXACT)), builder.gep(sr, [lb.index]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch_rows(typingctx, wq, r0, nbytes):
+    """Software prefetch of the nbytes bytes of wq (C-contiguous 2D) from row r0 on, one per 64."""
+    sig = types.void(wq, r0, nbytes)
+
+    def codegen(context, builder, sig_, args):
+        ((wp, ldw),) = _arrays(context, builder, sig_, args, (0,))
+        r0v, nbv = _ints(context, builder, sig_, args, (1, 2))
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        base = builder.gep(wp, [builder.mul(r0v, ldw)])
+        n = builder.udiv(builder.add(nbv, _c64(63)), _c64(64))
+        with cgutils.for_range(builder, n) as li:
+            builder.call(prefetch, [builder.gep(base, [builder.mul(li.index, _c64(64))]), _c32(0), _c32(3), _c32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -353,8 +374,13 @@ def _dequant_row(dst, row, nb, code):
 
 
 @njit(inline="always", fastmath=_FM)
-def _decode_block(tmp, x, xs, wq, r0, n, code, nb):
-    # tmp (N, >= n) = x @ W[r0:r0 + n].T, W dequantized in registers
+def _decode_block(tmp, x, xs, wq, r0, n, code, nb, burst):
+    # tmp (N, >= n) = x @ W[r0:r0 + n].T, W dequantized in registers. burst (a thread's first work
+    # item): first prefetch the block's first DECODE_PREFETCH blocks (the tiles prefetch that far
+    # ahead, so on later work items these lines are in flight already)
+    if burst:
+        bb = 34 if code == 0 else (18 if code == 1 else 20)
+        _prefetch_rows(wq, r0, min(n * nb, DECODE_PREFETCH) * bb)
     if code == 0:
         _decode_q8_0(tmp, x, xs, wq, r0, n, nb)
     elif code == 1:
@@ -386,6 +412,7 @@ def _qlinear_fwd(out, x, wq, b, act, residual, code, use_bias, use_residual, glu
     nw = (Mo + cols - 1) // cols
     # the decode path's per-work-item results, one allocation per call (tmp[:, :n] is used)
     scr = np.empty((0 if dense else nw, 2 if glu else 1, N, cols), np.float32)
+    started = np.zeros(MAX_THREADS, np.uint8)  # per thread: has it run a work item yet
     for c in prange(nw):
         m0 = c * cols
         m1 = min(Mo, m0 + cols)
@@ -400,9 +427,12 @@ def _qlinear_fwd(out, x, wq, b, act, residual, code, use_bias, use_residual, glu
         else:
             tmp = scr[c, 0]
             tmpu = scr[c, 1 if glu else 0]
-            _decode_block(tmp, x, xs, wq, m0, n, code, nb)
+            tid = min(get_thread_id(), MAX_THREADS - 1)
+            burst = started[tid] == 0
+            started[tid] = 1
+            _decode_block(tmp, x, xs, wq, m0, n, code, nb, burst)
             if glu:
-                _decode_block(tmpu, x, xs, wq, Mo + m0, n, code, nb)
+                _decode_block(tmpu, x, xs, wq, Mo + m0, n, code, nb, burst)
         if glu:
             for i in range(N):
                 g, u = tmp[i], tmpu[i]
@@ -467,22 +497,55 @@ def _rows(x2, dense_rows):
     return x2.shape[0] >= dense_rows
 
 
+_F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)
+_QT_MEMO: dict = {}  # qtype strings seen -> QType (a decode step calls the launchers ~120 times)
+
+
+def _ok(a, dtype):
+    return type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous
+
+
+def _fast_ok(out, x, wq, qtype, b, act, residual, rows_out):
+    """True when the launcher's checks would all pass, tested the quick way (a decode step's
+    Python overhead per call was ~2.7 us, as much as a small weight's kernel); on False the full
+    checks run and raise their errors."""
+    t = _QT_MEMO.get(qtype) if type(qtype) is str else None
+    if t is None or not (_ok(x, _F32) and _ok(wq, _U8) and _ok(out, _F32)) or act not in ACT_CODES:
+        return None
+    K = x.shape[-1]
+    if K % QK or K == 0 or wq.ndim != 2 or wq.shape[1] != (K // QK) * t.block_bytes:
+        return None
+    M = wq.shape[0]
+    if out.shape != x.shape[:-1] + (rows_out(M),):
+        return None
+    if b is not None and not (_ok(b, _F32) and b.shape == (M,)):
+        return None
+    if residual is not None and not (_ok(residual, _F32) and residual.shape == out.shape):
+        return None
+    return t
+
+
 def qlinear_forward(out, x, wq, qtype, b=None, act="none", residual=None, dense_rows=None):
     """out (..., M) = act(x (..., K) @ W.T + b) [+ residual (..., M)], W (M, K) the quantized
     weight whose ggml bytes are wq (M, K/32 * block_bytes) uint8. out may alias residual.
     dense_rows: from how many rows of x on the prefill path (tile + sgemm) runs."""
-    op = "qlinear_forward"
-    t, K = _check_common(op, out, x, wq, qtype, None, None)
-    M = wq.shape[0]
-    oshape = x.shape[:-1] + (M,)
-    _check(op, "out", out, oshape)
+    t = _fast_ok(out, x, wq, qtype, b, act, residual, _same)
+    if t is None:
+        op = "qlinear_forward"
+        t, K = _check_common(op, out, x, wq, qtype, None, None)
+        M = wq.shape[0]
+        oshape = x.shape[:-1] + (M,)
+        _check(op, "out", out, oshape)
+        if b is not None:
+            _check(op, "b", b, (M,))
+        if residual is not None:
+            _check(op, "residual", residual, oshape)
+        if act not in ACT_CODES:
+            raise GraphError(f"{op}: 'act' is {act!r}, expected one of {sorted(ACT_CODES)}")
+        if isinstance(qtype, str):
+            _QT_MEMO[qtype] = t
+    M, K = wq.shape[0], x.shape[-1]
     use_bias, use_res = b is not None, residual is not None
-    if use_bias:
-        _check(op, "b", b, (M,))
-    if use_res:
-        _check(op, "residual", residual, oshape)
-    if act not in ACT_CODES:
-        raise GraphError(f"{op}: 'act' is {act!r}, expected one of {sorted(ACT_CODES)}")
     out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
     dense = _rows(x2, PREFILL_MIN_ROWS if dense_rows is None else dense_rows)
     if dense:
@@ -491,21 +554,34 @@ def qlinear_forward(out, x, wq, qtype, b=None, act="none", residual=None, dense_
                  residual.reshape(-1, M) if use_res else out2, t.code, use_bias, use_res, False, dense)
 
 
+def _same(M):
+    return M
+
+
+def _half_rows(M):
+    return M // 2 if M % 2 == 0 else -1
+
+
 def qlinear_glu_forward(out, x, wq, qtype, b=None, act="silu", dense_rows=None):
     """out (..., F) = act(x @ Wg.T + bg) * (x @ Wu.T + bu), the quantized W (2F, K) = gate rows
     then up rows (the fused ffn.gate_up weight), bytes wq (2F, K/32 * block_bytes) uint8."""
-    op = "qlinear_glu_forward"
-    t, K = _check_common(op, out, x, wq, qtype, None, None)
-    M = wq.shape[0]
-    if M % 2:
-        raise GraphError(f"{op}: 'wq' has {M} rows; a fused gate|up weight has an even number")
+    t = _fast_ok(out, x, wq, qtype, b, act, None, _half_rows)
+    if t is None:
+        op = "qlinear_glu_forward"
+        t, K = _check_common(op, out, x, wq, qtype, None, None)
+        M = wq.shape[0]
+        if M % 2:
+            raise GraphError(f"{op}: 'wq' has {M} rows; a fused gate|up weight has an even number")
+        _check(op, "out", out, x.shape[:-1] + (M // 2,))
+        if b is not None:
+            _check(op, "b", b, (M,))
+        if act not in ACT_CODES:
+            raise GraphError(f"{op}: 'act' is {act!r}, expected one of {sorted(ACT_CODES)}")
+        if isinstance(qtype, str):
+            _QT_MEMO[qtype] = t
+    M, K = wq.shape[0], x.shape[-1]
     F = M // 2
-    _check(op, "out", out, x.shape[:-1] + (F,))
     use_bias = b is not None
-    if use_bias:
-        _check(op, "b", b, (M,))
-    if act not in ACT_CODES:
-        raise GraphError(f"{op}: 'act' is {act!r}, expected one of {sorted(ACT_CODES)}")
     out2, x2 = out.reshape(-1, F), x.reshape(-1, K)
     dense = _rows(x2, PREFILL_MIN_ROWS if dense_rows is None else dense_rows)
     if dense:
