@@ -328,8 +328,17 @@ def write_results(name: str, title: str, columns, rows, notes=(), extra: dict | 
                       f"out of the statistics while clean ones remain (each round waits up to "
                       f"{QUIET_TIMEOUT:.0f} s for a quiet machine first).")
     text = "\n".join(md)
-    (RESULTS_DIR / f"{name}.md").write_text(text)
+    path = RESULTS_DIR / f"{name}.md"
+    kept = ""
+    if path.exists():  # hand-written analysis below KEEP_MARKER survives a rerun
+        old = path.read_text()
+        at = old.find(KEEP_MARKER)
+        kept = "\n" + old[at:] if at >= 0 else ""
+    path.write_text(text + kept)
     return text
+
+
+KEEP_MARKER = "<!-- analysis: kept when the benchmark rewrites the tables above -->"
 
 
 def bench_args(description: str, warmup: int = 2, repeat: int = 5):
