@@ -25,7 +25,7 @@ def _parse_shape(text, family):
         if not eq or k not in case:
             raise InputError(f"--shape {text!r}: expected KEY=VALUE pairs with keys {sorted(case)} for {family.name}")
         v = v.strip()
-        if k == "act":
+        if isinstance(case[k], str):  # act, qtype
             case[k] = v
         elif isinstance(case[k], bool):
             if v.lower() not in ("0", "1", "true", "false", "yes", "no"):

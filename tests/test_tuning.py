@@ -18,6 +18,7 @@ from nbformer.tuning.machine import cache_dir, key_id, machine_key
 from nbformer.tuning.space import CpuLinear, Family, Tunable, Workload, get_family
 from nbformer.tuning.tuner import cases_from_graph, model_graphs, tune_case
 from nbformer.tuning.validate import validate
+from conftest import assert_close
 
 KJV = Path(__file__).resolve().parent.parent / "weights" / "kjv-gpt"
 
@@ -360,7 +361,8 @@ def test_cli_tune_shape_json_and_inspect(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel,shape", [("rmsnorm", "N=8,C=64"), ("layernorm_backward", "N=8,C=16"),
-                                          ("linear_glu", "N=3,K=32,F=40,act=gelu_tanh")])
+                                          ("linear_glu", "N=3,K=32,F=40,act=gelu_tanh"),
+                                          ("qlinear", "N=2,K=64,M=40,qtype=q8_0")])
 def test_cli_tune_shape_for_every_kind_of_family(kernel, shape):
     """--shape reads each family's own declared fields (a fixed table once crashed on new families)."""
     from click.testing import CliRunner
@@ -649,3 +651,87 @@ def test_softmax_binding_reaches_the_launcher(monkeypatch):
     monkeypatch.setattr(cpu_softmax, "softmax_forward", lambda *a, **kw: (seen.append(kw), real(*a, **kw)))
     _run_node(node, g, b, np.random.default_rng(0))
     assert b.source == "cache" and seen == [{"threads": 1}]
+
+
+# ---------------------------------------------------------------- quantized linear layers
+class BrokenQLinear(get_family("cpu", "qlinear").__class__):
+    """qlinear with decode_cols=16 flipping one last bit (declared bit-exact) and dense_rows=2 writing nothing."""
+
+    def workload(self, case, seed=0):
+        wl = super().workload(case, seed)
+        real = wl.run
+
+        def run(outs, cfg):
+            if cfg["dense_rows"] == 2:
+                return
+            real(outs, cfg)
+            if cfg["decode_cols"] == 16:
+                _flip_first(outs["out"])
+
+        wl.run = run
+        return wl
+
+
+def test_qlinear_families_validate_and_refuse_broken_variants():
+    fam = get_family("cpu", "qlinear")
+    assert {t.name: t.bit_exact for t in fam.tunables()} == {"dense_rows": False, "decode_cols": True,
+                                                            "prefill_cols": False, "threads": True}
+    case = {"N": 3, "K": 64, "M": 70, "qtype": "q4_1"}
+    r = tune_case(fam, case, budget_s=300, configs=[{"decode_cols": 16, "threads": 1}, {"dense_rows": 2}],
+                  rounds=2, confirm_rounds=2)
+    assert r.error is None and r.rejected == [] and r.tried == 2  # other columns: same bits; prefill: at tolerance
+    r = tune_case(BrokenQLinear(), case, budget_s=300, configs=[{"decode_cols": 16}, {"dense_rows": 2}],
+                  rounds=2, confirm_rounds=2)
+    why = {(c["decode_cols"], c["dense_rows"]): reason for c, reason in r.rejected}
+    assert "differ in their bits" in why[(16, 16)] and "unwritten" in why[(32, 2)]
+    glu = get_family("cpu", "qlinear_glu")
+    r = tune_case(glu, {"N": 20, "K": 32, "M": 80, "qtype": "q8_0"}, budget_s=300,
+                  configs=[{"prefill_cols": 32}, {"dense_rows": 64, "decode_cols": 64}], rounds=2, confirm_rounds=2)
+    assert r.error is None and r.rejected == [] and r.tried == 2
+
+
+def test_quantized_model_runs_the_cached_qlinear_configs(monkeypatch):
+    """A Q4_1 Llama after tuning: every qlinear / qlinear_glu launch gets its cached keywords (observed),
+    and the logits stay within the quantized kernels' tolerance of the default configs."""
+    from nbformer.graph.build import build_forward
+    from nbformer.kernels.cpu import qlinear
+    from nbformer.model import Model
+    from nbformer.quant import quantize
+    from nbformer.training.trainer import init_params
+    from nbformer.weights import Checkpoint
+
+    cfg = _llama_cfg(d_ff=64)  # every in-features a multiple of the 32-weight blocks
+    p = init_params(cfg, seed=1, std=0.1)
+    quant = {k: quantize(v, "q4_1") for k, v in p.items() if k.endswith((".qkv.w", ".out.w", ".gate_up.w", ".down.w"))}
+    fp = {k: v for k, v in p.items() if k not in quant}
+
+    def model():
+        return Model(Checkpoint(cfg, fp, [], Path("q"), quantized=quant))
+
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9))
+    monkeypatch.setenv("NBFORMER_TUNING", "off")
+    want = model().forward(ids)
+    m = model()
+    g = build_forward(m.config, 2, 9)
+    cache, wanted = TuningCache("cpu"), []
+    for node in g.nodes:
+        if node.op in ("qlinear", "qlinear_glu"):
+            fam = get_family("cpu", node.op)
+            case = fam.case_from_node(node, g)
+            assert case["N"] == 18 and case["qtype"] == "q4_1"
+            best = {"dense_rows": 32, "decode_cols": 16, "threads": 1}  # 18 rows: decode path instead of prefill
+            cache.put(fam, _result(fam, case, best))
+            wanted.append(node.op)
+    cache.save()
+    monkeypatch.setenv("NBFORMER_TUNING", "cached")
+    runtime.forget()
+    seen = []
+    for name in ("qlinear_forward", "qlinear_glu_forward"):
+        real = getattr(qlinear, name)
+        monkeypatch.setattr(qlinear, name, lambda *a, _real=real, _n=name, **kw: (seen.append((_n, a[2].shape[0], kw)),
+                                                                                 _real(*a, **kw))[1])
+    got = m.forward(ids)
+    assert len(seen) == len(wanted) and all(
+        {k: kw[k] for k in ("dense_rows", "decode_cols", "threads")} == {"dense_rows": 32, "decode_cols": 16, "threads": 1}
+        for _, _, kw in seen), seen
+    assert_close(got, want, atol=1e-5 * np.abs(want).max(), rtol=0, what="tuned vs default quantized logits")

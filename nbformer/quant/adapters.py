@@ -24,10 +24,10 @@ def install(kind: str):
 
     if hasattr(mod, "qlinear_forward"):
         @register("qlinear", kind)
-        def _qlinear(out, x, w, b=None, residual=None, act="none", qtype="q8_0"):
-            mod.qlinear_forward(out, x, w, qtype, b, act, residual)
+        def _qlinear(out, x, w, b=None, residual=None, act="none", qtype="q8_0", **tuned):
+            mod.qlinear_forward(out, x, w, qtype, b, act, residual, **tuned)  # tuned: nbformer.tuning
 
     if hasattr(mod, "qlinear_glu_forward"):
         @register("qlinear_glu", kind)
-        def _qlinear_glu(out, x, w, b=None, act="silu", qtype="q8_0"):
-            mod.qlinear_glu_forward(out, x, w, qtype, b, act)
+        def _qlinear_glu(out, x, w, b=None, act="silu", qtype="q8_0", **tuned):
+            mod.qlinear_glu_forward(out, x, w, qtype, b, act, **tuned)

@@ -713,6 +713,98 @@ class CpuLinearGlu(Family):
                         bytes=4.0 * (N * K + 2 * F * K + N * F))
 
 
+# ---------------------------------------------------------------- quantized linear layers (ggml blocks kept quantized)
+class CpuQLinear(Family):
+    """kernels/cpu/qlinear.py: decode path (few rows of x; row dots dequantized in registers) below
+    dense_rows rows, prefill path (dequantized tiles + sgemm) from it."""
+
+    SHAPE_DEFAULTS = {"N": 1, "K": 576, "M": 960, "qtype": "q4_1"}
+    name, device, op = "qlinear", "cpu", "qlinear"
+    sources = ("nbformer.kernels.cpu.qlinear", "nbformer.quant.formats")
+    nearest = ("N",)
+    glu = False
+
+    def tunables(self):
+        from ..kernels.cpu import qlinear
+
+        return (
+            Tunable("dense_rows", (4, 8, 16, 32, 64), qlinear.PREFILL_MIN_ROWS, False,
+                    "from this many rows of x the prefill path (tiles + sgemm) runs instead of the row dots"),
+            Tunable("decode_cols", (16, 32, 64, 128), qlinear.DECODE_COLS, True,
+                    "output columns per decode work item; each column is its own fixed-order dot: same bits"),
+            Tunable("prefill_cols", (32, 64, 128, 256), qlinear.PREFILL_COLS, False,
+                    "weight rows per dequantized prefill tile (the sgemm call shape may move the last bits)"),
+            Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
+                    "Numba threads for the call; work items own disjoint columns, so bits never change"),
+        )
+
+    def check(self, config, case):
+        from numba import config as nconfig
+
+        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
+            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        if 4 * config["prefill_cols"] * case["K"] > 8 << 20:
+            return f"a {config['prefill_cols']} x {case['K']} float32 tile is over 8 MiB"
+        return None
+
+    def effective(self, config, case):
+        dense = case["N"] >= config["dense_rows"]
+        cols = config["prefill_cols"] if dense else config["decode_cols"]
+        return (dense, min(cols, self._out_cols(case)), config["threads"])
+
+    def _out_cols(self, case):
+        return case["M"] // 2 if self.glu else case["M"]
+
+    def case_from_node(self, node, graph):
+        if node.op != self.op or node.direction != self.direction:
+            return None
+        N, K = _rows_of(graph, node.inputs["x"])
+        M = int(graph.tensors[node.inputs["w"]].shape[0])
+        return {"N": N, "K": K, "M": M, "qtype": str(node.attrs.get("qtype", "q8_0")).lower()}
+
+    def bucket(self, case):
+        return {"N": pow2_bucket(case["N"]), "K": case["K"], "M": case["M"], "qtype": case["qtype"]}
+
+    def describe(self, case):
+        return f"{self.name} {case['qtype']} {case['N']}x{case['K']}->{self._out_cols(case)}"
+
+    def workload(self, case, seed=0):
+        from ..kernels.cpu import qlinear
+        from ..quant.formats import quantize
+        from ..quant.reference import qlinear_glu_reference, qlinear_reference
+
+        N, K, M, qt = case["N"], case["K"], case["M"], case["qtype"]
+        rng = np.random.default_rng(seed)
+        w = quantize(rng.standard_normal((M, K)).astype(np.float32) * np.float32(0.2), qt)
+        x = rng.standard_normal((N, K)).astype(np.float32)
+        copies = [w.data if i == 0 else w.data.copy() for i in range(rotating_copies(w.data.nbytes, "cpu"))]
+        glu, kw_of, turn = self.glu, self.launch_kwargs, [0]
+        Mo = self._out_cols(case)
+
+        def run(outs, config):
+            wd = copies[turn[0] % len(copies)]
+            turn[0] += 1
+            if glu:
+                qlinear.qlinear_glu_forward(outs["out"], x, wd, qt, None, "silu", **kw_of(config))
+            else:
+                qlinear.qlinear_forward(outs["out"], x, wd, qt, **kw_of(config))
+
+        def reference():
+            return {"out": qlinear_glu_reference(x, w, None, "silu") if glu else qlinear_reference(x, w)}
+
+        # tests/test_quant.py's tolerance: 2e-6 of the largest output, 1e-5 relative
+        scale = float(np.abs(reference()["out"]).max()) or 1.0
+        return Workload(out_shapes={"out": (N, Mo)}, run=run, reference=reference,
+                        tolerance={"out": (2e-6 * scale, 1e-5)}, device=_dev("cpu"), flops=2.0 * N * K * M,
+                        bytes=float(w.data.nbytes + 4 * (N * K + N * Mo)))
+
+
+class CpuQLinearGlu(CpuQLinear):
+    SHAPE_DEFAULTS = {"N": 1, "K": 576, "M": 3072, "qtype": "q4_1"}
+    name, op = "qlinear_glu", "qlinear_glu"
+    glu = True
+
+
 # ---------------------------------------------------------------- row kernels whose only tunable is the thread count
 def _rows_of(graph, name):
     shape = graph.tensors[name].shape
@@ -1214,9 +1306,9 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (CpuLinear(), CpuAttention(), CpuLinearGlu(), CpuLayerNorm(), CpuLayerNormBackward(), CpuRmsNorm(),
-          CpuRmsNormBackward(), CpuSoftmax(),
-           CpuCrossEntropy(), CpuCrossEntropyBackward(), CpuAttentionBackward(),
+for _f in (CpuLinear(), CpuAttention(), CpuLinearGlu(), CpuQLinear(), CpuQLinearGlu(), CpuLayerNorm(),
+           CpuLayerNormBackward(), CpuRmsNorm(), CpuRmsNormBackward(), CpuSoftmax(), CpuCrossEntropy(),
+           CpuCrossEntropyBackward(), CpuAttentionBackward(),
            CudaLinear(), CudaAttention(), CudaLayerNorm(), CudaRmsNorm(), CudaSoftmax()):
     register(_f)
 

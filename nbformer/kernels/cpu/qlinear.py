@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from ...errors import GraphError
 from ...quant.formats import BY_CODE, QK, QTYPES
 from .checks import check_array as _check
-from .gemm import pin_blas_to_one_thread
+from .gemm import check_threads, num_threads, pin_blas_to_one_thread
 from .linear import ACT_CODES, SRC_TMP, _epilogue_row
 from .precompile import BOOL, F2, I64, R1, R2, RU2, kernel
 from .swiglu import _glu_row
@@ -396,11 +396,12 @@ def _prefill_block(tmp, tile, x, wq, r0, n, code, nb):
     np.dot(x, tile[:n].T, tmp)
 
 
-@kernel((F2, R2, RU2, R1, I64, R2, I64, BOOL, BOOL, BOOL, BOOL), cost=9.0)
+@kernel((F2, R2, RU2, R1, I64, R2, I64, BOOL, BOOL, BOOL, BOOL, I64), cost=9.0)
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)
-def _qlinear_fwd(out, x, wq, b, act, residual, code, use_bias, use_residual, glu, dense):
+def _qlinear_fwd(out, x, wq, b, act, residual, code, use_bias, use_residual, glu, dense, cols):
     # out (N, Mo); x (N, K); wq (Mw, K/32 * bb) uint8; glu: Mw = 2 Mo (gate rows, then up rows),
     # out = act(gate) * up; else Mw = Mo and out = act(x W.T + b) (+ residual). dense: prefill path.
+    # cols: output columns per work item (decode) / weight rows per dequantized tile (prefill).
     N, Mo = out.shape
     K = x.shape[1]
     nb = K // QK
@@ -408,7 +409,6 @@ def _qlinear_fwd(out, x, wq, b, act, residual, code, use_bias, use_residual, glu
     xs = np.empty((N, nb if sums else 0), np.float32)  # block sums of x (the Q4 formats' offsets)
     if sums:
         _block_sums(xs, x, nb)
-    cols = PREFILL_COLS if dense else DECODE_COLS
     nw = (Mo + cols - 1) // cols
     # the decode path's per-work-item results, one allocation per call (tmp[:, :n] is used)
     scr = np.empty((0 if dense else nw, 2 if glu else 1, N, cols), np.float32)
@@ -525,10 +525,23 @@ def _fast_ok(out, x, wq, qtype, b, act, residual, rows_out):
     return t
 
 
-def qlinear_forward(out, x, wq, qtype, b=None, act="none", residual=None, dense_rows=None):
+def _tunables(op, dense_rows, decode_cols, prefill_cols, threads):
+    """The launchers' tunables, checked: dense_rows >= 1 (None: PREFILL_MIN_ROWS), column blocks >= 1."""
+    dr = PREFILL_MIN_ROWS if dense_rows is None else dense_rows
+    for name, v in (("dense_rows", dr), ("decode_cols", decode_cols), ("prefill_cols", prefill_cols)):
+        if type(v) is not int or v < 1:
+            raise GraphError(f"{op}: tunable '{name}' must be an integer >= 1, got {v!r}")
+    return dr, check_threads(op, threads)
+
+
+def qlinear_forward(out, x, wq, qtype, b=None, act="none", residual=None, dense_rows=None, *,
+                    decode_cols=DECODE_COLS, prefill_cols=PREFILL_COLS, threads=None):
     """out (..., M) = act(x (..., K) @ W.T + b) [+ residual (..., M)], W (M, K) the quantized
     weight whose ggml bytes are wq (M, K/32 * block_bytes) uint8. out may alias residual.
-    dense_rows: from how many rows of x on the prefill path (tile + sgemm) runs."""
+    Tunables (nbformer/tuning/space.py, family cpu.qlinear): dense_rows, from how many rows of x
+    on the prefill path (tile + sgemm) runs; decode_cols, output columns per decode work item
+    (never the bits: every column is its own dot product in a fixed order); prefill_cols, weight
+    rows per dequantized prefill tile (sgemm's blocking may move the last bits); threads."""
     t = _fast_ok(out, x, wq, qtype, b, act, residual, _same)
     if t is None:
         op = "qlinear_forward"
@@ -544,14 +557,17 @@ def qlinear_forward(out, x, wq, qtype, b=None, act="none", residual=None, dense_
             raise GraphError(f"{op}: 'act' is {act!r}, expected one of {sorted(ACT_CODES)}")
         if isinstance(qtype, str):
             _QT_MEMO[qtype] = t
+    dr, threads = _tunables("qlinear_forward", dense_rows, decode_cols, prefill_cols, threads)
     M, K = wq.shape[0], x.shape[-1]
     use_bias, use_res = b is not None, residual is not None
     out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
-    dense = _rows(x2, PREFILL_MIN_ROWS if dense_rows is None else dense_rows)
+    dense = _rows(x2, dr)
     if dense:
         pin_blas_to_one_thread()
-    _qlinear_fwd(out2, x2, wq, b if use_bias else x2[0], ACT_CODES[act],
-                 residual.reshape(-1, M) if use_res else out2, t.code, use_bias, use_res, False, dense)
+    with num_threads(threads):
+        _qlinear_fwd(out2, x2, wq, b if use_bias else x2[0], ACT_CODES[act],
+                     residual.reshape(-1, M) if use_res else out2, t.code, use_bias, use_res, False, dense,
+                     prefill_cols if dense else decode_cols)
 
 
 def _same(M):
@@ -562,9 +578,11 @@ def _half_rows(M):
     return M // 2 if M % 2 == 0 else -1
 
 
-def qlinear_glu_forward(out, x, wq, qtype, b=None, act="silu", dense_rows=None):
+def qlinear_glu_forward(out, x, wq, qtype, b=None, act="silu", dense_rows=None, *,
+                        decode_cols=DECODE_COLS, prefill_cols=PREFILL_COLS, threads=None):
     """out (..., F) = act(x @ Wg.T + bg) * (x @ Wu.T + bu), the quantized W (2F, K) = gate rows
-    then up rows (the fused ffn.gate_up weight), bytes wq (2F, K/32 * block_bytes) uint8."""
+    then up rows (the fused ffn.gate_up weight), bytes wq (2F, K/32 * block_bytes) uint8.
+    Tunables as qlinear_forward's."""
     t = _fast_ok(out, x, wq, qtype, b, act, None, _half_rows)
     if t is None:
         op = "qlinear_glu_forward"
@@ -579,15 +597,17 @@ def qlinear_glu_forward(out, x, wq, qtype, b=None, act="silu", dense_rows=None):
             raise GraphError(f"{op}: 'act' is {act!r}, expected one of {sorted(ACT_CODES)}")
         if isinstance(qtype, str):
             _QT_MEMO[qtype] = t
+    dr, threads = _tunables("qlinear_glu_forward", dense_rows, decode_cols, prefill_cols, threads)
     M, K = wq.shape[0], x.shape[-1]
     F = M // 2
     use_bias = b is not None
     out2, x2 = out.reshape(-1, F), x.reshape(-1, K)
-    dense = _rows(x2, PREFILL_MIN_ROWS if dense_rows is None else dense_rows)
+    dense = _rows(x2, dr)
     if dense:
         pin_blas_to_one_thread()
-    _qlinear_fwd(out2, x2, wq, b if use_bias else x2[0], ACT_CODES[act], out2, t.code, use_bias, False, True,
-                 dense)
+    with num_threads(threads):
+        _qlinear_fwd(out2, x2, wq, b if use_bias else x2[0], ACT_CODES[act], out2, t.code, use_bias, False, True,
+                     dense, prefill_cols if dense else decode_cols)
 
 
 def qtype_name(code: int) -> str:
