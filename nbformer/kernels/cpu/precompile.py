@@ -260,8 +260,7 @@ OPS = {
     ("layernorm", "forward"): ["layernorm._layernorm_forward"],
     ("linear", "forward"): ["linear._linear_fwd"],
     ("kv_write", "forward"): ["kv_cache._kv_write", "kv_cache._kv_write_serial"],
-    ("attention", "forward"): ["attention._attention_forward_core", "attention._attention_item",
-                             "attention_decode._attention_decode"],
+    ("attention", "forward"): ["attention._attention_forward_core", "attention._attention_item"],
     ("add", "forward"): ["elementwise._add_forward"],
     ("take_rows", "forward"): ["elementwise._take_rows"],
     ("softmax", "forward"): ["softmax._softmax_forward"],
@@ -300,6 +299,15 @@ _TRAINING = ["optim._adam_step", "optim._sumsq", "optim._scale"]
 _DECODING = ["sampling._sample", "kv_cache._gather_rows", "elementwise._take_rows"]
 
 
+def _few_queries(graph, node) -> bool:
+    """Does this attention node run the decode kernel (attention_decode.MAX_QUERIES query rows or
+    fewer)? Training and embedding graphs (hundreds of rows) then never compile it."""
+    from .attention_decode import MAX_QUERIES
+
+    q = graph.tensors.get(node.inputs.get("q"))
+    return q is None or len(q.shape) < 2 or q.shape[1] <= MAX_QUERIES
+
+
 def kernels_for(graph) -> list:
     """Kernel keys a graph's CPU run needs (with the optimizer / sampler that run beside it)."""
     keys = []
@@ -308,6 +316,8 @@ def kernels_for(graph) -> list:
         if node.op == "dropout" and float(node.attrs.get("p", 0.0)) <= 0.0:
             continue  # p = 0 is a copy
         keys += OPS.get((node.op, node.direction), [])
+        if node.op == "attention" and node.direction == "forward" and _few_queries(graph, node):
+            keys.append("attention_decode._attention_decode")  # the launcher's kernel for Tq <= 4
         backward |= node.direction == "backward"
         decoding |= node.op == "kv_write"
     if backward:
