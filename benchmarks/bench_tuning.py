@@ -212,6 +212,7 @@ def main(argv=None):
                  f"every figure is a median of interleaved rounds, and still noisy")
     extra["busy_before_rounds"] = _busy
     extra["whole_rows"] = whole_rows
+    hand = _hand_written(REPO / "benchmarks" / "results" / "tuning.md")  # before write_results replaces it
     md = write_results("tuning", "Kernel tuning (`nbformer tune`): per kernel", 
                        ["model", "phase", "kernel", "default ms", "tuned ms", "speed-up", "tuned config", "tried",
                         "rejected", "tuning s"], kernel_rows, notes, extra)
@@ -220,7 +221,7 @@ def main(argv=None):
     whole = "\n".join(["", "## Whole workloads, NBFORMER_TUNING=off vs cached (same process, interleaved)", "",
                        md_table(["workload", "default", "tuned", "speed-up (paired median)"], whole_rows), ""])
     path = REPO / "benchmarks" / "results" / "tuning.md"
-    path.write_text(md + whole + _hand_written(path))
+    path.write_text(md + whole + hand)
     print(md + whole)
 
 
