@@ -198,32 +198,33 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
     # use _skinny_block instead of sgemm. Run-time values: tuning them compiles nothing.
     N, M = out.shape
     plain = not use_bias and act == ACT_NONE and not use_residual and not keep_pre
-    if by_rows_with(N, M, rows, cols):
-        for c in prange((N + rows - 1) // rows):
-            r0 = c * rows
-            r1 = min(N, r0 + rows)
-            if plain:
-                np.dot(x[r0:r1], w.T, out[r0:r1])
-            else:
-                # the GEMM block goes to pre, or to a scratch block: an epilogue that read and wrote
-                # the same row would defeat vectorisation (and give other bits than training's path)
-                blk = pre[r0:r1] if keep_pre else np.empty((r1 - r0, M), np.float32)
-                np.dot(x[r0:r1], w.T, blk)
-                for i in range(r0, r1):
-                    _epilogue_row(out, pre, blk, i, i - r0, 0, M, b, act, residual, use_bias, use_residual,
-                                  keep_pre, SRC_PRE if keep_pre else SRC_TMP)
-    else:  # few rows (decoding): blocks of columns
-        for c in prange((M + cols - 1) // cols):
-            m0 = c * cols
-            m1 = min(M, m0 + cols)
-            tmp = np.empty((N, m1 - m0), np.float32)
+    # one parallel loop for both splits (row blocks; or, for few rows, column blocks): its body,
+    # the epilogue inlined once, is compiled once instead of twice (a cold start's longest kernel)
+    by_rows = by_rows_with(N, M, rows, cols)
+    n_blocks = (N + rows - 1) // rows if by_rows else (M + cols - 1) // cols
+    for c in prange(n_blocks):
+        if by_rows:
+            r0, r1, m0, m1 = c * rows, min(N, (c + 1) * rows), 0, M
+        else:  # few rows (decoding): blocks of columns
+            r0, r1, m0, m1 = 0, N, c * cols, min(M, (c + 1) * cols)
+        if by_rows and plain:
+            np.dot(x[r0:r1], w.T, out[r0:r1])
+            continue
+        if by_rows:
+            # the GEMM block goes to pre, or to a scratch block: an epilogue that read and wrote
+            # the same row would defeat vectorisation (and give other bits than training's path)
+            blk = pre[r0:r1] if keep_pre else np.empty((r1 - r0, M), np.float32)
+            np.dot(x[r0:r1], w.T, blk)
+        else:
+            blk = np.empty((N, m1 - m0), np.float32)
             if 2 <= N <= skinny:
-                _skinny_block(tmp, x, w, m0, m1)
+                _skinny_block(blk, x, w, m0, m1)
             else:  # one row: BLAS sgemv is at the bandwidth already
-                np.dot(x, w[m0:m1].T, tmp)
-            for i in range(N):
-                _epilogue_row(out, pre, tmp, i, i, m0, m1, b, act, residual, use_bias, use_residual, keep_pre,
-                              SRC_TMP)
+                np.dot(x, w[m0:m1].T, blk)
+        src = SRC_PRE if by_rows and keep_pre else SRC_TMP
+        for i in range(r0, r1):
+            _epilogue_row(out, pre, blk, i, i - r0, m0, m1, b, act, residual, use_bias, use_residual, keep_pre,
+                          src)
 
 
 def _blocks(op, rows, cols, skinny_max_rows):
