@@ -279,6 +279,31 @@ def _linear_workload(case, seed, dev, launcher, kwargs_of):
                     device=dev, flops=2.0 * N * K * M, bytes=4.0 * (N * K + M * K + N * M * (2 if r is not None else 1)))
 
 
+def _too_many_threads(config) -> str | None:
+    """The constraint every CPU family's `threads` tunable shares: at most NUMBA_NUM_THREADS."""
+    from numba import config as nconfig
+
+    if config["threads"] > nconfig.NUMBA_NUM_THREADS:
+        return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+    return None
+
+
+def _gemm_block_tunables(what_cols: str) -> tuple:
+    """rows / cols / skinny_max_rows / threads of the CPU GEMM kernels (linear, linear_glu)."""
+    from ..kernels.cpu import gemm, linear
+
+    return (
+        Tunable("rows", (32, 64, 128, 256, 512), gemm.ROWS, False,
+                "rows per GEMM block (row split: N >= 2*rows or the output width <= cols); other sgemm call shapes"),
+        Tunable("cols", (64, 128, 256, 512, 1024), gemm.COLS, False,
+                f"{what_cols} per block when rows are few (decoding)"),
+        Tunable("skinny_max_rows", (0, 4, 8, 16, 32), linear.SKINNY_MAX_ROWS, False,
+                "at most this many rows (>= 2) use the few-row kernel instead of sgemm"),
+        Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
+                "Numba threads for the call; blocks are fixed, so bits never change"),
+    )
+
+
 class CpuLinear(Family):
     SHAPE_DEFAULTS = {"N": 256, "K": 768, "M": 768, "act": "none", "bias": False, "residual": False}
     name, device, op = "linear", "cpu", "linear"
@@ -287,25 +312,12 @@ class CpuLinear(Family):
     SCRATCH_LIMIT = 64 << 20  # bytes of GEMM block scratch per thread
 
     def tunables(self):
-        from ..kernels.cpu import gemm, linear
-
-        return (
-            Tunable("rows", (32, 64, 128, 256, 512), gemm.ROWS, False,
-                    "rows per GEMM block (row split: N >= 2*rows or M <= cols); other sgemm call shapes"),
-            Tunable("cols", (64, 128, 256, 512, 1024), gemm.COLS, False,
-                    "columns per block when rows are few (decoding)"),
-            Tunable("skinny_max_rows", (0, 4, 8, 16, 32), linear.SKINNY_MAX_ROWS, False,
-                    "at most this many rows (>= 2) use the few-row kernel instead of sgemm"),
-            Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
-                    "Numba threads for the call; blocks are fixed, so bits never change"),
-        )
+        return _gemm_block_tunables("columns")
 
     def check(self, config, case):
-        from numba import config as nconfig
-
         N, M = case["N"], case["M"]
-        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
-            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        if why := _too_many_threads(config):
+            return why
         by_rows = N >= 2 * config["rows"] or M <= config["cols"]
         scratch = 4 * (min(config["rows"], N) * M if by_rows else N * min(config["cols"], M))
         if scratch > self.SCRATCH_LIMIT:
@@ -444,10 +456,8 @@ class CpuAttention(Family):
         )
 
     def check(self, config, case):
-        from numba import config as nconfig
-
-        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
-            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        if why := _too_many_threads(config):
+            return why
         bq, bk, HS = min(config["block_q"], case["Tq"]), min(config["block_k"], case["Tk"]), case["HS"]
         scratch = 4 * ((bq + 8) * (bk + HS) + (bq + bk) * HS)
         limit = _l2_bytes()
@@ -642,28 +652,15 @@ class CpuLinearGlu(Family):
     SCRATCH_LIMIT = CpuLinear.SCRATCH_LIMIT
 
     def tunables(self):
-        from ..kernels.cpu import gemm, linear
-
-        return (
-            Tunable("rows", (32, 64, 128, 256, 512), gemm.ROWS, False,
-                    "rows per GEMM block (row split: N >= 2*rows or 2F <= cols); other sgemm call shapes"),
-            Tunable("cols", (64, 128, 256, 512, 1024), gemm.COLS, False,
-                    "gate/up columns per block when rows are few (decoding)"),
-            Tunable("skinny_max_rows", (0, 4, 8, 16, 32), linear.SKINNY_MAX_ROWS, False,
-                    "at most this many rows (>= 2) use the few-row kernel instead of sgemm"),
-            Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
-                    "Numba threads for the call; blocks are fixed, so bits never change"),
-        )
+        return _gemm_block_tunables("gate/up columns")
 
     def _by_rows(self, config, case):
         return case["N"] >= 2 * config["rows"] or 2 * case["F"] <= config["cols"]
 
     def check(self, config, case):
-        from numba import config as nconfig
-
         N, F = case["N"], case["F"]
-        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
-            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        if why := _too_many_threads(config):
+            return why
         by_rows = self._by_rows(config, case)
         scratch = 4 * (min(config["rows"], N) * 2 * F if by_rows else 2 * N * min(config["cols"], F))
         if scratch > self.SCRATCH_LIMIT:
@@ -739,10 +736,8 @@ class CpuQLinear(Family):
         )
 
     def check(self, config, case):
-        from numba import config as nconfig
-
-        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
-            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        if why := _too_many_threads(config):
+            return why
         if 4 * config["prefill_cols"] * case["K"] > 8 << 20:
             return f"a {config['prefill_cols']} x {case['K']} float32 tile is over 8 MiB"
         return None
@@ -826,10 +821,8 @@ class _CpuThreadsOnly(Family):
                         "Numba threads for the call; each row (chunk) is one thread's, so bits never change"),)
 
     def check(self, config, case):
-        from numba import config as nconfig
-
-        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
-            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        if why := _too_many_threads(config):
+            return why
         return None
 
     def shape_defaults(self):
@@ -1092,10 +1085,8 @@ class CpuAttentionBackward(Family):
         return choose_passes(case["B"], case["NKV"], config["threads"])
 
     def check(self, config, case):
-        from numba import config as nconfig
-
-        if config["threads"] > nconfig.NUMBA_NUM_THREADS:
-            return f"threads={config['threads']} > NUMBA_NUM_THREADS={nconfig.NUMBA_NUM_THREADS}"
+        if why := _too_many_threads(config):
+            return why
         bq, bk, HS = min(config["block_q"], case["Tq"]), min(config["block_k"], case["Tk"]), case["HS"]
         scratch = 4 * ((bq + bk) * (bk + HS + 16) + 2 * bq * (bk + 16))
         if self._passes(config, case) == 1:
