@@ -192,3 +192,24 @@ def test_ops_map_to_declared_kernels():
             assert k in declared, (op, direction, k)
     for k in declared.values():
         assert k.sigs and all(isinstance(s, tuple) for s in k.sigs)
+
+
+def test_a_training_graph_lists_only_the_attention_backward_schedule_its_shapes_choose():
+    from nbformer.config import ModelConfig
+    from nbformer.graph.build import build_train
+    from nbformer.kernels.cpu import precompile as P
+    from nbformer.kernels.cpu.attention_backward import choose_passes
+
+    cfg = ModelConfig(arch="decoder", vocab_size=50, d_model=32, n_heads=4, n_layers=1, d_ff=64, max_positions=32)
+    for B, threads in ((8, 2), (1, 2), (1, 16)):
+        g, _ = build_train(cfg, B, 16)
+        (node,) = [n for n in g.nodes if n.op == "attention" and n.direction == "backward"]
+        keys = P._attention_backward_items(g, node, threads)
+        if choose_passes(B, 4, threads) == 1:
+            assert keys == ["attention_backward._one_pass_item"], (B, threads, keys)
+        else:
+            assert "attention_backward._dq_item" in keys and "attention_backward._one_pass_item" not in keys
+    assert choose_passes(1, 4, 16) == 2  # the last case did take the two-pass branch
+    g, _ = build_train(cfg, 8, 16)
+    keys = P.kernels_for(g)
+    assert "attention_backward._dkdv" in keys and len([k for k in keys if k.endswith("_item")]) >= 2

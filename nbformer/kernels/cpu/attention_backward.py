@@ -321,8 +321,9 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
     dp (nq, ld) = dS * scale, both exactly 0 where a key is masked, causal-hidden or padding, and on
     rows that see no key (lse = -inf)."""
     shift = Tk - Tq
-    _mm(sp, 0, ld, nq, nk, qs, qo, 1, HS, kt, 0, ldk, HS, 0)  # S (log2 units) = Q (K^T * c)
-    _mm(dp, 0, ld, nq, nk, gs, qo, 1, HS, vt, 0, ldk, HS, 0)  # dP = dO V^T
+    Z, O = np.int64(0), np.int64(1)  # not literals: one compiled _mm serves every call (see _MM_ARGS)
+    _mm(sp, Z, ld, nq, nk, qs, qo, O, HS, kt, Z, ldk, HS, Z)  # S (log2 units) = Q (K^T * c)
+    _mm(dp, Z, ld, nq, nk, gs, qo, O, HS, vt, Z, ldk, HS, Z)  # dP = dO V^T
     inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
     for ii in range(nq):
         i = i0 + ii
@@ -388,10 +389,12 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
     kscale = np.float32(scale * _LOG2E)
     qch = max(bq, (qchunk // bq) * bq)
     kc, vc = k_off + hk * HS, v_off + hk * HS
+    Z, O = np.int64(0), np.int64(1)
+    dkv1, dq1 = dkv.reshape(dkv.size), dq.reshape(dq.size)  # flat views: _mm's one signature
     for g in range(group):
         _delta_rows(delta, out, dout, b, hk * group + g, HS)
-    _zero_rows(dkv, b, 0, Tk, kc, HS)
-    _zero_rows(dkv, b, 0, Tk, vc, HS)
+    _zero_rows(dkv, b, Z, Tk, kc, HS)
+    _zero_rows(dkv, b, Z, Tk, vc, HS)
     kt = np.empty(HS * ld, np.float32)   # (HS, ld) K tile^T * scale * log2(e)
     vt = np.empty(HS * ld, np.float32)   # (HS, ld) V tile^T
     ks = np.empty(bk * HS, np.float32)   # (bk, HS) K tile
@@ -403,7 +406,7 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
     for g in range(group):
         h = hk * group + g
         qc = q_off + h * HS
-        _zero_rows(dq, b, 0, Tq, qc, HS)
+        _zero_rows(dq, b, Z, Tq, qc, HS)
         for c0 in range(0, Tq, qch):
             c1 = min(Tq, c0 + qch)
             _load_q_tile(qs, gs, q_buf, dout, b, c0, c1 - c0, qc, h * HS, HS)
@@ -421,24 +424,34 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
                     qo = (i0 - c0) * HS
                     _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld,
                           ld, causal, scale, p_drop, seed)
-                    _mm(dkv, (b * Tk + k0) * Wkv + vc, Wkv, nk, HS, sp, 0, ld, 1, gs, qo, HS, nq, 1)  # dV += P^T dO
-                    _mm(dkv, (b * Tk + k0) * Wkv + kc, Wkv, nk, HS, dp, 0, ld, 1, qs, qo, HS, nq, 1)  # dK += dS^T Q
-                    _mm(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)  # dQ += dS K
+                    _mm(dkv1, (b * Tk + k0) * Wkv + vc, Wkv, nk, HS, sp, Z, ld, O, gs, qo, HS, nq, O)  # dV += P^T dO
+                    _mm(dkv1, (b * Tk + k0) * Wkv + kc, Wkv, nk, HS, dp, Z, ld, O, qs, qo, HS, nq, O)  # dK += dS^T Q
+                    _mm(dq1, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, Z, O, ld, ks, Z, HS, nk, O)  # dQ += dS K
 
 
-@kernel(_ITEM_SIG, cost=2.8)
+# Compile CPU s (fresh process, this machine): one pass 8.3 -> ~5 and the pass-1 item ~6 -> ~3 once
+# _mm (and _pair) got one signature each (literal 0 / 1 arguments and 1-d vs 3-d C arrays had made five
+# of _mm, each compiled and optimised again) and the two schedules got an item kernel each; a graph's
+# precompile builds only the schedule its shapes choose (precompile.kernels_for).
+@kernel(_ITEM_SIG, cost=8.0)
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _one_pass_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal,
+                   scale, p_drop, seed, bq, bk, group, qchunk):
+    # one pass (qchunk > 0): item w = (b, kv head), everything (_one_pass)
+    NKV = NH // group
+    _one_pass(w // NKV, w % NKV, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH,
+              HS, causal, scale, p_drop, seed, bq, bk, group, qchunk)
+
+
+@kernel(_ITEM_SIG, cost=4.0)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal,
                scale, p_drop, seed, bq, bk, group, qchunk):
-    # qchunk > 0: item w = (b, kv head), everything (_one_pass);
-    # else: item w = (b, kv head, key tile in _spread order), dK/dV of the key tile only.
+    # pass 1 of two (qchunk = 0): item w = (b, kv head, key tile in _spread order), dK/dV of the key tile only
     B, Tq, Wq = q_buf.shape
     Tk = kv_buf.shape[1]
     NKV = NH // group
-    if qchunk > 0:
-        _one_pass(w // NKV, w % NKV, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH,
-                  HS, causal, scale, p_drop, seed, bq, bk, group, qchunk)
-        return
+    Z, O = np.int64(0), np.int64(1)
     shift = Tk - Tq  # bottom-right causal alignment
     n_kt = (Tk + bk - 1) // bk
     ld = bk + _PAD
@@ -466,10 +479,10 @@ def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
             for i0 in range((i_first // bq) * bq, Tq, bq):
                 nq = min(bq, Tq - i0)
                 _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, q_off + h * HS, h * HS, HS)
-                _pair(sp, dp, qs, gs, 0, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld,
+                _pair(sp, dp, qs, gs, Z, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld,
                       causal, scale, p_drop, seed)
-                _mm(dv, 0, HS, nk, HS, sp, 0, ld, 1, gs, 0, HS, nq, 1)  # dV += P^T dO
-                _mm(dk, 0, HS, nk, HS, dp, 0, ld, 1, qs, 0, HS, nq, 1)  # dK += dS^T Q
+                _mm(dv, Z, HS, nk, HS, sp, Z, ld, O, gs, Z, HS, nq, O)  # dV += P^T dO
+                _mm(dk, Z, HS, nk, HS, dp, Z, ld, O, qs, Z, HS, nq, O)  # dK += dS^T Q
     for jj in range(nk):
         dkr = dkv[b, k0 + jj, k_off + hk * HS:k_off + (hk + 1) * HS]
         dvr = dkv[b, k0 + jj, v_off + hk * HS:v_off + (hk + 1) * HS]
@@ -485,7 +498,7 @@ _call_dkdv_item = native_caller(_ITEM_SIG)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _dkdv(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal, scale,
           p_drop, seed, bq, bk, group, qchunk, item_fn):
-    # pass 1 (or the only pass): items (b, kv head[, key tile]), see _dkdv_item
+    # the only pass (items (b, kv head), _one_pass_item) or pass 1 (items (b, kv head, key tile), _dkdv_item)
     B, Tq, _ = q_buf.shape
     Tk = kv_buf.shape[1]
     NKV = NH // group
@@ -495,7 +508,7 @@ def _dkdv(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, ke
                                   out, key_mask, NH, HS, causal, scale, p_drop, seed, bq, bk, group, qchunk))
 
 
-@kernel(_ITEM_SIG, cost=2.8)
+@kernel(_ITEM_SIG, cost=4.0)
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal, scale,
              p_drop, seed, bq, bk, group, qchunk):
@@ -512,6 +525,8 @@ def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, o
     i0 = _spread(w % n_qt, n_qt) * bq
     nq = min(bq, Tq - i0)
     qc = q_off + h * HS
+    Z, O = np.int64(0), np.int64(1)
+    dq1 = dq.reshape(dq.size)
     _zero_rows(dq, b, i0, i0 + nq, qc, HS)
     kt = np.empty(HS * ld, np.float32)
     vt = np.empty(HS * ld, np.float32)
@@ -529,9 +544,9 @@ def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, o
             continue
         _load_kv_tile(kt, vt, ks, allow, kv_buf, key_mask, b, k0, nk, k_off + hk * HS, v_off + hk * HS, HS, ld,
                       kscale)
-        _pair(sp, dp, qs, gs, 0, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld, causal,
+        _pair(sp, dp, qs, gs, Z, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ld, causal,
               scale, p_drop, seed)
-        _mm(dq, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, 0, 1, ld, ks, 0, HS, nk, 1)  # dQ += dS K
+        _mm(dq1, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, Z, O, ld, ks, Z, HS, nk, O)  # dQ += dS K
 
 
 _call_dq_item = native_caller(_ITEM_SIG)
@@ -624,6 +639,7 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     with num_threads(threads):
         if passes == 2:
             _delta(delta, out, dout, NH, HS)
-        _dkdv(*args, native_address("attention_backward._dkdv_item"))
+        item = "_one_pass_item" if passes == 1 else "_dkdv_item"
+        _dkdv(*args, native_address(f"attention_backward.{item}"))
         if passes == 2:
             _dq(*args, native_address("attention_backward._dq_item"))

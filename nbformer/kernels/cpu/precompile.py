@@ -278,8 +278,7 @@ OPS = {
                              "gemm.matmul_tn"],
     ("dropout", "backward"): ["dropout._dropout"],
     ("cross_entropy", "backward"): ["loss._cross_entropy_backward"],
-    ("attention", "backward"): ["attention_backward._delta", "attention_backward._dkdv", "attention_backward._dq",
-                                "attention_backward._dkdv_item", "attention_backward._dq_item"],
+    ("attention", "backward"): ["attention_backward._dkdv"],  # + one schedule's items: _attention_backward_items
     ("adam", "forward"): ["optim._adam_step"],
     ("grad_norm", "forward"): ["optim._sumsq"],
     ("scale", "forward"): ["optim._scale"],
@@ -308,6 +307,29 @@ def _few_queries(graph, node) -> bool:
     return q is None or len(q.shape) < 2 or q.shape[1] <= MAX_QUERIES
 
 
+_ONE_PASS = ["attention_backward._one_pass_item"]
+_TWO_PASSES = ["attention_backward._delta", "attention_backward._dkdv_item", "attention_backward._dq",
+               "attention_backward._dq_item"]
+
+
+def _attention_backward_items(graph, node, threads=None) -> list:
+    """The kernels of the schedule attention_backward.choose_passes picks for this node's shapes and
+    this process's thread count (a tuned `passes` that differs compiles the other one at its first call);
+    both when the shapes are unknown."""
+    import numba
+
+    from .attention_backward import choose_passes
+
+    q = graph.tensors.get(node.inputs.get("q"))
+    if q is None or len(q.shape) < 1 or not isinstance(q.shape[0], int):
+        return _ONE_PASS + _TWO_PASSES
+    nkv = node.attrs.get("n_kv_heads") or node.attrs.get("n_heads")
+    if not isinstance(nkv, int):
+        return _ONE_PASS + _TWO_PASSES
+    threads = numba.get_num_threads() if threads is None else threads
+    return _ONE_PASS if choose_passes(q.shape[0], nkv, threads) == 1 else _TWO_PASSES
+
+
 def kernels_for(graph) -> list:
     """Kernel keys a graph's CPU run needs (with the optimizer / sampler that run beside it)."""
     keys = []
@@ -318,6 +340,8 @@ def kernels_for(graph) -> list:
         keys += OPS.get((node.op, node.direction), [])
         if node.op == "attention" and node.direction == "forward" and _few_queries(graph, node):
             keys.append("attention_decode._attention_decode")  # the launcher's kernel for Tq <= 4
+        if node.op == "attention" and node.direction == "backward":
+            keys += _attention_backward_items(graph, node)
         backward |= node.direction == "backward"
         decoding |= node.op == "kv_write"
     if backward:
