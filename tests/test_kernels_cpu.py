@@ -97,6 +97,47 @@ def test_linear_few_rows_decoding_path(rng, N):
         assert_close(out[i], one[0], atol=2e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("units", [1, 2, 3, 16])
+def test_auto_blocks_split_the_longer_side_into_a_multiple_of_the_pool(units):
+    from nbformer.kernels.cpu.gemm import COL_TARGET, COLS, ROW_TARGET, ROWS, auto_blocks, by_rows_with
+
+    for N, M in ((256, 2304), (256, 50257), (1472, 1536), (1472, 384), (8192, 384), (300, 300), (255, 4096),
+                 (1, 768), (17, 600), (4097, 4097), (1000, 3)):
+        rows, cols = auto_blocks(N, M, units)
+        if N < 2 * ROWS:  # few rows: the decoding split, unchanged
+            assert (rows, cols) == (ROWS, COLS)
+            continue
+        by_rows = by_rows_with(N, M, rows, cols)
+        n = -(-N // rows) if by_rows else -(-M // cols)
+        assert by_rows == (N >= M) or n == 1, (N, M, units, rows, cols)
+        assert n == 1 or n % units == 0, (N, M, units, n)  # every thread as busy
+        assert (rows if by_rows else cols) <= max(ROW_TARGET if by_rows else COL_TARGET, -(-(N if by_rows else M) // units))
+
+
+@pytest.mark.parametrize("N,K,M", [(256, 40, 700), (600, 24, 90), (513, 17, 513), (300, 8, 2500)])
+def test_linear_auto_blocks_match_the_reference_and_the_explicit_blocks(rng, N, K, M):
+    """linear_forward with no blocks runs gemm.auto_blocks (column split when N < M, row split
+    otherwise): the reference's values, and exactly the bits of those blocks given explicitly."""
+    from nbformer.kernels.cpu.gemm import auto_blocks
+    from nbformer.kernels.cpu.linear import linear_forward_train
+
+    x, w = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K)) / np.sqrt(K))
+    b, r = f32(rng.normal(size=M)), f32(rng.normal(size=(N, M)))
+    out, explicit = np.empty((N, M), np.float32), np.empty((N, M), np.float32)
+    linear_forward(out, x, w, b, "gelu", r)
+    assert_close(out, ref.linear(x, w, b, "gelu", r), atol=1e-5, rtol=1e-5)
+    rows, cols = auto_blocks(N, M)
+    linear_forward(explicit, x, w, b, "gelu", r, rows=rows, cols=cols)
+    np.testing.assert_array_equal(out, explicit)
+    for threads in (1, 2):  # the pool's size sets the blocks, a call's thread count never does
+        again = np.empty((N, M), np.float32)
+        linear_forward(again, x, w, b, "gelu", r, threads=min(threads, __import__("numba").config.NUMBA_NUM_THREADS))
+        np.testing.assert_array_equal(out, again)
+    train_out, pre = np.empty((N, M), np.float32), np.empty((N, M), np.float32)
+    linear_forward_train(train_out, pre, x, w, b, "gelu", r)  # training's forward: the same blocks, bits
+    np.testing.assert_array_equal(out, train_out)
+
+
 def test_linear_batched_shape(rng):
     x, w, b = f32(rng.normal(size=(2, 9, 16))), f32(rng.normal(size=(48, 16))), f32(rng.normal(size=48))
     out = np.empty((2, 9, 48), np.float32)

@@ -153,7 +153,15 @@ def test_cpu_families_declare_spaces_and_constraints():
     lin, att = get_family("cpu", "linear"), get_family("cpu", "attention")
     assert {t.name: t.bit_exact for t in lin.tunables()} == {"rows": False, "cols": False, "skinny_max_rows": False,
                                                             "threads": True}
-    assert lin.defaults({})["rows"] == 128 and lin.defaults({})["cols"] == 256
+    assert lin.defaults({})["rows"] == "auto" and lin.defaults({})["cols"] == "auto"
+    # "auto" resolves as the launcher does (gemm.auto_blocks), a lone "auto" as gemm.ROWS / COLS
+    from nbformer.kernels.cpu.gemm import auto_blocks
+
+    gpt2 = {"N": 256, "K": 768, "M": 2304, "act": "none", "bias": True, "residual": False}
+    auto = {"rows": "auto", "cols": "auto", "skinny_max_rows": 16, "threads": 1}
+    assert lin.effective(auto, gpt2) == ("cols", auto_blocks(256, 2304)[1], False, 1)
+    assert lin.effective({**auto, "rows": 64}, gpt2) == ("rows", 64, 1)
+    assert lin.launch_kwargs(auto)["rows"] is None and lin.launch_kwargs({**auto, "rows": 64})["rows"] == 64
     big = {"B": 1, "NH": 1, "NKV": 1, "HS": 256, "Tq": 512, "Tk": 512, "causal": False}
     assert "L2" in att.check({"block_q": 256, "block_k": 512, "threads": 1}, big)
     # tiles larger than the sequence run identically: timed once
@@ -312,7 +320,7 @@ def test_model_run_uses_the_cached_values(kjv, monkeypatch):
         assert how == "exact"
         key = {"attention": ("attention", None), "layernorm": ("layernorm", None)}.get(fam.name) or (
             (case["N"], case["K"]), (case["M"], case["K"]))
-        assert seen[key] == e["config"]  # what ran is what was cached
+        assert seen[key] == fam.launch_kwargs(e["config"])  # what ran is what was cached
     assert seen[((16, 192), (4096, 192))]["cols"] == 64
     assert seen[("layernorm", None)] == {"threads": 1}
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -288,15 +288,17 @@ def _too_many_threads(config) -> str | None:
     return None
 
 
-def _gemm_block_tunables(what_cols: str) -> tuple:
-    """rows / cols / skinny_max_rows / threads of the CPU GEMM kernels (linear, linear_glu)."""
+def _gemm_block_tunables(what_cols: str, auto: bool = False) -> tuple:
+    """rows / cols / skinny_max_rows / threads of the CPU GEMM kernels (linear, linear_glu).
+    auto: rows and cols also take "auto" (the launcher's default when both are: gemm.auto_blocks)."""
     from ..kernels.cpu import gemm, linear
 
+    a = ("auto",) if auto else ()
     return (
-        Tunable("rows", (32, 64, 128, 256, 512), gemm.ROWS, False,
+        Tunable("rows", a + (32, 64, 128, 256, 512), "auto" if auto else gemm.ROWS, False,
                 "rows per GEMM block (row split: N >= 2*rows or the output width <= cols); other sgemm call shapes"),
-        Tunable("cols", (64, 128, 256, 512, 1024), gemm.COLS, False,
-                f"{what_cols} per block when rows are few (decoding)"),
+        Tunable("cols", a + (64, 128, 256, 512, 1024), "auto" if auto else gemm.COLS, False,
+                f"{what_cols} per block (column split){'; auto: both by shape, gemm.auto_blocks' if auto else ''}"),
         Tunable("skinny_max_rows", (0, 4, 8, 16, 32), linear.SKINNY_MAX_ROWS, False,
                 "at most this many rows (>= 2) use the few-row kernel instead of sgemm"),
         Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
@@ -312,21 +314,32 @@ class CpuLinear(Family):
     SCRATCH_LIMIT = 64 << 20  # bytes of GEMM block scratch per thread
 
     def tunables(self):
-        return _gemm_block_tunables("columns")
+        return _gemm_block_tunables("columns", auto=True)
+
+    def launch_kwargs(self, config):
+        return {k: (None if v == "auto" else v) for k, v in config.items()}
+
+    @staticmethod
+    def _rows_cols(config, case):
+        from ..kernels.cpu.linear import resolve_blocks
+
+        kw = {k: (None if config[k] == "auto" else config[k]) for k in ("rows", "cols")}
+        return resolve_blocks(case["N"], case["M"], kw["rows"], kw["cols"])
 
     def check(self, config, case):
         N, M = case["N"], case["M"]
         if why := _too_many_threads(config):
             return why
-        by_rows = N >= 2 * config["rows"] or M <= config["cols"]
-        scratch = 4 * (min(config["rows"], N) * M if by_rows else N * min(config["cols"], M))
+        rows, cols = self._rows_cols(config, case)
+        by_rows = N >= 2 * rows or M <= cols
+        scratch = 4 * (min(rows, N) * M if by_rows else N * min(cols, M))
         if scratch > self.SCRATCH_LIMIT:
             return f"{scratch / 2**20:.0f} MiB of block scratch per thread (> {self.SCRATCH_LIMIT >> 20} MiB)"
         return None
 
     def effective(self, config, case):
         N, M = case["N"], case["M"]
-        rows, cols = config["rows"], config["cols"]
+        rows, cols = self._rows_cols(config, case)
         if N >= 2 * rows or M <= cols:
             return ("rows", min(rows, N), config["threads"])
         return ("cols", min(cols, M), 2 <= N <= config["skinny_max_rows"], config["threads"])

@@ -66,6 +66,39 @@ ROWS = 128  # rows per block: large enough for sgemm to amortise packing the wei
 COLS = 256  # columns per block when there are fewer than 2 * ROWS rows
 
 
+ROW_TARGET = 512  # auto_blocks: about this many rows per block at most (row split) ...
+COL_TARGET = 1024  # ... or columns (column split)
+
+
+def auto_blocks(N, M, units=None):
+    """(rows, cols) for an (N, M) output when the caller gave no blocks: as few GEMM calls as keep
+    `units` threads equally busy. Each sgemm call packs all of the operand it does not split (the
+    weight in a row split, x in a column split), so the split goes along the longer side (rows when
+    N >= M: the weight is then the smaller operand to pack again) and the block count is a multiple
+    of `units`, each block at most ~ROW_TARGET rows / COL_TARGET columns (to keep the epilogue's
+    scratch block near L2). Fewer than 2 * ROWS rows keep the decoding split (COLS-column blocks).
+    units: NUMBA_NUM_THREADS (the pool's size, fixed for the process), not the threads of one call:
+    a call's thread count must never change the bits, and other blocks can (other sgemm call shapes).
+    On 2 cores: GPT-2 T=256 GEMMs 5-20 % faster than the fixed 128-row blocks, embedding-batch
+    GEMMs (~1500 x 384) 5-15 % (benchmarks/results/gpt2_prefill.md, embed.md)."""
+    if units is None:
+        from numba import config
+
+        units = config.NUMBA_NUM_THREADS
+    units = max(1, int(units))
+    if N < 2 * ROWS:
+        return ROWS, COLS
+    if N >= M:
+        n = units * -(-N // (units * ROW_TARGET))
+    else:
+        n = units * -(-M // (units * COL_TARGET))
+    if n == 1:  # one block: rows = N with cols = M is a row split of one block (by_rows_with)
+        return N, M
+    if N >= M:
+        return -(-N // n), COLS  # N >= 2 * rows: a row split into n blocks
+    return N, -(-M // n)  # rows = N: a column split into n blocks
+
+
 @njit(inline="always")
 def by_rows_with(N, M, rows, cols):
     """Split over rows (True) or columns (False), for blocks of `rows` rows / `cols` columns?"""

@@ -14,7 +14,7 @@ from numba import njit, prange
 from ...errors import GraphError
 from .checks import check_array as _check
 from .attention import _exp2
-from .gemm import COLS, ROWS, by_rows_with, check_threads, matmul_nn, matmul_tn, num_threads, pin_blas_to_one_thread
+from .gemm import COLS, ROWS, auto_blocks, by_rows_with, check_threads, matmul_nn, matmul_tn, num_threads, pin_blas_to_one_thread
 from .precompile import BOOL, F1, F2, F64, I64, R1, R2, array, kernel, native_address, native_caller
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
@@ -227,6 +227,14 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
                           src)
 
 
+def resolve_blocks(N, M, rows, cols):
+    """linear_forward's GEMM blocks for an (N, M) output: gemm.auto_blocks when neither rows nor cols
+    is given, else the given ones (a missing one: gemm.ROWS / COLS). Shared with the tuning family."""
+    if rows is None and cols is None:
+        return auto_blocks(N, M)
+    return (ROWS if rows is None else rows), (COLS if cols is None else cols)
+
+
 def _blocks(op, rows, cols, skinny_max_rows):
     """The block tunables (None: the defaults ROWS, COLS, SKINNY_MAX_ROWS), checked."""
     vals = []
@@ -245,10 +253,12 @@ def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, c
     """out (..., M) = act(x (..., K) @ w.T + b) [+ residual (..., M)]; out must not alias x or residual (BLAS writes it first).
 
     Tunables (None: defaults; see nbformer/tuning/space.py): rows / cols, the GEMM block sizes
-    (gemm.ROWS / COLS); skinny_max_rows, the most rows (>= 2) that use the few-row kernel instead of
+    (both None: gemm.auto_blocks for this shape; one None: gemm.ROWS / COLS for it); skinny_max_rows, the most rows (>= 2) that use the few-row kernel instead of
     sgemm; threads, the Numba threads for this call. Blocks and skinny_max_rows may change the last
     bits (other sgemm call shapes), threads never does."""
     K, M = x.shape[-1], w.shape[0]
+    if rows is None and cols is None:
+        rows, cols = auto_blocks(x.size // K if K else 0, M)
     rows, cols, skinny = _blocks("linear_forward", rows, cols, skinny_max_rows)
     threads = check_threads("linear_forward", threads)
     out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
@@ -391,9 +401,10 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
         _check(op, "residual", residual, oshape)
     code = _act_code(op, act)
     pre2 = pre.reshape(-1, M)
+    rows, cols = auto_blocks(pre2.shape[0], M)  # linear_forward's default blocks (the same bits)
     pin_blas_to_one_thread()
     _linear_fwd(out.reshape(-1, M), pre2, x.reshape(-1, K), w, b if use_bias else w[0], code,
-                residual.reshape(-1, M) if use_res else pre2, use_bias, use_res, True, ROWS, COLS, SKINNY_MAX_ROWS)
+                residual.reshape(-1, M) if use_res else pre2, use_bias, use_res, True, rows, cols, SKINNY_MAX_ROWS)
 
 
 def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
