@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, InputError
+from .batching import plan_batches
 from .graph.build import build_embed
 
 from .defaults import default_embedder_path
@@ -97,8 +98,9 @@ class Embedder:
         enc = self.tokenizer.encode_batch(texts)
         order = np.argsort([-len(ids) for ids, _ in enc], kind="stable")  # similar lengths share a batch
         cfg = self.model.config
-        for start in range(0, len(order), bs):
-            rows = order[start: start + bs]
+        # at most bs texts per batch, cut where padding costs more than another batch (nbformer/batching.py)
+        for start, end in plan_batches([len(enc[i][0]) for i in order], bs):
+            rows = order[start:end]
             B, T = len(rows), max(len(enc[i][0]) for i in rows)
             ids = np.full((B, T), cfg.pad_token_id or 0, dtype=np.int64)
             types = np.zeros((B, T), dtype=np.int64)

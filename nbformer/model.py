@@ -21,7 +21,12 @@ from .quant.binding import bind_quantized, refuse_training, split_quantized
 from .weights.params import count_params
 from .weights.positions import position_table
 
-_MAX_CACHED_EXECUTORS = 6
+# Executors kept per model (one per graph shape, each with its arena), least recently used first out:
+# at most this many, and at most this many arena bytes together (the newest is always kept). An
+# embedder's batches take several shapes per call (nbformer/batching.py), each arena a few MiB; a
+# GPT-2 prefill arena holds its (T, vocab) logits, ~50 MiB at T=256.
+_MAX_CACHED_EXECUTORS = 32
+_MAX_CACHED_ARENA_BYTES = 512 << 20
 
 
 def _as_id_matrix(x, name) -> np.ndarray:
@@ -95,7 +100,9 @@ class Model:
             states = {n: self.dev.empty(t.shape, np.float32) for n, t in g.tensors.items() if t.kind == "state"}
             ex = Executor(g, {**self.bound, **states} if states else self.bound, self.device)
             self._executors[key] = ex
-            while len(self._executors) > _MAX_CACHED_EXECUTORS:
+            while len(self._executors) > 1 and (
+                    len(self._executors) > _MAX_CACHED_EXECUTORS
+                    or sum(4 * e.plan.arena_floats for e in self._executors.values()) > _MAX_CACHED_ARENA_BYTES):
                 self._executors.popitem(last=False)
         else:
             self._executors.move_to_end(key)
