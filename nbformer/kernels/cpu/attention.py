@@ -578,7 +578,8 @@ def attention_forward(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, n_
             if key_len is not None and kv_full.flags.c_contiguous and mask_full.flags.c_contiguous:
                 kv_buf, key_mask = kv_full, mask_full  # the cache itself: C-contiguous, first Tk rows read
             _attention_decode(out, lse, np.ascontiguousarray(q_buf), q_off, np.ascontiguousarray(kv_buf), k_off,
-                              v_off, Tk, np.ascontiguousarray(key_mask), NH, HS, bool(causal), float(scale), NH // NKV)
+                              v_off, Tk, np.ascontiguousarray(key_mask), NH, HS, bool(causal), float(scale), NH // NKV,
+                              native_address("attention_decode._decode_item"))
         return
     with num_threads(threads):
         _core_entry()(out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask, NH, HS, bool(causal),

@@ -22,23 +22,30 @@ import numpy as np
 from numba import njit, prange
 
 from nbformer.kernels.cpu.attention import _FASTMATH, _LN2, _LOG2E, _NEG_INF, _ZERO, _exp2
-from nbformer.kernels.cpu.precompile import BOOL, F3, F64, I64, R3, RU2, kernel
+from nbformer.kernels.cpu.precompile import BOOL, F3, F64, I64, R3, RU2, kernel, native_caller
 
 MAX_QUERIES = 4  # the launcher routes Tq <= this (and no dropout) here
 
 
-@kernel((F3, F3, R3, I64, R3, I64, I64, I64, RU2, I64, I64, BOOL, F64, I64), cost=2.0)
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _attention_decode(out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mask, NH, HS, causal, scale, group):
-    # out (B, Tq, NH*HS); lse (B, NH, Tq); q_buf (B, Tq, Wq); kv_buf (B, >= Tk, Wkv) C-contiguous (a whole
-    # KV cache: its first Tk rows are attended, so the rows are contiguous and the dots vectorise);
-    # key_mask (B, >= Tk)
-    B, Tq = q_buf.shape[0], q_buf.shape[1]
+_SIG = (F3, F3, R3, I64, R3, I64, I64, I64, RU2, I64, I64, BOOL, F64, I64)
+# (out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mask, NH, HS, causal, scale, group)
+_ITEM_SIG = (I64,) + _SIG
+
+
+# The work item is its own cached kernel, called by the parallel loop through its native address
+# (precompile.native_caller) instead of being linked into it: one parallel function with this body
+# took 4.3 CPU s to compile (parfor lowering and the gufunc), the longest of a cold `generate` after
+# the linear layer's; the item alone is compiled once, in parallel with the loop around it.
+@kernel(_ITEM_SIG, cost=2.5)
+@njit(cache=True, fastmath=_FASTMATH)
+def _decode_item(item, out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mask, NH, HS, causal, scale, group):
+    # one (batch, kv head): every query head of its group and every query row
+    Tq = q_buf.shape[1]
     NKV = NH // group
     R = group * Tq  # query rows of one item: r = g_local * Tq + i
     shift = Tk - Tq  # causal: query i sees key j iff j <= i + shift
     qscale = np.float32(scale * _LOG2E)
-    for item in prange(B * NKV):
+    if True:  # (the item body, indented as it was inside the parallel loop)
         b = item // NKV
         hk = item - b * NKV
         kc = k_off + hk * HS
@@ -102,3 +109,19 @@ def _attention_decode(out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mask
                 for d in range(HS):
                     orow[d] = _ZERO
                 lse[b, h, i] = _NEG_INF
+
+
+_call_item = native_caller(_ITEM_SIG)
+
+
+@kernel(_SIG + (I64,), cost=1.0)
+@njit(parallel=True, cache=True)
+def _attention_decode(out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mask, NH, HS, causal, scale, group,
+                      item_fn):
+    # out (B, Tq, NH*HS); lse (B, NH, Tq); q_buf (B, Tq, Wq); kv_buf (B, >= Tk, Wkv) C-contiguous (a whole
+    # KV cache: its first Tk rows are attended, so the rows are contiguous and the dots vectorise);
+    # key_mask (B, >= Tk); item_fn: native_address("attention_decode._decode_item")
+    B = q_buf.shape[0]
+    for item in prange(B * (NH // group)):
+        _call_item(item_fn, (np.int64(item), out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mask, NH, HS,
+                             causal, scale, group))

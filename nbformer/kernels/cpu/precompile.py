@@ -339,7 +339,7 @@ def kernels_for(graph) -> list:
             continue  # p = 0 is a copy
         keys += OPS.get((node.op, node.direction), [])
         if node.op == "attention" and node.direction == "forward" and _few_queries(graph, node):
-            keys.append("attention_decode._attention_decode")  # the launcher's kernel for Tq <= 4
+            keys += ["attention_decode._attention_decode", "attention_decode._decode_item"]  # the launcher's for Tq <= 4
         if node.op == "attention" and node.direction == "backward":
             keys += _attention_backward_items(graph, node)
         backward |= node.direction == "backward"
