@@ -213,3 +213,18 @@ def test_a_training_graph_lists_only_the_attention_backward_schedule_its_shapes_
     g, _ = build_train(cfg, 8, 16)
     keys = P.kernels_for(g)
     assert "attention_backward._dkdv" in keys and len([k for k in keys if k.endswith("_item")]) >= 2
+
+
+def test_short_prompts_and_decoding_steps_list_only_the_decode_attention_kernel():
+    from nbformer.config import ModelConfig
+    from nbformer.graph.build import build_forward, build_train
+    from nbformer.kernels.cpu import precompile as P
+
+    cfg = ModelConfig(arch="decoder", vocab_size=50, d_model=32, n_heads=4, n_layers=1, d_ff=64, max_positions=32)
+    tiled = set(P.OPS[("attention", "forward")])
+    decode = {"attention_decode._attention_decode", "attention_decode._decode_item"}
+    short, long_ = set(P.kernels_for(build_forward(cfg, 2, 4))), set(P.kernels_for(build_forward(cfg, 2, 5)))
+    assert decode <= short and not tiled & short  # 4 query rows: the decode kernel only
+    assert tiled <= long_ and not decode & long_
+    g, _ = build_train(cfg, 2, 4, attn_dropout=0.1)  # dropout: the tiled kernel even for 4 rows
+    assert tiled <= set(P.kernels_for(g))

@@ -307,6 +307,16 @@ def _few_queries(graph, node) -> bool:
     return q is None or len(q.shape) < 2 or q.shape[1] <= MAX_QUERIES
 
 
+def _tiled_attention(graph, node) -> bool:
+    """Does this attention node (possibly) run the tiled kernel: more query rows than the decode
+    kernel takes, attention dropout, or shapes unknown?"""
+    from .attention_decode import MAX_QUERIES
+
+    q = graph.tensors.get(node.inputs.get("q"))
+    many = q is None or len(q.shape) < 2 or q.shape[1] > MAX_QUERIES
+    return many or float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0
+
+
 _ONE_PASS = ["attention_backward._one_pass_item"]
 _TWO_PASSES = ["attention_backward._delta", "attention_backward._dkdv_item", "attention_backward._dq",
                "attention_backward._dq_item"]
@@ -337,9 +347,15 @@ def kernels_for(graph) -> list:
     for node in graph.nodes:
         if node.op == "dropout" and float(node.attrs.get("p", 0.0)) <= 0.0:
             continue  # p = 0 is a copy
-        keys += OPS.get((node.op, node.direction), [])
-        if node.op == "attention" and node.direction == "forward" and _few_queries(graph, node):
-            keys += ["attention_decode._attention_decode", "attention_decode._decode_item"]  # the launcher's for Tq <= 4
+        if node.op == "attention" and node.direction == "forward":
+            # the launcher's kernel for Tq <= 4 without dropout is the decode kernel, the tiled one otherwise:
+            # a short prompt's prefill and every decoding step never run (or compile) the tiled kernel
+            if _few_queries(graph, node):
+                keys += ["attention_decode._attention_decode", "attention_decode._decode_item"]
+            if _tiled_attention(graph, node):
+                keys += OPS[("attention", "forward")]
+        else:
+            keys += OPS.get((node.op, node.direction), [])
         if node.op == "attention" and node.direction == "backward":
             keys += _attention_backward_items(graph, node)
         backward |= node.direction == "backward"
