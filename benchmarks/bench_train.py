@@ -136,7 +136,7 @@ def main(argv=None):
                          "median s": r["torch"]["median_s"], "tokens/s": f"{fl / r['torch']['median_s'] / 1e9:.1f} GFLOP/s"})
             rows.append({"impl": "  ratio nbformer/torch (time)", "tokens/s": r["torch"]["median_s"] / r["nbformer"]["median_s"]})
         notes.append("attention backward: B=1, 12 heads, T=1024, head 64; GFLOP/s counts 2.5x the forward's "
-                     "4*B*H*T^2*HS (half for causal); nbformer recomputes P in two passes (dK/dV, then dQ)")
+                     "4*B*H*T^2*HS (half for causal); nbformer recomputes P from the saved logsumexp (one pass per (batch, kv head) here; attention_backward.choose_passes)")
     print(write_results("train", "Training step and attention backward", ["impl", "median s", "tokens/s", "peak MiB"],
                         rows, notes))
 
