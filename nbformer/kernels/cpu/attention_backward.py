@@ -321,7 +321,7 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
     dp (nq, ld) = dS * scale, both exactly 0 where a key is masked, causal-hidden or padding, and on
     rows that see no key (lse = -inf)."""
     shift = Tk - Tq
-    Z, O = np.int64(0), np.int64(1)  # not literals: one compiled _mm serves every call (see _MM_ARGS)
+    Z, O = np.int64(0), np.int64(1)  # not literals: one compiled _mm serves every call
     _mm(sp, Z, ld, nq, nk, qs, qo, O, HS, kt, Z, ldk, HS, Z)  # S (log2 units) = Q (K^T * c)
     _mm(dp, Z, ld, nq, nk, gs, qo, O, HS, vt, Z, ldk, HS, Z)  # dP = dO V^T
     inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
@@ -429,7 +429,7 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
                     _mm(dq1, (b * Tq + i0) * Wq + qc, Wq, nq, HS, dp, Z, O, ld, ks, Z, HS, nk, O)  # dQ += dS K
 
 
-# Compile CPU s (fresh process, this machine): one pass 8.3 -> ~5 and the pass-1 item ~6 -> ~3 once
+# Compile CPU s (fresh process, Zen 4): one pass 15.4 (with the pass-1 code in the same item) -> 7.8, once
 # _mm (and _pair) got one signature each (literal 0 / 1 arguments and 1-d vs 3-d C arrays had made five
 # of _mm, each compiled and optimised again) and the two schedules got an item kernel each; a graph's
 # precompile builds only the schedule its shapes choose (precompile.kernels_for).

@@ -45,70 +45,69 @@ def _decode_item(item, out, lse, q_buf, q_off, kv_buf, k_off, v_off, Tk, key_mas
     R = group * Tq  # query rows of one item: r = g_local * Tq + i
     shift = Tk - Tq  # causal: query i sees key j iff j <= i + shift
     qscale = np.float32(scale * _LOG2E)
-    if True:  # (the item body, indented as it was inside the parallel loop)
-        b = item // NKV
-        hk = item - b * NKV
-        kc = k_off + hk * HS
-        vc = v_off + hk * HS
-        # K^T (HS, Tk) of this kv head: the score loops then run along the keys (contiguous, vectorised)
-        kt = np.empty((HS, Tk), np.float32)
+    b = item // NKV
+    hk = item - b * NKV
+    kc = k_off + hk * HS
+    vc = v_off + hk * HS
+    # K^T (HS, Tk) of this kv head: the score loops then run along the keys (contiguous, vectorised)
+    kt = np.empty((HS, Tk), np.float32)
+    for j in range(Tk):
+        krow = kv_buf[b, j, kc:kc + HS]
+        for d in range(HS):
+            kt[d, j] = krow[d]
+    sc = np.empty((R, Tk), np.float32)
+    mx = np.empty(R, np.float32)
+    l = np.zeros(R, np.float32)
+    for r in range(R):
+        h = hk * group + r // Tq
+        i = r % Tq
+        qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
+        srow = sc[r]
         for j in range(Tk):
-            krow = kv_buf[b, j, kc:kc + HS]
-            for d in range(HS):
-                kt[d, j] = krow[d]
-        sc = np.empty((R, Tk), np.float32)
-        mx = np.empty(R, np.float32)
-        l = np.zeros(R, np.float32)
-        for r in range(R):
-            h = hk * group + r // Tq
-            i = r % Tq
-            qrow = q_buf[b, i, q_off + h * HS:q_off + (h + 1) * HS]
-            srow = sc[r]
+            srow[j] = _ZERO
+        for d in range(HS):
+            qd = qrow[d] * qscale
+            ktd = kt[d]
             for j in range(Tk):
-                srow[j] = _ZERO
-            for d in range(HS):
-                qd = qrow[d] * qscale
-                ktd = kt[d]
-                for j in range(Tk):
-                    srow[j] += qd * ktd[j]
-            m = _NEG_INF
-            j_end = min(Tk, i + shift + 1) if causal else Tk  # causal: keys after i + shift are hidden
-            for j in range(Tk):
-                if key_mask[b, j] == 0 or j >= j_end:
-                    srow[j] = _NEG_INF
-                m = max(m, srow[j])
-            mx[r] = m
-            mu = m if m != _NEG_INF else _ZERO  # no visible key: every p is 0
-            t = _ZERO
-            for j in range(Tk):
-                p = _exp2(srow[j] - mu)
-                srow[j] = p
-                t += p
-            l[r] = t
-        acc = np.zeros((R, HS), np.float32)
+                srow[j] += qd * ktd[j]
+        m = _NEG_INF
+        j_end = min(Tk, i + shift + 1) if causal else Tk  # causal: keys after i + shift are hidden
         for j in range(Tk):
-            if key_mask[b, j] == 0:
-                continue
-            vrow = kv_buf[b, j, vc:vc + HS]
-            for r in range(R):
-                p = sc[r, j]
-                if p != _ZERO:
-                    arow = acc[r]
-                    for d in range(HS):
-                        arow[d] += p * vrow[d]
+            if key_mask[b, j] == 0 or j >= j_end:
+                srow[j] = _NEG_INF
+            m = max(m, srow[j])
+        mx[r] = m
+        mu = m if m != _NEG_INF else _ZERO  # no visible key: every p is 0
+        t = _ZERO
+        for j in range(Tk):
+            p = _exp2(srow[j] - mu)
+            srow[j] = p
+            t += p
+        l[r] = t
+    acc = np.zeros((R, HS), np.float32)
+    for j in range(Tk):
+        if key_mask[b, j] == 0:
+            continue
+        vrow = kv_buf[b, j, vc:vc + HS]
         for r in range(R):
-            h = hk * group + r // Tq
-            i = r % Tq
-            orow = out[b, i, h * HS:(h + 1) * HS]
-            if l[r] != _ZERO:
-                inv = np.float32(1.0) / l[r]
+            p = sc[r, j]
+            if p != _ZERO:
+                arow = acc[r]
                 for d in range(HS):
-                    orow[d] = acc[r, d] * inv
-                lse[b, h, i] = np.float32((np.float64(mx[r]) + math.log2(np.float64(l[r]))) * _LN2)
-            else:
-                for d in range(HS):
-                    orow[d] = _ZERO
-                lse[b, h, i] = _NEG_INF
+                    arow[d] += p * vrow[d]
+    for r in range(R):
+        h = hk * group + r // Tq
+        i = r % Tq
+        orow = out[b, i, h * HS:(h + 1) * HS]
+        if l[r] != _ZERO:
+            inv = np.float32(1.0) / l[r]
+            for d in range(HS):
+                orow[d] = acc[r, d] * inv
+            lse[b, h, i] = np.float32((np.float64(mx[r]) + math.log2(np.float64(l[r]))) * _LN2)
+        else:
+            for d in range(HS):
+                orow[d] = _ZERO
+            lse[b, h, i] = _NEG_INF
 
 
 _call_item = native_caller(_ITEM_SIG)
