@@ -114,6 +114,17 @@ def test_auto_blocks_split_the_longer_side_into_a_multiple_of_the_pool(units):
         assert (rows if by_rows else cols) <= max(ROW_TARGET if by_rows else COL_TARGET, -(-(N if by_rows else M) // units))
 
 
+@pytest.mark.parametrize("units", [1, 2, 3, 16])
+def test_tn_rows_cover_the_gradient_in_a_multiple_of_the_pool(units):
+    from nbformer.kernels.cpu.gemm import TN_ROW_TARGET, tn_rows
+
+    for M in (1, 2, 7, 256, 768, 1024, 1031, 8192, 50257):
+        rows = tn_rows(M, units)
+        n = -(-M // rows)
+        assert 1 <= rows <= max(TN_ROW_TARGET, 1) and (rows - 1) * n < M <= rows * n, (M, units, rows)
+        assert n % units == 0 or rows == 1, (M, units, n)  # every thread as busy (down to 1-row blocks)
+
+
 @pytest.mark.parametrize("N,K,M", [(256, 40, 700), (600, 24, 90), (513, 17, 513), (300, 8, 2500)])
 def test_linear_auto_blocks_match_the_reference_and_the_explicit_blocks(rng, N, K, M):
     """linear_forward with no blocks runs gemm.auto_blocks (column split when N < M, row split

@@ -14,7 +14,8 @@ from numba import njit, prange
 from ...errors import GraphError
 from .checks import check_array as _check
 from .attention import _exp2
-from .gemm import COLS, ROWS, auto_blocks, by_rows_with, check_threads, matmul_nn, matmul_tn, num_threads, pin_blas_to_one_thread
+from .gemm import (COLS, ROWS, auto_blocks, by_rows_with, check_threads, matmul_nn, matmul_tn, num_threads,
+                   pin_blas_to_one_thread, tn_rows)
 from .precompile import BOOL, F1, F2, F64, I64, R1, R2, array, kernel, native_address, native_caller
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
@@ -451,7 +452,7 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
         _linear_backward_elementwise(db if use_db else w[0], dout2, pre2, g2, code, use_db, ROWS_PER_CHUNK,
                                      native_address("linear._backward_rows"))
     pin_blas_to_one_thread()
-    if use_dx:
-        matmul_nn(dx.reshape(-1, K), g2, w, ROWS, COLS)  # (N, M) @ (M, K)
+    if use_dx:  # blocks by shape, as the forward's (gemm.auto_blocks)
+        matmul_nn(dx.reshape(-1, K), g2, w, *auto_blocks(N, K))  # (N, M) @ (M, K)
     if use_dw:
-        matmul_tn(dw, g2, x2, ROWS)  # (M, N) @ (N, K)
+        matmul_tn(dw, g2, x2, tn_rows(M))  # (M, N) @ (N, K)
