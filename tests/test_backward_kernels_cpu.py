@@ -319,7 +319,7 @@ def _ce_case(rng, N, V, ignore_frac, ii=-100):
 
 
 @pytest.mark.parametrize("N", [1, 7, 33, 130, 257])
-@pytest.mark.parametrize("V", [1, 16, 1000])
+@pytest.mark.parametrize("V", [1, 13, 16, 1003])  # 13, 1003: the row max's 8 lanes and a tail
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_cross_entropy(rng, N, V, eps):
     logits, t = _ce_case(rng, N, V, 0.25)
@@ -334,6 +334,21 @@ def test_cross_entropy(rng, N, V, eps):
     dlogits = np.full_like(logits, np.nan)
     cross_entropy_backward(dlogits, logits, lse, t, eps, -100, 1.0 / max(n, 1))
     assert_grad(dlogits, rb.cross_entropy_backward(logits, t, eps, -100, 1.0 / max(n, 1)), "dlogits")
+
+
+def test_cross_entropy_finds_the_row_max_in_every_lane_and_the_tail(rng):
+    # one logit of 300 per row, at every position of a 21-class row (8-lane max, 5 left over):
+    # a max that missed it would overflow exp (e^300 > float32's range) and give inf / nan
+    V = 21
+    logits = f32(rng.normal(size=(V, V)))
+    logits[np.arange(V), np.arange(V)] = 300.0
+    t = rng.integers(0, V, V)
+    losses, lse = np.empty(V, np.float32), np.empty(V, np.float32)
+    cross_entropy_forward(losses, lse, logits, t, 0.0, -100)
+    rl, rlse = rb.cross_entropy(logits, t, 0.0, -100)
+    assert np.isfinite(lse).all() and np.isfinite(losses).all()
+    assert_close(lse, rlse, atol=1e-4, rtol=1e-6, what="lse")
+    assert_close(losses, rl, atol=1e-4, rtol=1e-6, what="losses")
 
 
 def test_cross_entropy_matches_torch(rng):

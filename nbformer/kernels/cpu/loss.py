@@ -22,6 +22,23 @@ _FM = {"contract", "afn", "reassoc", "nsz", "arcp"}  # no nnan/ninf: -inf logits
 _LOG2E = np.float32(1.4426950408889634)
 
 
+@njit(inline="always", fastmath=_FM)
+def _row_max(row):
+    # max over a float32 row in 8 independent lanes: a single running max is a chain of dependent
+    # compare-selects that LLVM does not vectorise (4.5 ms for 1024 x 8192 logits on 2 threads vs 0.8)
+    V = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    j = 0
+    while j + 8 <= V:
+        m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
+        m4, m5, m6, m7 = max(m4, row[j + 4]), max(m5, row[j + 5]), max(m6, row[j + 6]), max(m7, row[j + 7])
+        j += 8
+    while j < V:
+        m0 = max(m0, row[j])
+        j += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
 @kernel((F1, F1, R2, RI1, F64, I64), cost=1.5)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
 def _cross_entropy_forward(losses, lse, logits, targets, eps, ignore_index):
@@ -31,9 +48,7 @@ def _cross_entropy_forward(losses, lse, logits, targets, eps, ignore_index):
     N, V = logits.shape
     for i in prange(N):
         row = logits[i]
-        m = row[0]
-        for j in range(V):
-            m = max(m, row[j])
+        m = _row_max(row)
         s = 0.0
         for j in range(V):
             s += _exp2((row[j] - m) * _LOG2E)
