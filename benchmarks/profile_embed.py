@@ -5,7 +5,7 @@ library code is changed. Prints: time per op kind (and per op kind x shape), tim
 Executor.run vs the rest of encode (tokenise, pad, prepare_inputs), cost of building + planning
 a graph for a new batch shape, and the top of a cProfile of encode.
 
-    python benchmarks/profile_embed.py [--threads 2] [--n 256] [--batch 64] [--repeat 3]
+    python benchmarks/profile_embed.py [--threads 2] [--n 256] [--batch 64] [--repeat 3] [--case varied]
 """
 from __future__ import annotations
 
@@ -23,18 +23,24 @@ def main(argv=None):
     p = bench_args(__doc__.splitlines()[0], warmup=1, repeat=3)
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--case", default="varied", help="texts as in bench_embed: varied, uniform20, words5, tokens128")
     p.add_argument("--cprofile", type=int, default=25, help="rows of cProfile output (0: skip)")
     args = p.parse_args(argv)
     set_threads(args.threads, torch=False)
 
-    from bench_embed import make_sentences
+    from bench_embed import CASES, make_long, make_sentences, make_uniform
 
     from nbformer import Embedder
     from nbformer.executor import Executor
     from nbformer.graph.build import build_embed
 
-    texts = make_sentences(args.n)
+    if args.case not in CASES:
+        p.error(f"--case: {args.case!r}, expected one of {list(CASES)}")
     nb = Embedder()
+    tk = nb.tokenizer
+    texts = {"varied": lambda: make_sentences(args.n), "uniform20": lambda: make_uniform(tk, args.n, 19, 21),
+             "words5": lambda: make_sentences(args.n, seed=3, lo=5, hi=5),
+             "tokens128": lambda: make_long(tk, args.n, 128)}[args.case]()
     for _ in range(max(1, args.warmup)):
         nb.encode(texts, batch_size=args.batch)
 
