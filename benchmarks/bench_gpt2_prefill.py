@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import CACHE_DIR, bench_args, ratio, set_threads, timeit_pair, write_results
+from common import CACHE_DIR, bench_args, ratio, round_ratios, set_threads, spread, timeit_pair, write_results
 
 MODEL_DIR = CACHE_DIR / "gpt2-124m-random"
 
@@ -77,15 +77,16 @@ def main(argv=None):
              "min s": res["nbformer"]["min_s"], "tokens/s": tps["nbformer"], "load s": nb_load},
             {"impl": "transformers GPT2LMHeadModel (torch)", "median s": res["torch"]["median_s"],
              "min s": res["torch"]["min_s"], "tokens/s": tps["torch"], "load s": hf_load},
-            {"impl": "ratio nbformer/torch", "tokens/s": r}]
+            {"impl": "ratio nbformer/torch", "tokens/s": r, "ratio per round": spread(round_ratios(res))}]
     notes = [f"B={B}, T={T}, logits (B, T, {nb.config.vocab_size}) for all positions; random init, seed 0; "
              f"median of {args.repeat} after {args.warmup} warm-up runs, interleaved; torch under inference_mode "
              f"(attn_implementation {getattr(hf.config, '_attn_implementation', '?')})",
+             "ratio per round: torch time / nbformer time of each interleaved round, median [min..max]",
              f"ratio of best runs (min s, less sensitive to other processes on the machine): {r_best:.2f}",
              f"agreement: max |logits diff| = {max_abs:.2e} (max |logit| {scale:.2f})",
              f"nbformer first forward (cache load / compile, graph build): {nb_first:.2f} s"]
     md = write_results("gpt2_prefill", f"GPT-2 124M prefill, B={B}, T={T}",
-                       ["impl", "median s", "min s", "tokens/s", "load s"], rows, notes,
+                       ["impl", "median s", "min s", "tokens/s", "ratio per round", "load s"], rows, notes,
                        extra={"raw": res, "max_abs_logits_diff": max_abs, "max_abs_logit": scale,
                               "nb_first_forward_s": nb_first, "ratio": r, "ratio_best": r_best, "threads": threads})
     print(md)

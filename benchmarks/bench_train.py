@@ -16,7 +16,7 @@ from __future__ import annotations
 import resource
 import time
 
-from common import bench_args, ratio, set_threads, timeit_pair, write_results
+from common import bench_args, ratio, round_ratios, set_threads, spread, timeit_pair, write_results
 
 
 def rss_peak_mib() -> float:
@@ -91,11 +91,14 @@ def main(argv=None):
                      f"arena {planned['arena'] / 2**20:.1f}); RSS growth {rss_nb:.0f}"},
         {"impl": "torch GPT2LMHeadModel + Adam", "median s": res["torch"]["median_s"], "tokens/s": tps["torch"],
          "peak MiB": f"RSS growth {rss_torch:.0f}"},
-        {"impl": "ratio nbformer/torch", "tokens/s": ratio(tps["nbformer"], tps["torch"])},
+        {"impl": "ratio nbformer/torch", "tokens/s": ratio(tps["nbformer"], tps["torch"]),
+         "ratio per round": spread(round_ratios(res))},
     ]
     notes = [f"B={B}, T={T}, vocab {V}, d_model {C}, {L} layers, {H} heads, d_ff {F}; {n:,} parameters; "
              f"Adam, no dropout, same initial weights and batches; first losses nbformer "
              f"{first_nb:.4f} / torch {first_torch:.4f}",
+             "ratio per round: torch time / nbformer time of each interleaved round (rounds where other processes "
+             "used the CPUs are re-run and left out), median [min..max]",
              "RSS growth: increase of the process's peak resident memory over each side's first step "
              "(includes allocator caches; torch's is measured after nbformer's, so it only shows what torch "
              "needed beyond that high-water mark)"]
@@ -128,16 +131,17 @@ def main(argv=None):
             def torch_bwd():
                 torch.autograd.grad(o, (q, k, v), go, retain_graph=True)
 
-            r = timeit_pair({"nbformer": nb_bwd, "torch": torch_bwd}, warmup=1, repeat=3)
+            r = timeit_pair({"nbformer": nb_bwd, "torch": torch_bwd}, warmup=1, repeat=max(5, args.repeat))
             fl = 2.5 * attention_flops(Bh, NH, Ta, Ta, HS, causal)  # backward ~ 2.5x the forward's FLOPs
             rows.append({"impl": f"attention backward {'causal' if causal else 'full'} T=1024: nbformer",
                          "median s": r["nbformer"]["median_s"], "tokens/s": f"{fl / r['nbformer']['median_s'] / 1e9:.1f} GFLOP/s"})
             rows.append({"impl": f"attention backward {'causal' if causal else 'full'} T=1024: torch SDPA",
                          "median s": r["torch"]["median_s"], "tokens/s": f"{fl / r['torch']['median_s'] / 1e9:.1f} GFLOP/s"})
-            rows.append({"impl": "  ratio nbformer/torch (time)", "tokens/s": r["torch"]["median_s"] / r["nbformer"]["median_s"]})
+            rows.append({"impl": "  ratio nbformer/torch (time)", "tokens/s": r["torch"]["median_s"] / r["nbformer"]["median_s"],
+                         "ratio per round": spread(round_ratios(r))})
         notes.append("attention backward: B=1, 12 heads, T=1024, head 64; GFLOP/s counts 2.5x the forward's "
                      "4*B*H*T^2*HS (half for causal); nbformer recomputes P from the saved logsumexp (one pass per (batch, kv head) here; attention_backward.choose_passes)")
-    print(write_results("train", "Training step and attention backward", ["impl", "median s", "tokens/s", "peak MiB"],
+    print(write_results("train", "Training step and attention backward", ["impl", "median s", "tokens/s", "ratio per round", "peak MiB"],
                         rows, notes))
 
 

@@ -208,6 +208,16 @@ def summarize(times) -> dict:
             "times_s": [round(t, 6) for t in times], "n": len(times)}
 
 
+def round_ratios(res: dict, nb: str = "nbformer", ref: str = "torch") -> list:
+    """Per interleaved round of a timeit_pair result: ref time / nb time (> 1: nbformer faster)."""
+    return [b / a for a, b in zip(res[nb]["times_s"], res[ref]["times_s"])]
+
+
+def spread(ratios: list) -> str:
+    """'median [min..max]' of per-round ratios."""
+    return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}..{max(ratios):.2f}]" if ratios else "-"
+
+
 def ratio(nb_throughput: float, ref_throughput: float) -> float:
     """nbformer ÷ reference throughput: > 1 means nbformer is faster."""
     return nb_throughput / ref_throughput if ref_throughput else float("nan")
