@@ -201,7 +201,7 @@ def measure_cpu(threads: int | None = None, gemm_shapes=None, read_mib: float = 
     read_mib MiB) with `threads` Numba threads (None: the current count)."""
     import numpy as np
 
-    from ..kernels.cpu.gemm import matmul_nn
+    from ..kernels.cpu.gemm import auto_blocks, matmul_nn
     from .env import current_threads, set_threads
 
     set_threads(threads if threads is not None else current_threads())
@@ -215,8 +215,9 @@ def measure_cpu(threads: int | None = None, gemm_shapes=None, read_mib: float = 
         a = rng.standard_normal((M, K), dtype=np.float32)
         b = rng.standard_normal((K, N), dtype=np.float32)
         c = np.empty((M, N), np.float32)
-        matmul_nn(c, a, b)  # warm-up (compile or cache load, first touch)
-        t = _best(lambda: matmul_nn(c, a, b), repeat)
+        blocks = auto_blocks(M, N)  # the blocks the model's GEMMs get at this shape
+        matmul_nn(c, a, b, *blocks)  # warm-up (compile or cache load, first touch)
+        t = _best(lambda: matmul_nn(c, a, b, *blocks), repeat)
         rate = 2.0 * M * K * N / t / 1e9
         if rate > best_rate:
             best_rate, best_shape, t_gemm = rate, (M, K, N), t
@@ -232,7 +233,7 @@ def measure_cpu(threads: int | None = None, gemm_shapes=None, read_mib: float = 
     M, K, N = best_shape
     return Roofline(device="cpu", threads=threads, peak_gflops=best_rate,
                     read_gbs=x.nbytes / t_read / 1e9, measured_at=_now(),
-                    details={"gemm": f"sgemm {M}x{K}x{N} (nbformer matmul_nn; the fastest of "
+                    details={"gemm": f"sgemm {M}x{K}x{N} (nbformer matmul_nn, gemm.auto_blocks; the fastest of "
                                      f"{', '.join('x'.join(map(str, sh)) for sh in shapes)}), best of {repeat}",
                              "gemm_s": t_gemm, "read": f"parallel sum of {x.nbytes / 2 ** 20:.0f} MiB, best of "
                                                         f"{max(2 * repeat, 5)}", "read_s": t_read})
