@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import CACHE_DIR, bench_args, ratio, round_ratios, set_threads, spread, timeit_pair, write_results
+from common import CACHE_DIR, bench_args, ratio, round_ratios, set_threads, sgemm_rates, spread, timeit_pair, write_results
 
 MODEL_DIR = CACHE_DIR / "gpt2-124m-random"
 
@@ -73,6 +73,14 @@ def main(argv=None):
     tps = {k: B * T / v["median_s"] for k, v in res.items()}
     r = ratio(tps["nbformer"], tps["torch"])
     r_best = res["torch"]["min_s"] / res["nbformer"]["min_s"]
+    # GEMM-equivalent FLOPs of one forward: the linear layers and the LM head (2 per multiply-add)
+    # and causal attention (half of 4 * T^2 * d per layer)
+    cfg = nb.config
+    d, L, V, F = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.d_ff
+    flops = B * T * (2 * L * (4 * d * d + 2 * d * F) + 2 * d * V) + B * L * 2 * T * T * d
+    rate = {k: flops / v["median_s"] / 1e9 for k, v in res.items()}
+    peak = sgemm_rates()
+    yard = max(peak.values())
     rows = [{"impl": "nbformer load().forward", "median s": res["nbformer"]["median_s"],
              "min s": res["nbformer"]["min_s"], "tokens/s": tps["nbformer"], "load s": nb_load},
             {"impl": "transformers GPT2LMHeadModel (torch)", "median s": res["torch"]["median_s"],
@@ -83,12 +91,18 @@ def main(argv=None):
              f"(attn_implementation {getattr(hf.config, '_attn_implementation', '?')})",
              "ratio per round: torch time / nbformer time of each interleaved round, median [min..max]",
              f"ratio of best runs (min s, less sensitive to other processes on the machine): {r_best:.2f}",
+             f"effective rate ({flops / 1e9:.1f} GFLOP a forward: linear layers, LM head, causal attention): "
+             f"nbformer {rate['nbformer']:.0f} GFLOP/s = {100 * rate['nbformer'] / yard:.0f} % of this machine's fp32 "
+             f"GEMM rate, torch {rate['torch']:.0f} = {100 * rate['torch'] / yard:.0f} % (rate: torch.mm 2048^3 "
+             f"{peak['torch_mm_2048']:.0f} GFLOP/s, nbformer matmul_nn {peak['nbformer_matmul']:.0f}; the higher); "
+             f"80 % of that rate would be a ratio of {0.8 * yard / rate['torch']:.2f} to torch here",
              f"agreement: max |logits diff| = {max_abs:.2e} (max |logit| {scale:.2f})",
              f"nbformer first forward (cache load / compile, graph build): {nb_first:.2f} s"]
     md = write_results("gpt2_prefill", f"GPT-2 124M prefill, B={B}, T={T}",
                        ["impl", "median s", "min s", "tokens/s", "ratio per round", "load s"], rows, notes,
                        extra={"raw": res, "max_abs_logits_diff": max_abs, "max_abs_logit": scale,
-                              "nb_first_forward_s": nb_first, "ratio": r, "ratio_best": r_best, "threads": threads})
+                              "nb_first_forward_s": nb_first, "ratio": r, "ratio_best": r_best, "threads": threads,
+                              "gflop_per_forward": flops / 1e9, "effective_gflops": rate, "sgemm_gflops": peak})
     print(md)
     if max_abs > 1e-3:
         print(f"WARNING: logits disagree (max |diff| = {max_abs:.2e})", file=sys.stderr)

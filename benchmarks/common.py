@@ -218,6 +218,28 @@ def spread(ratios: list) -> str:
     return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}..{max(ratios):.2f}]" if ratios else "-"
 
 
+def sgemm_rates(repeat: int = 5) -> dict:
+    """This machine's fp32 GEMM rate (GFLOP/s) at the current thread counts: torch.mm on 2048^3
+    (MKL) and nbformer's own matmul_nn (the best of nbformer.bench.roofline's shapes), best of
+    `repeat`. The yardstick for a model's effective rate: ratios to torch depend on how close
+    torch's BLAS gets to it on the machine (MKL runs far below it on some AMD CPUs)."""
+    import numpy as np
+    import torch
+
+    from nbformer.bench.roofline import measure_cpu
+
+    n = 2048
+    a = torch.randn(n, n)
+    torch.mm(a, a)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t0)
+    ours = measure_cpu(repeat=repeat).peak_gflops
+    return {"torch_mm_2048": 2 * n ** 3 / best / 1e9, "nbformer_matmul": float(np.float64(ours))}
+
+
 def ratio(nb_throughput: float, ref_throughput: float) -> float:
     """nbformer ÷ reference throughput: > 1 means nbformer is faster."""
     return nb_throughput / ref_throughput if ref_throughput else float("nan")
