@@ -115,6 +115,41 @@ def test_auto_blocks_split_the_longer_side_into_a_multiple_of_the_pool(units):
 
 
 @pytest.mark.parametrize("units", [1, 2, 3, 16])
+def test_row_blocks_split_rows_into_a_multiple_of_the_pool(units):
+    from nbformer.kernels.cpu.gemm import COLS, ROW_TARGET, ROWS, by_rows_with, row_blocks
+
+    for N, M in ((1, 3072), (255, 3072), (256, 3072), (300, 3072), (1040, 80), (4097, 17), (8192, 3072)):
+        rows, cols = row_blocks(N, M, units)
+        if N < 2 * ROWS:
+            assert (rows, cols) == (ROWS, COLS)
+            continue
+        assert by_rows_with(N, M, rows, cols), (N, M, units)  # always the row path
+        n = -(-N // rows)
+        assert rows >= ROWS // 2 or n == 1, (N, units, rows)  # never tiny blocks (each packs the weight)
+        assert n == 1 or n == N // (ROWS // 2) or (n % units == 0 and rows <= max(ROW_TARGET, -(-N // units))), \
+            (N, units, rows)
+
+
+def test_swiglu_blocks_by_shape_give_the_same_bits_for_any_thread_count(rng):
+    import numba
+
+    from nbformer.kernels.cpu.swiglu import resolve_blocks, swiglu_linear_forward
+
+    N, K, F = 1029, 24, 70
+    x, w = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(2 * F, K)) / np.sqrt(K))
+    out = np.empty((N, F), np.float32)
+    swiglu_linear_forward(out, x, w, None, "silu")
+    explicit = np.empty_like(out)
+    rows, cols = resolve_blocks(N, F, None, None)
+    swiglu_linear_forward(explicit, x, w, None, "silu", rows=rows, cols=cols)
+    np.testing.assert_array_equal(out, explicit)
+    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+        again = np.empty_like(out)
+        swiglu_linear_forward(again, x, w, None, "silu", threads=threads)
+        np.testing.assert_array_equal(out, again)
+
+
+@pytest.mark.parametrize("units", [1, 2, 3, 16])
 def test_tn_rows_cover_the_gradient_in_a_multiple_of_the_pool(units):
     from nbformer.kernels.cpu.gemm import TN_ROW_TARGET, tn_rows
 

@@ -140,7 +140,7 @@ def test_rope_inv_freq_matches_transformers():
         assert_close(got, want.numpy(), atol=0, rtol=1e-6, what=params["rope_type"])
 
 
-@pytest.mark.parametrize("B,T", SHAPES + [(3, 100)])
+@pytest.mark.parametrize("B,T", SHAPES + [(3, 100), (2, 520)])  # 300, 1040 rows: 2 / 4 row blocks by shape
 @pytest.mark.parametrize("F,act,bias", [(24, "silu", False), (160, "silu", True), (160, "gelu_tanh", False)])
 def test_swiglu_linear_forward_backward(rng, B, T, F, act, bias):
     K = 32  # F = 160: 2F > the column block, so few rows take the column-split (decoding) path

@@ -149,7 +149,7 @@ def test_real_kernel_broken_variants_are_rejected_and_never_chosen():
     assert r.best["rows"] not in (32, 64)
 
 
-def test_cpu_families_declare_spaces_and_constraints():
+def test_cpu_families_declare_spaces_and_constraints(monkeypatch):
     lin, att = get_family("cpu", "linear"), get_family("cpu", "attention")
     assert {t.name: t.bit_exact for t in lin.tunables()} == {"rows": False, "cols": False, "skinny_max_rows": False,
                                                             "threads": True}
@@ -163,7 +163,11 @@ def test_cpu_families_declare_spaces_and_constraints():
     assert lin.effective({**auto, "rows": 64}, gpt2) == ("rows", 64, 1)
     assert lin.launch_kwargs(auto)["rows"] is None and lin.launch_kwargs({**auto, "rows": 64})["rows"] == 64
     big = {"B": 1, "NH": 1, "NKV": 1, "HS": 256, "Tq": 512, "Tk": 512, "causal": False}
-    assert "L2" in att.check({"block_q": 256, "block_k": 512, "threads": 1}, big)
+    import nbformer.tuning.space as space
+
+    monkeypatch.setattr(space, "_l2_bytes", lambda: 1 << 20)  # the check reads the host's L2 (1-2 MiB seen)
+    assert "L2" in att.check({"block_q": 256, "block_k": 512, "threads": 1}, big)  # 1.6 MiB of scratch
+    assert att.check({"block_q": 64, "block_k": 64, "threads": 1}, big) is None
     # tiles larger than the sequence run identically: timed once
     small = {"B": 1, "NH": 2, "NKV": 2, "HS": 16, "Tq": 8, "Tk": 8, "causal": True}
     assert att.effective({"block_q": 64, "block_k": 64, "threads": 2}, small) == \
@@ -550,7 +554,9 @@ def test_glu_binding_hands_the_cached_blocks_to_the_launcher(monkeypatch):
     real = swiglu.swiglu_linear_forward
     monkeypatch.setattr(swiglu, "swiglu_linear_forward", lambda *a, **kw: (seen.append(kw), real(*a, **kw)))
     _run_node(node, g, b, np.random.default_rng(0))
-    assert seen == [{"rows": 128, "cols": 64, "skinny_max_rows": 8, "threads": 1}]
+    # rows keeps its default "auto", passed as None: beside a given cols, gemm.ROWS (swiglu.resolve_blocks)
+    assert seen == [{"rows": None, "cols": 64, "skinny_max_rows": 8, "threads": 1}]
+    assert swiglu.resolve_blocks(8, 40, None, 64) == (128, 64)
 
 
 def test_decode_attention_picks_the_config_of_its_key_length(monkeypatch):

@@ -288,9 +288,9 @@ def _too_many_threads(config) -> str | None:
     return None
 
 
-def _gemm_block_tunables(what_cols: str, auto: bool = False) -> tuple:
+def _gemm_block_tunables(what_cols: str, auto: bool = False, auto_doc: str = "both by shape, gemm.auto_blocks") -> tuple:
     """rows / cols / skinny_max_rows / threads of the CPU GEMM kernels (linear, linear_glu).
-    auto: rows and cols also take "auto" (the launcher's default when both are: gemm.auto_blocks)."""
+    auto: rows and cols also take "auto" (the launcher's default when both are: auto_doc)."""
     from ..kernels.cpu import gemm, linear
 
     a = ("auto",) if auto else ()
@@ -298,7 +298,7 @@ def _gemm_block_tunables(what_cols: str, auto: bool = False) -> tuple:
         Tunable("rows", a + (32, 64, 128, 256, 512), "auto" if auto else gemm.ROWS, False,
                 "rows per GEMM block (row split: N >= 2*rows or the output width <= cols); other sgemm call shapes"),
         Tunable("cols", a + (64, 128, 256, 512, 1024), "auto" if auto else gemm.COLS, False,
-                f"{what_cols} per block (column split){'; auto: both by shape, gemm.auto_blocks' if auto else ''}"),
+                f"{what_cols} per block (column split){'; auto: ' + auto_doc if auto else ''}"),
         Tunable("skinny_max_rows", (0, 4, 8, 16, 32), linear.SKINNY_MAX_ROWS, False,
                 "at most this many rows (>= 2) use the few-row kernel instead of sgemm"),
         Tunable("threads", cpu_thread_values(), max(cpu_thread_values()), True,
@@ -665,24 +665,36 @@ class CpuLinearGlu(Family):
     SCRATCH_LIMIT = CpuLinear.SCRATCH_LIMIT
 
     def tunables(self):
-        return _gemm_block_tunables("gate/up columns")
+        return _gemm_block_tunables("gate/up columns", auto=True, auto_doc="both by shape, swiglu.resolve_blocks")
+
+    def launch_kwargs(self, config):
+        return {k: (None if v == "auto" else v) for k, v in config.items()}
+
+    @staticmethod
+    def _rows_cols(config, case):
+        from ..kernels.cpu.swiglu import resolve_blocks
+
+        kw = {k: (None if config[k] == "auto" else config[k]) for k in ("rows", "cols")}
+        return resolve_blocks(case["N"], case["F"], kw["rows"], kw["cols"])
 
     def _by_rows(self, config, case):
-        return case["N"] >= 2 * config["rows"] or 2 * case["F"] <= config["cols"]
+        rows, cols = self._rows_cols(config, case)
+        return case["N"] >= 2 * rows or 2 * case["F"] <= cols
 
     def check(self, config, case):
         N, F = case["N"], case["F"]
         if why := _too_many_threads(config):
             return why
         by_rows = self._by_rows(config, case)
-        scratch = 4 * (min(config["rows"], N) * 2 * F if by_rows else 2 * N * min(config["cols"], F))
+        rows, cols = self._rows_cols(config, case)
+        scratch = 4 * (min(rows, N) * 2 * F if by_rows else 2 * N * min(cols, F))
         if scratch > self.SCRATCH_LIMIT:
             return f"{scratch / 2**20:.0f} MiB of block scratch per thread (> {self.SCRATCH_LIMIT >> 20} MiB)"
         return None
 
     def effective(self, config, case):
         N, F = case["N"], case["F"]
-        rows, cols = config["rows"], config["cols"]
+        rows, cols = self._rows_cols(config, case)
         if self._by_rows(config, case):
             return ("rows", min(rows, N), config["threads"])
         return ("cols", min(cols, F), 2 <= N <= config["skinny_max_rows"], config["threads"])

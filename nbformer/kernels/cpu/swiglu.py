@@ -8,9 +8,10 @@ right after it is computed (still in cache), as linear.py does for its activatio
   block, so the epilogue never needs another thread's result.
 Training also keeps pre (N, 2F) = x @ w.T + b for the backward pass (dpre from swiglu_backward,
 then the plain linear backward of the fused weight). Block sizes are run-time arguments (rows /
-cols / skinny_max_rows, defaults gemm.ROWS / COLS and linear.SKINNY_MAX_ROWS, tunable like the
-linear forward's: nbformer/tuning/space.py CpuLinearGlu); for given blocks, results are
-bit-identical run to run and for any thread count. Training always runs the default blocks.
+cols / skinny_max_rows, tunable like the linear forward's: nbformer/tuning/space.py CpuLinearGlu;
+by default resolve_blocks: gemm.row_blocks by shape, linear.SKINNY_MAX_ROWS); for given blocks,
+results are bit-identical run to run and for any thread count. Training always runs the default
+blocks (so its forward gives the inference forward's bits).
 
 act: silu (SwiGLU, Llama), gelu_tanh / gelu (GeGLU), relu (ReGLU), none (bilinear).
 """
@@ -19,7 +20,7 @@ from numba import njit, prange
 
 from ...errors import GraphError
 from .checks import check_array as _check
-from .gemm import COLS, ROWS, by_rows_with, check_threads, num_threads, pin_blas_to_one_thread
+from .gemm import COLS, ROWS, by_rows_with, check_threads, num_threads, pin_blas_to_one_thread, row_blocks
 from .precompile import BOOL, F2, I64, R1, R2, kernel
 from .linear import (ACT_CODES, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU, SKINNY_MAX_ROWS, _blocks,
                      _gelu_erf_f32, _gelu_erf_grad_f32, _gelu_tanh_f32, _gelu_tanh_grad_f32, _sigmoid_f32,
@@ -114,16 +115,27 @@ def _check_linear(op, out, x, w, b):
     return F, w.shape[1]
 
 
+def resolve_blocks(N, F, rows, cols):
+    """The blocks for N rows of a (2F, K) fused weight: gemm.row_blocks (whole gate | up rows, a
+    multiple of the pool's threads; column splits of F measured slower here from 512 rows) when
+    neither rows nor cols is given, else the given ones (a missing one: gemm.ROWS / COLS)."""
+    if rows is None and cols is None:
+        return row_blocks(N, 2 * F)
+    return (ROWS if rows is None else rows), (COLS if cols is None else cols)
+
+
 def swiglu_linear_forward(out, x, w, b=None, act="silu", *, rows=None, cols=None, skinny_max_rows=None,
                           threads=None):
     """out (..., F) = act(x @ w[:F].T + b[:F]) * (x @ w[F:].T + b[F:]); x (..., K), w (2F, K), b (2F,).
 
     Tunables (None: defaults; see nbformer/tuning/space.py CpuLinearGlu), as linear_forward's:
-    rows (row blocks of all 2F columns, gemm.ROWS), cols (column blocks of F when rows are few,
-    gemm.COLS), skinny_max_rows (linear.SKINNY_MAX_ROWS) may change the last bits; threads never does."""
+    rows (row blocks of all 2F columns), cols (column blocks of F when rows are few; both None:
+    resolve_blocks by shape), skinny_max_rows (linear.SKINNY_MAX_ROWS) may change the last bits;
+    threads never does."""
     op = "swiglu_linear_forward"
     F, K = _check_linear(op, out, x, w, b)
     code = _act_code(op, act)
+    rows, cols = resolve_blocks(x.size // K if K else 0, F, rows, cols)
     rows, cols, skinny = _blocks(op, rows, cols, skinny_max_rows)
     threads = check_threads(op, threads)
     out2 = out.reshape(-1, F)
@@ -139,9 +151,10 @@ def swiglu_linear_forward_train(out, pre, x, w, b=None, act="silu"):
     F, K = _check_linear(op, out, x, w, b)
     _check(op, "pre", pre, x.shape[:-1] + (2 * F,))
     code = _act_code(op, act)
+    rows, cols = resolve_blocks(x.size // K if K else 0, F, None, None)  # the inference default: same bits
     pin_blas_to_one_thread()
     _glu_linear_fwd(out.reshape(-1, F), pre.reshape(-1, 2 * F), x.reshape(-1, K), w, w[0] if b is None else b,
-                    code, b is not None, True, ROWS, COLS, SKINNY_MAX_ROWS)
+                    code, b is not None, True, rows, cols, SKINNY_MAX_ROWS)
 
 
 @kernel((F2, R2, I64), cost=1.5)
