@@ -14,7 +14,7 @@ import random
 import sys
 import time
 
-from common import bench_args, ratio, set_threads, timeit_pair, write_results
+from common import bench_args, ratio, set_threads, sgemm_rates, timeit_pair, write_results
 
 _SUBJECTS = ["the cat", "a small dog", "my neighbour", "the old man", "our teacher", "the committee",
              "a young engineer", "the river", "this company", "the children", "a stranger", "the weather",
@@ -117,7 +117,13 @@ def main(argv=None):
         a = a.astype(np.float64)
         return a / np.linalg.norm(a, axis=1, keepdims=True)
 
-    rows, notes, raw, worst = [], [], {}, 0.0
+    cfg = nb.model.config
+    d, L, F = cfg.d_model, cfg.n_layers, cfg.d_ff
+
+    def gflop(lens):  # the model's FLOPs on the real (unpadded) tokens: linear layers and attention
+        return sum(n * 2 * L * (4 * d * d + 2 * d * F) + L * 4 * n * n * d for n in lens) / 1e9
+
+    rows, notes, raw, worst, rates = [], [], {}, 0.0, []
     first = None
     for case in cases:
         texts = texts_of[case]()
@@ -145,16 +151,22 @@ def main(argv=None):
                   "min s": res["torch"]["min_s"], "sentences/s": sps["torch"]},
                  {"case": "", "impl": "ratio nbformer/torch", "sentences/s": ratio(sps["nbformer"], sps["torch"]),
                   "ratio per round": f"{np.median(per_round):.2f} [{min(per_round):.2f}..{max(per_round):.2f}]"}]
-        raw[case] = {"res": res, "max_cos_dev": dev, "ratio": ratio(sps["nbformer"], sps["torch"]),
+        g = gflop(lens)
+        rates.append(f"{case} {g / res['nbformer']['median_s']:.0f} / {g / res['torch']['median_s']:.0f}")
+        raw[case] = {"gflop": g, "res": res, "max_cos_dev": dev, "ratio": ratio(sps["nbformer"], sps["torch"]),
                      "ratio_per_round": per_round, "lengths": [min(lens), max(lens), sum(lens) / n]}
+    peak = sgemm_rates()
     notes = [f"batch {args.batch}, normalised; median of {args.repeat} after {args.warmup} warm-up runs, interleaved; "
              f"'ratio per round' = torch time / nbformer time of each interleaved round, median [min..max]",
              f"agreement: max(1 - cos) over all cases = {worst:.2e}",
+             f"effective GFLOP/s (nbformer / torch; the model's FLOPs on the real tokens, no padding): "
+             f"{', '.join(rates)}; this machine's fp32 GEMM rate: torch.mm 2048^3 {peak['torch_mm_2048']:.0f}, "
+             f"nbformer matmul_nn {peak['nbformer_matmul']:.0f} GFLOP/s",
              f"load: nbformer {nb_load:.2f} s, sentence-transformers {st_load:.2f} s; nbformer first encode "
              f"(cache load / compile, graph builds) {first:.2f} s"]
     md = write_results("embed", f"Embedding: all-MiniLM-L6-v2, batch {args.batch}",
                        ["case", "impl", "median s", "min s", "sentences/s", "ratio per round"], rows, notes,
-                       extra={"raw": raw, "threads": threads})
+                       extra={"raw": raw, "threads": threads, "sgemm_gflops": peak})
     print(md)
     if worst > 1e-4:
         print(f"WARNING: embeddings disagree (max 1 - cos = {worst:.2e})", file=sys.stderr)
