@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -27,6 +28,35 @@ def all_scripts() -> list:
     known = {s for _, s in SCRIPTS}
     extra = sorted(f.name for f in BENCH_DIR.glob("bench_*.py") if f.name not in known)
     return SCRIPTS + [(n[len("bench_"):-len(".py")], n) for n in extra]
+
+
+def _headline_ratios(d: dict) -> list:
+    """[(what, ratio text)] of one result file: embed's per-case ratios, the prefill's, and the rows
+    of a table named 'ratio ...' (training step, attention backward)."""
+    out = []
+    for case, r in (d.get("raw") or {}).items():
+        if isinstance(r, dict) and "ratio" in r:
+            per = r.get("ratio_per_round") or []
+            spread = (f" per round {statistics.median(per):.2f} [{min(per):.2f}..{max(per):.2f}]" if per else "")
+            out.append((f"{d['title']}, {case}", f"{r['ratio']:.2f}x{spread}"))
+    if d.get("ratio") is not None:
+        best = f" (best runs {d['ratio_best']:.2f}x)" if d.get("ratio_best") else ""
+        per = next((r["ratio per round"] for r in d.get("rows", []) if r.get("ratio per round")), None)
+        out.append((d["title"], f"{d['ratio']:.2f}x" + (f", per round {per}" if per else "") + best))
+    elif not out:
+        first = None  # the group's first row (nbformer's) names it
+        for row in d.get("rows", []):
+            impl = str(row.get("impl", ""))
+            if impl.strip().startswith("ratio"):
+                vals = [v for k, v in row.items() if k not in ("impl", "ratio per round") and isinstance(v, (int, float))]
+                if vals:
+                    per = row.get("ratio per round")
+                    out.append((f"{d['title']}: {first or impl.strip()}",
+                                f"{vals[0]:.2f}x" + (f", per round {per}" if per else "")))
+                first = None
+            elif first is None:
+                first = impl.split(":")[0] if ":" in impl else impl
+    return out
 
 
 def main(argv=None):
@@ -81,21 +111,18 @@ def main(argv=None):
                 sections.append(f.read_text())
         if t.get("stderr_tail"):
             sections.append(f"**{t['script']} exited with {t['status']}**; stderr tail:\n\n```\n{t['stderr_tail']}\n```\n")
-    ratios = []
-    for key, unit in (("embed", "sentences/s"), ("gpt2_prefill", "tokens/s")):
+    ratios = []  # (what, "median ratio" text) from each result's own file
+    for key in ("embed", "gpt2_prefill", "train"):
         f = RESULTS_DIR / f"{key}.json"
         if f.exists() and (not only or key in only):
-            d = json.loads(f.read_text())
-            ratios.append({"benchmark": d["title"], "unit": unit, "ratio": d.get("ratio"), "best": d.get("ratio_best")})
+            ratios += _headline_ratios(json.loads(f.read_text()))
     info = machine_info()
     head = ["# nbformer benchmarks", "",
             f"{info['cpu']}, {info['usable_cores']} cores, {args.threads} threads per framework; "
             f"git {info['git']}; {info['date']}", ""]
     if ratios:
-        head += ["Throughput ratios nbformer / torch (> 1: nbformer faster; median runs, best runs in brackets):", "",
-                 "\n".join(f"- {r['benchmark']} ({r['unit']}): **{r['ratio']:.2f}x** "
-                           f"({r['best']:.2f}x)" if r["best"] else f"- {r['benchmark']}: **{r['ratio']:.2f}x**"
-                           for r in ratios), ""]
+        head += ["Ratios nbformer / torch (> 1: nbformer faster; per-round median [min..max] where the benchmark "
+                 "records it):", "", "\n".join(f"- {what}: **{text}**" for what, text in ratios), ""]
     head += ["Script wall times:", "", md_table(["script", "status", "wall s"], timing), ""]
     text = "\n".join(head) + "\n" + "\n".join(sections)
     (RESULTS_DIR / "SUMMARY.md").write_text(text)
