@@ -306,6 +306,11 @@ def _gemm_block_tunables(what_cols: str, auto: bool = False, auto_doc: str = "bo
     )
 
 
+def _auto_as_none(config):
+    """The launcher's keywords: "auto" blocks become None (the launcher then picks them by shape)."""
+    return {k: (None if v == "auto" else v) for k, v in config.items()}
+
+
 class CpuLinear(Family):
     SHAPE_DEFAULTS = {"N": 256, "K": 768, "M": 768, "act": "none", "bias": False, "residual": False}
     name, device, op = "linear", "cpu", "linear"
@@ -317,13 +322,13 @@ class CpuLinear(Family):
         return _gemm_block_tunables("columns", auto=True)
 
     def launch_kwargs(self, config):
-        return {k: (None if v == "auto" else v) for k, v in config.items()}
+        return _auto_as_none(config)
 
     @staticmethod
     def _rows_cols(config, case):
         from ..kernels.cpu.linear import resolve_blocks
 
-        kw = {k: (None if config[k] == "auto" else config[k]) for k in ("rows", "cols")}
+        kw = _auto_as_none(config)
         return resolve_blocks(case["N"], case["M"], kw["rows"], kw["cols"])
 
     def check(self, config, case):
@@ -668,13 +673,13 @@ class CpuLinearGlu(Family):
         return _gemm_block_tunables("gate/up columns", auto=True, auto_doc="both by shape, swiglu.resolve_blocks")
 
     def launch_kwargs(self, config):
-        return {k: (None if v == "auto" else v) for k, v in config.items()}
+        return _auto_as_none(config)
 
     @staticmethod
     def _rows_cols(config, case):
         from ..kernels.cpu.swiglu import resolve_blocks
 
-        kw = {k: (None if config[k] == "auto" else config[k]) for k in ("rows", "cols")}
+        kw = _auto_as_none(config)
         return resolve_blocks(case["N"], case["F"], kw["rows"], kw["cols"])
 
     def _by_rows(self, config, case):
