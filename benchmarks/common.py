@@ -223,7 +223,6 @@ def sgemm_rates(repeat: int = 5) -> dict:
     (MKL) and nbformer's own matmul_nn (the best of nbformer.bench.roofline's shapes), best of
     `repeat`. The yardstick for a model's effective rate: ratios to torch depend on how close
     torch's BLAS gets to it on the machine (MKL runs far below it on some AMD CPUs)."""
-    import numpy as np
     import torch
 
     from nbformer.bench.roofline import measure_cpu
@@ -237,7 +236,7 @@ def sgemm_rates(repeat: int = 5) -> dict:
         torch.mm(a, a)
         best = min(best, time.perf_counter() - t0)
     ours = measure_cpu(repeat=repeat).peak_gflops
-    return {"torch_mm_2048": 2 * n ** 3 / best / 1e9, "nbformer_matmul": float(np.float64(ours))}
+    return {"torch_mm_2048": 2 * n ** 3 / best / 1e9, "nbformer_matmul": float(ours)}
 
 
 def ratio(nb_throughput: float, ref_throughput: float) -> float:

@@ -12,8 +12,8 @@ are entirely above the causal diagonal, or entirely padding for that batch row, 
 Per key tile: S^T = K Q^T, masks, row max, exp2 (own vectorisable polynomial: numba has no
 vector exp without SVML), then acc += P V. Both products go through one register-blocked
 micro-kernel emitted as LLVM IR (microkernel.rank_update: 24 AVX-512 or 12 AVX accumulators,
-no packing; K is read in place from the strided q/kv buffer). The tile is kept transposed (keys x queries) so that every softmax
-loop runs unit-stride over queries and vectorises. Scores are carried in log2 units (Q is
+no packing; K is read in place from the strided q/kv buffer). The tile is kept transposed
+(keys x queries) so that every softmax loop runs unit-stride over queries and vectorises. Scores are carried in log2 units (Q is
 pre-scaled by scale*log2(e)). No BLAS, so no thread oversubscription inside the prange.
 """
 import math

@@ -71,6 +71,16 @@ ROW_TARGET = 512  # auto_blocks: about this many rows per block at most (row spl
 COL_TARGET = 1024  # ... or columns (column split)
 
 
+def _pool_units(units):
+    """units, or the pool's size (NUMBA_NUM_THREADS: fixed for the process; a call's thread count
+    must never choose blocks, since blocks can change bits)."""
+    if units is None:
+        from numba import config
+
+        units = config.NUMBA_NUM_THREADS
+    return max(1, int(units))
+
+
 def auto_blocks(N, M, units=None):
     """(rows, cols) for an (N, M) output when the caller gave no blocks: as few GEMM calls as keep
     `units` threads equally busy. Each sgemm call packs all of the operand it does not split (the
@@ -82,11 +92,7 @@ def auto_blocks(N, M, units=None):
     a call's thread count must never change the bits, and other blocks can (other sgemm call shapes).
     On 2 cores: GPT-2 T=256 GEMMs 5-20 % faster than the fixed 128-row blocks, embedding-batch
     GEMMs (~1500 x 384) 5-15 % (benchmarks/results/gpt2_prefill.md, embed.md)."""
-    if units is None:
-        from numba import config
-
-        units = config.NUMBA_NUM_THREADS
-    units = max(1, int(units))
+    units = _pool_units(units)
     if N < 2 * ROWS:
         return ROWS, COLS
     if N >= M:
@@ -107,11 +113,7 @@ def row_blocks(N, M, units=None):
     blocks hold whole rows of the output (the gated FFN's fused gate | up): fixed 128-row blocks
     left a thread idle at 300 rows (148 vs 255 GFLOP/s on 2 Xeon cores) and ran 1024 rows at
     253 vs 297 GFLOP/s."""
-    if units is None:
-        from numba import config
-
-        units = config.NUMBA_NUM_THREADS
-    units = max(1, int(units))
+    units = _pool_units(units)
     if N < 2 * ROWS:
         return ROWS, COLS
     n = units * -(-N // (units * ROW_TARGET))
@@ -130,11 +132,7 @@ def tn_rows(M, units=None):
     each at most ~TN_ROW_TARGET rows. Each block copies its (N, rows) slice of a and runs one sgemm
     of rows x N x K; with 2 threads on a Xeon, 512-row blocks ran 1.2-1.3x faster than ROWS (128)
     at the training benchmark's shapes (M = 8192, 1024), and 2 blocks of M / 2 when M is small."""
-    if units is None:
-        from numba import config
-
-        units = config.NUMBA_NUM_THREADS
-    units = max(1, int(units))
+    units = _pool_units(units)
     n = units * -(-M // (units * TN_ROW_TARGET))
     return max(1, -(-M // n))
 
