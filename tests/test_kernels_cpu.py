@@ -184,6 +184,55 @@ def test_linear_auto_blocks_match_the_reference_and_the_explicit_blocks(rng, N, 
     np.testing.assert_array_equal(out, train_out)
 
 
+@pytest.mark.parametrize("N,K,M,cols", [(17, 33, 600, 256), (130, 64, 257, 100), (1, 8, 70, 32), (200, 1, 90, 7)])
+def test_gemm_column_blocks_in_place_give_np_dot_bits(rng, N, K, M, cols):
+    """The column split (matmul_nn, and the plain linear forward) and the weight gradient (matmul_tn)
+    call sgemm on strided blocks in place (gemm.sgemm_rows): exactly np.dot's bits on contiguous
+    copies of the same blocks (np.dot compiled by Numba: the BLAS the kernels bind, not NumPy's), the
+    reference's values, every element written."""
+    from numba import njit
+
+    from nbformer.kernels.cpu.gemm import matmul_nn, matmul_tn, pin_blas_to_one_thread
+
+    pin_blas_to_one_thread()
+    nb_dot = njit(lambda x, y: np.dot(x, y))
+
+    a, b = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(K, M)))
+    out = np.full((N, M), np.nan, np.float32)
+    matmul_nn(out, a, b, rows=4 * N, cols=cols)  # rows > N / 2: the column split
+    blocks = np.concatenate([nb_dot(a, np.ascontiguousarray(b[:, m0:m0 + cols])) for m0 in range(0, M, cols)], 1)
+    np.testing.assert_array_equal(out, blocks)
+    assert_close(out, a.astype(np.float64) @ b, atol=1e-5, rtol=1e-5)
+
+    w = f32(rng.normal(size=(M, K)))
+    lin = np.full((N, M), np.nan, np.float32)
+    linear_forward(lin, a, w, rows=4 * N, cols=cols, skinny_max_rows=0)  # plain: no epilogue, no scratch
+    blocks = np.concatenate([nb_dot(a, np.ascontiguousarray(w[m0:m0 + cols]).T) for m0 in range(0, M, cols)], 1)
+    if N > 1:  # (one row: OpenBLAS forwards sgemm to an sgemv, transposed or not by the call's order)
+        np.testing.assert_array_equal(lin, blocks)
+    assert_close(lin, a.astype(np.float64) @ w.T, atol=1e-5, rtol=1e-5)
+
+    g = f32(rng.normal(size=(N, M)))
+    dw = np.full((M, K), np.nan, np.float32)
+    matmul_tn(dw, g, a, rows=cols)
+    blocks = np.concatenate([nb_dot(np.ascontiguousarray(g[:, m0:m0 + cols]).T, a) for m0 in range(0, M, cols)], 0)
+    if K > 1:  # (one column of dW: an sgemv again, see above)
+        np.testing.assert_array_equal(dw, blocks)
+    assert_close(dw, g.T.astype(np.float64) @ a, atol=1e-4, rtol=1e-5)
+
+
+def test_gemm_in_place_with_no_inner_dimension(rng):
+    """K = 0 (an empty sum) and no rows of g: zeros, not a BLAS argument error."""
+    from nbformer.kernels.cpu.gemm import matmul_nn, matmul_tn
+
+    out = np.full((5, 40), np.nan, np.float32)
+    matmul_nn(out, np.empty((5, 0), np.float32), np.empty((0, 40), np.float32), rows=64, cols=16)
+    np.testing.assert_array_equal(out, 0.0)
+    dw = np.full((40, 3), np.nan, np.float32)
+    matmul_tn(dw, np.empty((0, 40), np.float32), np.empty((0, 3), np.float32), rows=16)
+    np.testing.assert_array_equal(dw, 0.0)
+
+
 def test_linear_batched_shape(rng):
     x, w, b = f32(rng.normal(size=(2, 9, 16))), f32(rng.normal(size=(48, 16))), f32(rng.normal(size=48))
     out = np.empty((2, 9, 48), np.float32)

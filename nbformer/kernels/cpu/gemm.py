@@ -24,7 +24,8 @@ import ctypes
 import threading
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.np.linalg import _BLAS
 
 from ...errors import GraphError
 from .precompile import F2, I64, R2, kernel
@@ -181,14 +182,25 @@ def check_threads(op, threads):
     return int(threads)
 
 
-@njit(inline="always")
-def _copy_cols(a, m0, m1):
-    # np.ascontiguousarray(a[:, m0:m1]), as plain loops
-    c = np.empty((a.shape[0], m1 - m0), np.float32)
-    for i in range(a.shape[0]):
-        for j in range(m1 - m0):
-            c[i, j] = a[i, m0 + j]
-    return c
+# Numba's own binding of the BLAS sgemm (the one np.dot calls, Fortran order, with leading
+# dimensions): np.dot takes only contiguous operands, so a block of columns had to be copied in and
+# out around it (the weight gradient's (N, rows) slice of g, a column split's output); with the
+# leading dimensions given, the block is read and written in place. Same sgemm call shapes, so the
+# same bits as np.dot on the copies.
+_xxgemm = _BLAS().numba_xxgemm(types.float32)
+_KIND, _NOTRANS, _TRANS = np.int8(ord("s")), np.int8(ord("N")), np.int8(ord("T"))
+
+
+@njit(nogil=True)
+def sgemm_rows(trans_a, trans_b, M, N, K, a, lda, b, ldb, c, ldc):
+    """Row-major c (M, N) = op(a) (M, K) @ op(b) (K, N), op = transpose where trans_*; a, b, c are
+    arrays whose first element starts the operand (a view such as x[:, m0:] for a block of
+    columns), rows lda / ldb / ldc elements apart, each row contiguous. The caller checks that the
+    blocks lie inside the arrays. (Fortran's sgemm on the transposes: c^T = op(b)^T op(a)^T.)"""
+    alpha = np.ones(1, np.float32)
+    beta = np.zeros(1, np.float32)
+    _xxgemm(_KIND, _TRANS if trans_b else _NOTRANS, _TRANS if trans_a else _NOTRANS, N, M, K, alpha.ctypes,
+            b.ctypes, max(1, ldb), a.ctypes, max(1, lda), beta.ctypes, c.ctypes, max(1, ldc))  # (>= 1: Fortran)
 
 
 @kernel((F2, R2, R2, I64, I64), cost=3.5)
@@ -203,15 +215,11 @@ def matmul_nn(out, a, b, rows, cols):
             r1 = min(N, r0 + rows)
             np.dot(a[r0:r1], b, out[r0:r1])
     else:
+        K = a.shape[1]
         for c in prange((M + cols - 1) // cols):
             m0 = c * cols
             m1 = min(M, m0 + cols)
-            bc = _copy_cols(b, m0, m1)  # (plain loops here and below: Numba's generic array copy and
-            tmp = np.empty((N, m1 - m0), np.float32)  # slice assignment compile slowly)
-            np.dot(a, bc, tmp)
-            for i in range(N):
-                for j in range(m1 - m0):
-                    out[i, m0 + j] = tmp[i, j]
+            sgemm_rows(False, False, N, m1 - m0, K, a, K, b[:, m0:], M, out[:, m0:], M)  # in place
 
 
 @kernel((F2, R2, R2, I64), cost=2.4)
@@ -220,11 +228,11 @@ def matmul_tn(out, a, b, rows):
     """out (M, K) = a (N, M).T @ b (N, K): the weight gradient g.T @ x, split over blocks of `rows`
     rows of out."""
     M, K = out.shape
+    N = a.shape[0]
     for c in prange((M + rows - 1) // rows):
         m0 = c * rows
         m1 = min(M, m0 + rows)
-        ac = np.ascontiguousarray(a[:, m0:m1])  # (N, m) block of g, made contiguous
-        np.dot(ac.T, b, out[m0:m1])
+        sgemm_rows(True, False, m1 - m0, K, N, a[:, m0:], M, b, K, out[m0:], K)  # the (N, m) block of g in place
 
 
 # The kernels above are registered as 'gemm.matmul_nn' / 'gemm.matmul_tn' (precompile.OPS) and take

@@ -15,7 +15,7 @@ from ...errors import GraphError
 from .checks import check_array as _check
 from .attention import _exp2
 from .gemm import (COLS, ROWS, auto_blocks, by_rows_with, check_threads, matmul_nn, matmul_tn, num_threads,
-                   pin_blas_to_one_thread, tn_rows)
+                   pin_blas_to_one_thread, sgemm_rows, tn_rows)
 from .precompile import BOOL, F1, F2, F64, I64, R1, R2, array, kernel, native_address, native_caller
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
@@ -198,6 +198,7 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
     # rows / cols: block sizes (gemm.ROWS / COLS by default); skinny: up to this many rows (>= 2)
     # use _skinny_block instead of sgemm. Run-time values: tuning them compiles nothing.
     N, M = out.shape
+    K = x.shape[1]
     plain = not use_bias and act == ACT_NONE and not use_residual and not keep_pre
     # one parallel loop for both splits (row blocks; or, for few rows, column blocks): its body,
     # the epilogue inlined once, is compiled once instead of twice (a cold start's longest kernel)
@@ -210,6 +211,9 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
             r0, r1, m0, m1 = 0, N, c * cols, min(M, (c + 1) * cols)
         if by_rows and plain:
             np.dot(x[r0:r1], w.T, out[r0:r1])
+            continue
+        if plain and not 2 <= N <= skinny:  # a block of columns of out, written in place
+            sgemm_rows(False, True, N, m1 - m0, K, x, K, w[m0:], K, out[:, m0:], M)
             continue
         if by_rows:
             # the GEMM block goes to pre, or to a scratch block: an epilogue that read and wrote
