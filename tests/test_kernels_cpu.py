@@ -221,6 +221,26 @@ def test_gemm_column_blocks_in_place_give_np_dot_bits(rng, N, K, M, cols):
     assert_close(dw, g.T.astype(np.float64) @ a, atol=1e-4, rtol=1e-5)
 
 
+def test_gemm_entry_points_pin_blas_to_one_thread():
+    """matmul_nn / matmul_tn called first in a process (the roofline, a user) set BLAS to one
+    thread as the layer launchers do: a threaded BLAS inside the blocks' prange oversubscribed the
+    cores (OpenBLAS warned "Detect OpenMP Loop and this application may hang")."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from nbformer.kernels.cpu import gemm\n"
+            "a = np.ones((300, 8), np.float32)\n"
+            "out = np.empty((300, 5), np.float32)\n"
+            "gemm.matmul_nn(out, a, np.ones((8, 5), np.float32))\n"
+            "assert gemm._blas_pinned and float(out[0, 0]) == 8.0\n"
+            "gemm._blas_pinned = False\n"
+            "gemm.matmul_tn(np.empty((8, 5), np.float32), a, np.ones((300, 5), np.float32))\n"
+            "assert gemm._blas_pinned\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
 def test_gemm_in_place_with_no_inner_dimension(rng):
     """K = 0 (an empty sum) and no rows of g: zeros, not a BLAS argument error."""
     from nbformer.kernels.cpu.gemm import matmul_nn, matmul_tn

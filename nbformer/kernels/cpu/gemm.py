@@ -243,9 +243,11 @@ _matmul_nn, _matmul_tn = matmul_nn, matmul_tn
 
 def matmul_nn(out, a, b, rows=None, cols=None):  # noqa: F811
     """out (N, M) = a (N, K) @ b (K, M); rows / cols: block sizes (None: ROWS / COLS)."""
+    pin_blas_to_one_thread()  # (as every launcher: a threaded BLAS inside the blocks' prange oversubscribes)
     _matmul_nn(out, a, b, ROWS if rows is None else int(rows), COLS if cols is None else int(cols))
 
 
 def matmul_tn(out, a, b, rows=None):  # noqa: F811
     """out (M, K) = a (N, M).T @ b (N, K); rows: rows of out per block (None: ROWS)."""
+    pin_blas_to_one_thread()
     _matmul_tn(out, a, b, ROWS if rows is None else int(rows))
