@@ -1,11 +1,18 @@
-"""GEMMs at the models' shapes: nbformer's blocked sgemm (gemm.matmul_nn, gemm.auto_blocks) vs torch.mm.
+"""GEMMs at the models' shapes: the product calls nbformer's layers make vs the ones torch's models make.
 
 The training step, GPT-2 prefill and embedding benchmarks spend 75-90 % of their time in these
 products, so their ratios to torch follow this one: nbformer calls single-threaded OpenBLAS (via
-Numba) on one block per thread, torch calls its BLAS (MKL on x86) on its own thread pool. Shapes
-(M x K x N, out = a (M, K) @ b (K, N)): the training benchmark's (B8 T128, d256, vocab 8192), GPT-2
-124M prefill at T=256 and all-MiniLM-L6-v2 on a 64 x 21-token batch. ratio = torch time /
-nbformer time per interleaved round (> 1: nbformer faster).
+Numba) on one block per thread, torch calls its BLAS (MKL on x86) on its own thread pool. Each
+row is one product at a benchmark's shape (M x K x N: out (M, N), inner dimension K), in the layouts
+both models use:
+  linear   nbformer linear_forward(out, x, w) with w (N, K) (nn.Linear layout, how nbformer keeps
+           every weight); torch as its model computes it: F.linear(x, w) for nn.Linear layers (LM
+           heads, BERT), torch.mm(x, w_kn) with w_kn (K, N) for GPT-2's Conv1D layers (addmm there);
+  dx       dx = g @ w (both: w (N_out, K) as stored): nbformer gemm.matmul_nn, torch.mm;
+  dW       dW = g.T @ x: nbformer gemm.matmul_tn, torch.mm(g.t(), x).
+Shapes: the training benchmark's (B8 T128, d256, vocab 8192), GPT-2 124M prefill at T=256 and
+all-MiniLM-L6-v2 on a 64 x 21-token batch. ratio = torch time / nbformer time per interleaved round
+(> 1: nbformer faster).
 
     python benchmarks/bench_gemm.py [--threads 2] [--warmup 2] [--repeat 7]
 """
@@ -15,19 +22,20 @@ import sys
 
 from common import bench_args, round_ratios, set_threads, spread, timeit_pair, write_results
 
+# (name, kind, M, K, N, torch's call for "linear": "linear" (nn.Linear) or "conv1d" (x @ w_kn))
 SHAPES = [
-    ("train: LM head forward", 1024, 256, 8192),
-    ("train: LM head dx", 1024, 8192, 256),
-    ("train: LM head dW", 8192, 1024, 256),
-    ("train: FFN up", 1024, 256, 1024),
-    ("train: FFN down", 1024, 1024, 256),
-    ("train: QKV", 1024, 256, 768),
-    ("GPT-2 T=256: QKV", 256, 768, 2304),
-    ("GPT-2 T=256: FFN up", 256, 768, 3072),
-    ("GPT-2 T=256: FFN down", 256, 3072, 768),
-    ("GPT-2 T=256: LM head", 256, 768, 50257),
-    ("MiniLM 64x21: FFN up", 1344, 384, 1536),
-    ("MiniLM 64x21: FFN down", 1344, 1536, 384),
+    ("train: LM head forward", "linear", 1024, 256, 8192, "linear"),
+    ("train: LM head dx", "dx", 1024, 8192, 256, None),
+    ("train: LM head dW", "dW", 8192, 1024, 256, None),
+    ("train: FFN up", "linear", 1024, 256, 1024, "conv1d"),
+    ("train: FFN down dx", "dx", 1024, 1024, 256, None),
+    ("train: FFN up dW", "dW", 1024, 1024, 256, None),
+    ("GPT-2 T=256: QKV", "linear", 256, 768, 2304, "conv1d"),
+    ("GPT-2 T=256: FFN up", "linear", 256, 768, 3072, "conv1d"),
+    ("GPT-2 T=256: FFN down", "linear", 256, 3072, 768, "conv1d"),
+    ("GPT-2 T=256: LM head", "linear", 256, 768, 50257, "linear"),
+    ("MiniLM 64x21: FFN up", "linear", 1344, 384, 1536, "linear"),
+    ("MiniLM 64x21: FFN down", "linear", 1344, 1536, 384, "linear"),
 ]
 
 
@@ -75,35 +83,58 @@ def main(argv=None):
     import numpy as np
     import torch
 
-    from nbformer.kernels.cpu.gemm import auto_blocks, matmul_nn
+    import torch.nn.functional as F
+
+    from nbformer.kernels.cpu.gemm import auto_blocks, matmul_nn, matmul_tn, tn_rows
+    from nbformer.kernels.cpu.linear import linear_forward
 
     rng = np.random.default_rng(0)
     rows, raw, headline = [], {}, []
-    for name, M, K, N in SHAPES:
-        a = rng.standard_normal((M, K), dtype=np.float32)
-        b = rng.standard_normal((K, N), dtype=np.float32)
-        out, tout = np.empty((M, N), np.float32), torch.empty(M, N)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        blocks = auto_blocks(M, N)
-        single = {"nbformer": lambda: matmul_nn(out, a, b, *blocks), "torch": lambda: torch.mm(ta, tb, out=tout)}
-        res = _per_call(timeit_pair(_as_blocks(single), warmup=args.warmup, repeat=args.repeat))
-        err = float(np.max(np.abs(out - tout.numpy())) / np.max(np.abs(tout.numpy())))
+    for name, kind, M, K, N, torch_call in SHAPES:
+        out = np.empty((M, N), np.float32)
+        if kind == "linear":  # out (M, N) = x (M, K) @ w.T, w (N, K)
+            x, w = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((N, K), dtype=np.float32)
+            tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+            tw_kn = tw.t().contiguous()
+            nb = lambda: linear_forward(out, x, w)  # noqa: E731
+            tc = (lambda: F.linear(tx, tw)) if torch_call == "linear" else (lambda: torch.mm(tx, tw_kn))
+            blocks = f"{auto_blocks(M, N)}"
+            call = f"linear_forward / {'F.linear' if torch_call == 'linear' else 'torch.mm (Conv1D)'}"
+        elif kind == "dx":  # out (M, N) = g (M, K) @ w (K, N)
+            g, w = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+            tg, tw = torch.from_numpy(g), torch.from_numpy(w)
+            blocks = auto_blocks(M, N)
+            nb = lambda: matmul_nn(out, g, w, *blocks)  # noqa: E731
+            tc = lambda: torch.mm(tg, tw)  # noqa: E731
+            call = "matmul_nn / torch.mm"
+        else:  # dW: out (M, N) = g (K, M).T @ x (K, N)
+            g, x = rng.standard_normal((K, M), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+            tg, tx = torch.from_numpy(g), torch.from_numpy(x)
+            blocks = tn_rows(M)
+            nb = lambda: matmul_tn(out, g, x, blocks)  # noqa: E731
+            tc = lambda: torch.mm(tg.t(), tx)  # noqa: E731
+            call = "matmul_tn / torch.mm(g.t(), x)"
+        res = _per_call(timeit_pair(_as_blocks({"nbformer": nb, "torch": tc}), warmup=args.warmup,
+                                    repeat=args.repeat))
+        ref = tc().numpy()
+        err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
         flop = 2.0 * M * K * N
         per_round = round_ratios(res)
-        rows.append({"shape": f"{name} {M}x{K}x{N}", "nbformer GFLOP/s": flop / res["nbformer"]["median_s"] / 1e9,
+        rows.append({"shape": f"{name} {M}x{K}x{N}", "calls (nbformer / torch)": call,
+                     "nbformer GFLOP/s": flop / res["nbformer"]["median_s"] / 1e9,
                      "torch GFLOP/s": flop / res["torch"]["median_s"] / 1e9, "ratio per round": spread(per_round),
-                     "blocks (rows, cols)": f"{blocks[0]}, {blocks[1]}", "max rel diff": err})
+                     "blocks": f"{blocks}", "max rel diff": err})
         raw[name] = res
         headline.append((f"{name} {M}x{K}x{N}", f"per round {spread(per_round)}"))
         if err > 1e-5:
             print(f"WARNING: {name}: results differ by {err:.1e} (relative to the largest)", file=sys.stderr)
     notes = [f"median of the interleaved rounds, each a block of ~{BLOCK_S:g} s of back-to-back calls per side; "
              "ratio per round: torch time / nbformer time, median [min..max]",
-             "nbformer: one OpenBLAS sgemm call per block (single-threaded), the blocks over the Numba threads; "
-             "torch: torch.mm(out=) on its intra-op pool"]
-    md = write_results("gemm", "GEMMs at the models' shapes (nbformer matmul_nn / torch.mm)",
-                       ["shape", "nbformer GFLOP/s", "torch GFLOP/s", "ratio per round", "blocks (rows, cols)",
-                        "max rel diff"], rows, notes, extra={"raw": raw, "threads": threads, "headline": headline})
+             "nbformer: one OpenBLAS sgemm call per block (single-threaded), the blocks (gemm.auto_blocks: rows, "
+             "cols; gemm.tn_rows: rows) over the Numba threads; torch: its intra-op pool"]
+    md = write_results("gemm", "GEMMs at the models' shapes (nbformer / torch)",
+                       ["shape", "calls (nbformer / torch)", "nbformer GFLOP/s", "torch GFLOP/s", "ratio per round",
+                        "blocks", "max rel diff"], rows, notes, extra={"raw": raw, "threads": threads, "headline": headline})
     print(md)
     return 0
 

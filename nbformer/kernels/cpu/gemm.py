@@ -187,7 +187,8 @@ def check_threads(op, threads):
 # out around it (the weight gradient's (N, rows) slice of g, a column split's output); with the
 # leading dimensions given, the block is read and written in place. Same sgemm call shapes, so the
 # same bits as np.dot on the copies.
-_xxgemm = _BLAS().numba_xxgemm(types.float32)
+_xxgemm = _BLAS.numba_xxgemm(types.float32)  # (the class method: no scipy import at our import;
+# pin_blas_to_one_thread loads the BLAS before any kernel runs)
 _KIND, _NOTRANS, _TRANS = np.int8(ord("s")), np.int8(ord("N")), np.int8(ord("T"))
 
 
