@@ -384,6 +384,28 @@ def test_cross_entropy_row_dloss_and_in_place(rng):
     assert np.array_equal(logits, dlogits)
 
 
+@pytest.mark.parametrize("V", [67, 1000])
+def test_cross_entropy_in_place_gives_the_same_bits_with_ignored_rows_and_ragged_vocab(rng, V):
+    """dlogits = logits itself (what the training graph plans): its own loop, the same bits as a
+    separate output, ignored rows zeroed."""
+    logits, t = _ce_case(rng, 41, V, 0.0)
+    t[::5] = -100
+    losses, lse = np.empty(41, np.float32), np.empty(41, np.float32)
+    cross_entropy_forward(losses, lse, logits, t, 0.1, -100)
+    apart = np.empty_like(logits)
+    cross_entropy_backward(apart, logits, lse, t, 0.1, -100, 1.0 / 41)
+    cross_entropy_backward(logits, logits, lse, t, 0.1, -100, 1.0 / 41)
+    np.testing.assert_array_equal(logits, apart)
+    assert not logits[::5].any()
+
+
+def test_cross_entropy_backward_rejects_a_partly_overlapping_output(rng):
+    buf = f32(rng.normal(size=(9, 16)))
+    lse = np.zeros(8, np.float32)
+    with pytest.raises(GraphError, match="dlogits.*overlaps"):
+        cross_entropy_backward(buf[1:], buf[:-1], lse, np.zeros(8, np.int64))
+
+
 def test_cross_entropy_large_vocab(rng):
     N, V = 7, 50257
     logits, t = _ce_case(rng, N, V, 0.0)

@@ -65,6 +65,18 @@ def test_embed_graph_plans_and_aliases_normalize():
     assert plan.alias["embedding"] == plan.alias["pooled"]  # normalisation runs in place
 
 
+def test_training_graph_writes_the_logits_gradient_over_the_logits():
+    """The largest activation of a language model's step (B x T x V logits) is not doubled: the
+    cross-entropy backward writes its gradient in place (the planner's alias), and the plan still
+    never overlaps two live tensors."""
+    from nbformer.graph.build import build_train
+
+    g, _ = build_train(GPT, 2, 16)
+    plan = check_plan(g)
+    node = next(n for n in g.nodes if n.op == "cross_entropy" and n.direction == "backward")
+    assert plan.alias[node.outputs["dlogits"]] == plan.alias[node.inputs["logits"]]
+
+
 def test_schedule_rejects_cycles_and_double_writers():
     g = Graph()
     g.tensor("a", (2,))

@@ -157,9 +157,11 @@ def _dropout(c: _Ctx, node, gout):
 def _cross_entropy(c: _Ctx, node, gout):
     logits = node.inputs["logits"]
     dlogits = c.grad_tensor(logits, logits)
+    # in place when the logits die here (the planner checks): the gradient takes over their N x V
+    # buffer, the largest activation of a language model's step
     c.g.node("cross_entropy", {"logits": logits, "lse": node.outputs["lse"], "targets": node.inputs["targets"],
                                "dloss": gout["losses"]}, {"dlogits": dlogits}, dict(node.attrs),
-             direction="backward")
+             inplace={"dlogits": "logits"}, direction="backward")
     return {"logits": dlogits}
 
 

@@ -68,10 +68,13 @@ def _cross_entropy_forward(losses, lse, logits, targets, eps, ignore_index):
             losses[i] = loss
 
 
-@kernel((F2, R2, R1, RI1, F64, I64, F64, R1, BOOL), cost=1.6)
+@kernel((F2, R2, R1, RI1, F64, I64, F64, R1, BOOL, BOOL), cost=1.6)
 @njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
-def _cross_entropy_backward(dlogits, logits, lse, targets, eps, ignore_index, dscale, drow, use_row):
-    # dlogits may alias logits: each element is read before it is written
+def _cross_entropy_backward(dlogits, logits, lse, targets, eps, ignore_index, dscale, drow, use_row, in_place):
+    # in_place: dlogits is logits itself (the training graph overwrites the logits with their
+    # gradient); the row is then read and written through dlogits alone. Through two arrays that
+    # are one, LLVM's overlap check fails at run time and the loop ran scalar: 13.5 vs 3.0 ms for
+    # 1024 x 8192 logits. Both loops do the same operations on each element: the same bits.
     N, V = logits.shape
     smooth = np.float32(eps / V)
     for i in prange(N):
@@ -83,10 +86,14 @@ def _cross_entropy_backward(dlogits, logits, lse, targets, eps, ignore_index, ds
         else:
             d = np.float32(drow[i] if use_row else dscale)
             l = lse[i]
-            row = logits[i]
+            row = out if in_place else logits[i]
             xt = row[t]  # read before the row is overwritten (in-place use)
-            for j in range(V):
-                out[j] = d * (_exp2((row[j] - l) * _LOG2E) - smooth)  # float32 throughout
+            if in_place:
+                for j in range(V):
+                    out[j] = d * (_exp2((out[j] - l) * _LOG2E) - smooth)  # float32 throughout
+            else:
+                for j in range(V):
+                    out[j] = d * (_exp2((row[j] - l) * _LOG2E) - smooth)
             out[t] = d * (_exp2((xt - l) * _LOG2E) - smooth - np.float32(1.0 - eps))
 
 
@@ -148,7 +155,8 @@ def cross_entropy_backward(dlogits, logits, lse, targets, label_smoothing=0.0, i
                            threads=None):
     """dlogits (..., V) = dloss_row * (softmax(logits) - (1 - eps) * onehot(target) - eps / V), 0 on
     ignored rows. dloss: a scalar applied to every row (1 / n_valid for the mean) or an array (...).
-    Written, not accumulated; dlogits may alias logits (in-place backward saves N*V floats).
+    Written, not accumulated; dlogits may be logits itself (in place: saves N*V floats), and must not
+    otherwise overlap it.
     threads: Numba threads for this call (None: unchanged); rows are independent, so never a bit."""
     op = "cross_entropy_backward"
     _check(op, "logits", logits, None)
@@ -166,9 +174,13 @@ def cross_entropy_backward(dlogits, logits, lse, targets, label_smoothing=0.0, i
         _check(op, "dloss", dloss, lead)
         use_row, dscale, drow = True, 0.0, dloss.reshape(-1)
     threads = check_threads(op, threads)
+    d2, x2 = dlogits.reshape(-1, V), logits.reshape(-1, V)
+    in_place = d2.ctypes.data == x2.ctypes.data
+    if not in_place and np.may_share_memory(d2, x2):
+        raise GraphError(f"{op}: 'dlogits' overlaps 'logits' without being the same array: pass logits itself "
+                         f"(in place) or a separate buffer")
     with num_threads(threads):
-        _cross_entropy_backward(dlogits.reshape(-1, V), logits.reshape(-1, V), lse.reshape(-1), t, eps,
-                                int(ignore_index), dscale, drow, use_row)
+        _cross_entropy_backward(d2, x2, lse.reshape(-1), t, eps, int(ignore_index), dscale, drow, use_row, in_place)
 
 
 def cross_entropy_mean(losses, targets, ignore_index=-100):
