@@ -134,7 +134,8 @@ def main(argv=None):
              "cols; gemm.tn_rows: rows) over the Numba threads; torch: its intra-op pool"]
     md = write_results("gemm", "GEMMs at the models' shapes (nbformer / torch)",
                        ["shape", "calls (nbformer / torch)", "nbformer GFLOP/s", "torch GFLOP/s", "ratio per round",
-                        "blocks", "max rel diff"], rows, notes, extra={"raw": raw, "threads": threads, "headline": headline})
+                        "blocks", "max rel diff"], rows, notes,
+                       extra={"raw": raw, "threads": threads, "headline": headline})
     print(md)
     return 0
 

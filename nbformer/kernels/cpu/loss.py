@@ -86,7 +86,7 @@ def _cross_entropy_backward(dlogits, logits, lse, targets, eps, ignore_index, ds
         else:
             d = np.float32(drow[i] if use_row else dscale)
             l = lse[i]
-            row = out if in_place else logits[i]
+            row = logits[i]
             xt = row[t]  # read before the row is overwritten (in-place use)
             if in_place:
                 for j in range(V):
