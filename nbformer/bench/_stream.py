@@ -3,6 +3,10 @@ nbformer.bench.roofline does not start Numba)."""
 import numpy as np
 from numba import njit, prange
 
+from ..jit_cache import install as _install_cache_locators
+
+_install_cache_locators()  # before the cached kernel below (nbformer/jit_cache.py)
+
 
 # reassociation lets LLVM keep several vector accumulators (a plain sum is one serial chain and
 # would measure the add latency, not the memory); no masks or infinities here. The inner loop runs
