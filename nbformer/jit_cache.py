@@ -12,8 +12,9 @@ package. Their stamp hashes the defining file and every nbformer module it impor
 level, transitively (`dependency_files`). A change in any of them makes the index entries stale, and
 the kernel is compiled again (precompile.py's index check sees the same stamp, so the first-run
 compile covers it). Modules that define cached kernels import this module first
-(nbformer/kernels/__init__.py, nbformer/bench/_stream.py); tests/test_jit_cache.py checks that
-every cached dispatcher of the package uses these locators.
+(nbformer/kernels/__init__.py, nbformer/bench/_stream.py; install_cuda in kernels/cuda/_jit.py for
+numba-cuda's own cache); tests/test_jit_cache.py checks that every cached dispatcher of the package
+uses these locators.
 """
 from __future__ import annotations
 
@@ -153,37 +154,47 @@ def in_package(py_file):
         return False
 
 
-_installed = False
+_installed: set = set()
+
+
+def _locator(base):
+    class Locator(base):
+        __doc__ = f"{base.__name__} for nbformer's files, stamped with their dependencies' source."
+
+        def get_source_stamp(self):
+            return source_stamp(self._py_file)
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if not in_package(py_file):
+                return None
+            return super().from_function(py_func, py_file)
+
+    Locator.__name__ = Locator.__qualname__ = "Nbformer" + base.__name__.lstrip("_")
+    return Locator
+
+
+def _install_into(caching, names):
+    """Our locators, one per Numba locator class named, in front of caching.CacheImpl's list."""
+    with _lock:
+        if caching.__name__ in _installed:
+            return
+        classes = caching.CacheImpl._locator_classes
+        classes[:0] = [_locator(getattr(caching, n)) for n in names]
+        _installed.add(caching.__name__)
 
 
 def install():
-    """Put the dependency-stamped locators in front of Numba's (idempotent). A user's
-    NUMBA_CACHE_LOCATOR_CLASSES replaces Numba's list, and then is left as it is."""
-    global _installed
-    if _installed:
-        return
+    """Put the dependency-stamped locators in front of Numba's (idempotent): for a user-given
+    NUMBA_CACHE_DIR, the package's __pycache__ and the user-wide cache, the places Numba's own use.
+    A user's NUMBA_CACHE_LOCATOR_CLASSES replaces Numba's list, and then is left as it is."""
     from numba.core import caching
 
-    def locator(base):
-        class Locator(base):
-            __doc__ = f"{base.__name__} for nbformer's files, stamped with their dependencies' source."
+    _install_into(caching, ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator"))
 
-            def get_source_stamp(self):
-                return source_stamp(self._py_file)
 
-            @classmethod
-            def from_function(cls, py_func, py_file):
-                if not in_package(py_file):
-                    return None
-                return super().from_function(py_func, py_file)
+def install_cuda():
+    """The same for numba-cuda's cache (CUDA kernels with cache=True; its own locator classes)."""
+    from numba.cuda.core import caching
 
-        Locator.__name__ = Locator.__qualname__ = "Nbformer" + base.__name__
-        return Locator
-
-    ours = [locator(b) for b in (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator,
-                                 caching.UserWideCacheLocator)]
-    with _lock:
-        if not _installed:
-            classes = caching.CacheImpl._locator_classes
-            classes[:0] = [c for c in ours if c.__name__ not in {k.__name__ for k in classes}]
-            _installed = True
+    _install_into(caching, ("_UserProvidedCacheLocator", "_InTreeCacheLocator", "_UserWideCacheLocator"))

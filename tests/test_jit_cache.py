@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import nbformer
 from nbformer import jit_cache
 
@@ -122,3 +123,23 @@ def test_kernel_recompiles_when_an_imported_module_changes(tmp_path):
     assert changed[1:] != first[1:]
     assert 1800 < int(changed[1]) < 2300  # still about half kept
     assert run() == ["cached"] + changed[1:]
+
+
+def test_cuda_cache_gets_the_same_locators():
+    """numba-cuda keeps its own locator classes (a real GPU's cache=True kernels); checked without one."""
+    caching = pytest.importorskip("numba.cuda.core.caching")
+    jit_cache.install_cuda()
+    jit_cache.install_cuda()  # idempotent
+    classes = caching.CacheImpl._locator_classes
+    names = [c.__name__ for c in classes]
+    assert names[:3] == ["NbformerUserProvidedCacheLocator", "NbformerInTreeCacheLocator",
+                         "NbformerUserWideCacheLocator"]
+    assert names.count("NbformerInTreeCacheLocator") == 1
+    path = os.path.join(PKG, "kernels", "cuda", "attention.py")
+
+    def f():
+        pass
+
+    loc = classes[1].from_function(f, path)
+    assert loc is not None and loc.get_source_stamp() == jit_cache.source_stamp(path)
+    assert classes[1].from_function(f, __file__) is None  # files outside the package: Numba's own

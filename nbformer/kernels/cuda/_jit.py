@@ -13,6 +13,10 @@ from __future__ import annotations
 from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+if not SIMULATOR:  # cached kernels stamped with the source of the modules they import (nbformer/jit_cache.py)
+    from ...jit_cache import install_cuda as _install_cuda_cache_locators
+
+    _install_cuda_cache_locators()
 _GPU_ONLY = ("lineinfo", "launch_bounds", "max_registers", "lto", "link", "cache", "opt")
 
 
