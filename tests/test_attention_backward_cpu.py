@@ -118,7 +118,8 @@ def test_padding_and_tiny_tiles(rng, kind, blocks):
         assert not np.isnan(dq).any() and np.all(dq[1] == 0)
 
 
-@pytest.mark.parametrize("Tq,Tk,causal", [(5, 33, False), (5, 33, True), (1, 17, True), (257, 9, False)])
+@pytest.mark.parametrize("Tq,Tk,causal", [(5, 33, False), (5, 33, True), (1, 17, True), (257, 9, False),
+                                         (40, 9, True)])  # (40, 9): the first 31 queries see no key
 def test_cross_attention_backward(rng, Tq, Tk, causal):
     run_pair(rng, 2, 2, 32, Tq, Tk, causal, padded_mask(2, Tk, "left"), fused=False, blocks=(8, 5))
 
