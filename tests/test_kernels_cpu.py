@@ -160,27 +160,29 @@ def test_tn_rows_cover_the_gradient_in_a_multiple_of_the_pool(units):
         assert n % units == 0 or rows == 1, (M, units, n)  # every thread as busy (down to 1-row blocks)
 
 
-@pytest.mark.parametrize("N,K,M", [(256, 40, 700), (600, 24, 90), (513, 17, 513), (300, 8, 2500)])
-def test_linear_auto_blocks_match_the_reference_and_the_explicit_blocks(rng, N, K, M):
+@pytest.mark.parametrize("act,res", [("gelu", True), ("none", True), ("none", False)])
+@pytest.mark.parametrize("N,K,M", [(256, 40, 700), (600, 24, 90), (513, 17, 513), (300, 8, 2500), (260, 5, 30)])
+def test_linear_auto_blocks_match_the_reference_and_the_explicit_blocks(rng, N, K, M, act, res):
     """linear_forward with no blocks runs gemm.auto_blocks (column split when N < M, row split
-    otherwise): the reference's values, and exactly the bits of those blocks given explicitly."""
+    otherwise): the reference's values, and exactly the bits of those blocks given explicitly, and of
+    training's forward, with and without an activation or a residual."""
     from nbformer.kernels.cpu.gemm import auto_blocks
     from nbformer.kernels.cpu.linear import linear_forward_train
 
-    x, w = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K)) / np.sqrt(K))
-    b, r = f32(rng.normal(size=M)), f32(rng.normal(size=(N, M)))
-    out, explicit = np.empty((N, M), np.float32), np.empty((N, M), np.float32)
-    linear_forward(out, x, w, b, "gelu", r)
-    assert_close(out, ref.linear(x, w, b, "gelu", r), atol=1e-5, rtol=1e-5)
+    x, w = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K)) / np.sqrt(max(K, 1)))
+    b, r = f32(rng.normal(size=M)), (f32(rng.normal(size=(N, M))) if res else None)
+    out, explicit = np.full((N, M), np.nan, np.float32), np.empty((N, M), np.float32)
+    linear_forward(out, x, w, b, act, r)
+    assert_close(out, ref.linear(x, w, b, act, r), atol=1e-5, rtol=1e-5)
     rows, cols = auto_blocks(N, M)
-    linear_forward(explicit, x, w, b, "gelu", r, rows=rows, cols=cols)
+    linear_forward(explicit, x, w, b, act, r, rows=rows, cols=cols)
     np.testing.assert_array_equal(out, explicit)
     for threads in (1, 2):  # the pool's size sets the blocks, a call's thread count never does
         again = np.empty((N, M), np.float32)
-        linear_forward(again, x, w, b, "gelu", r, threads=min(threads, __import__("numba").config.NUMBA_NUM_THREADS))
+        linear_forward(again, x, w, b, act, r, threads=min(threads, __import__("numba").config.NUMBA_NUM_THREADS))
         np.testing.assert_array_equal(out, again)
     train_out, pre = np.empty((N, M), np.float32), np.empty((N, M), np.float32)
-    linear_forward_train(train_out, pre, x, w, b, "gelu", r)  # training's forward: the same blocks, bits
+    linear_forward_train(train_out, pre, x, w, b, act, r)  # training's forward: the same blocks, bits
     np.testing.assert_array_equal(out, train_out)
 
 
