@@ -253,6 +253,28 @@ def _blocks(op, rows, cols, skinny_max_rows):
     return vals
 
 
+def _check_forward(op, out, pre, x, w, b, residual):
+    """Validates a linear forward's arguments (float32, C-contiguous, shapes agreeing with x (..., K) and
+    w (M, K)); returns (N, M, K), N the rows of x. pre None: not checked (inference)."""
+    _check(op, "x", x, None)
+    if x.ndim < 1:
+        raise GraphError(f"{op}: 'x' must have shape (..., K), got a 0-d array")
+    _check(op, "w", w, None)
+    K = x.shape[-1]
+    if w.ndim != 2 or w.shape[1] != K:
+        raise GraphError(f"{op}: 'w' has shape {w.shape}, expected (M, {K}) (nn.Linear layout)")
+    M = w.shape[0]
+    oshape = x.shape[:-1] + (M,)
+    _check(op, "out", out, oshape)
+    if pre is not None:
+        _check(op, "pre", pre, oshape)
+    if b is not None:
+        _check(op, "b", b, (M,))
+    if residual is not None:
+        _check(op, "residual", residual, oshape)
+    return math.prod(x.shape[:-1]), M, K
+
+
 def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, cols=None, skinny_max_rows=None,
                    threads=None):
     """out (..., M) = act(x (..., K) @ w.T + b) [+ residual (..., M)]; out must not alias x or residual (BLAS writes it first).
@@ -261,17 +283,21 @@ def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, c
     (both None: gemm.auto_blocks for this shape; one None: gemm.ROWS / COLS for it); skinny_max_rows, the most rows (>= 2) that use the few-row kernel instead of
     sgemm; threads, the Numba threads for this call. Blocks and skinny_max_rows may change the last
     bits (other sgemm call shapes), threads never does."""
-    K, M = x.shape[-1], w.shape[0]
+    op = "linear_forward"
+    N, M, K = _check_forward(op, out, None, x, w, b, residual)
+    code = _act_code(op, act)
     if rows is None and cols is None:
-        rows, cols = auto_blocks(x.size // K if K else 0, M)
-    rows, cols, skinny = _blocks("linear_forward", rows, cols, skinny_max_rows)
-    threads = check_threads("linear_forward", threads)
-    out2, x2 = out.reshape(-1, M), x.reshape(-1, K)
+        rows, cols = auto_blocks(N, M)
+    rows, cols, skinny = _blocks(op, rows, cols, skinny_max_rows)
+    threads = check_threads(op, threads)
+    if N == 0 or M == 0:
+        return
+    out2, x2 = out.reshape(N, M), x.reshape(N, K)
     use_bias, use_res = b is not None, residual is not None
     pin_blas_to_one_thread()
     with num_threads(threads):
-        _linear_fwd(out2, out2, x2, w, b if use_bias else w[0], ACT_CODES[act],
-                    residual.reshape(-1, M) if use_res else out2, use_bias, use_res, False, rows, cols, skinny)
+        _linear_fwd(out2, out2, x2, w, b if use_bias else w[0], code,
+                    residual.reshape(N, M) if use_res else out2, use_bias, use_res, False, rows, cols, skinny)
 
 
 # ---------------------------------------------------------------- training: forward that saves pre, backward
@@ -391,25 +417,16 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
     out (..., M) = act(pre) [+ residual]; out may alias residual or pre, pre must not alias x.
     """
     op = "linear_forward_train"
-    _check(op, "x", x, None)
-    _check(op, "w", w, None)
-    if w.ndim != 2 or w.shape[1] != x.shape[-1]:
-        raise GraphError(f"{op}: 'w' has shape {w.shape}, expected (M, {x.shape[-1]})")
-    M, K = w.shape
-    oshape = x.shape[:-1] + (M,)
-    _check(op, "out", out, oshape)
-    _check(op, "pre", pre, oshape)
+    N, M, K = _check_forward(op, out, pre, x, w, b, residual)
     use_bias, use_res = b is not None, residual is not None
-    if use_bias:
-        _check(op, "b", b, (M,))
-    if use_res:
-        _check(op, "residual", residual, oshape)
     code = _act_code(op, act)
-    pre2 = pre.reshape(-1, M)
-    rows, cols = auto_blocks(pre2.shape[0], M)  # linear_forward's default blocks (the same bits)
+    if N == 0 or M == 0:
+        return
+    pre2 = pre.reshape(N, M)
+    rows, cols = auto_blocks(N, M)  # linear_forward's default blocks (the same bits)
     pin_blas_to_one_thread()
-    _linear_fwd(out.reshape(-1, M), pre2, x.reshape(-1, K), w, b if use_bias else w[0], code,
-                residual.reshape(-1, M) if use_res else pre2, use_bias, use_res, True, rows, cols, SKINNY_MAX_ROWS)
+    _linear_fwd(out.reshape(N, M), pre2, x.reshape(N, K), w, b if use_bias else w[0], code,
+                residual.reshape(N, M) if use_res else pre2, use_bias, use_res, True, rows, cols, SKINNY_MAX_ROWS)
 
 
 def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
@@ -436,8 +453,8 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
         _check(op, "dw", dw, (M, K))
     if use_db:
         _check(op, "db", db, (M,))
-    x2, dout2 = x.reshape(-1, K), dout.reshape(-1, M)
-    N = x2.shape[0]
+    N = math.prod(x.shape[:-1])
+    x2, dout2 = x.reshape(N, K), dout.reshape(N, M)
     if code != ACT_NONE:
         if pre is None:
             raise GraphError(f"{op}: 'pre' (the saved pre-activation) is required for act={act!r}")
@@ -449,14 +466,21 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
             if scratch.size != N * M:
                 raise GraphError(f"{op}: 'scratch' has {scratch.size} elements, expected {N * M} ({oshape})")
             g2 = scratch.reshape(N, M)
-        pre2 = pre.reshape(-1, M)
+        pre2 = pre.reshape(N, M)
     else:
         g2 = pre2 = dout2
+    if N == 0 or M == 0:  # sums over nothing: every gradient that has elements is 0
+        for grad in (dx, dw, db):
+            if grad is not None:
+                grad.fill(0.0)
+        return
     if code != ACT_NONE or use_db:
         _linear_backward_elementwise(db if use_db else w[0], dout2, pre2, g2, code, use_db, ROWS_PER_CHUNK,
                                      native_address("linear._backward_rows"))
+    if K == 0:  # dx (..., 0) and dw (M, 0) have no elements
+        return
     pin_blas_to_one_thread()
     if use_dx:  # blocks by shape, as the forward's (gemm.auto_blocks)
-        matmul_nn(dx.reshape(-1, K), g2, w, *auto_blocks(N, K))  # (N, M) @ (M, K)
+        matmul_nn(dx.reshape(N, K), g2, w, *auto_blocks(N, K))  # (N, M) @ (M, K)
     if use_dw:
         matmul_tn(dw, g2, x2, tn_rows(M))  # (M, N) @ (N, K)

@@ -15,6 +15,8 @@ blocks (so its forward gives the inference forward's bits).
 
 act: silu (SwiGLU, Llama), gelu_tanh / gelu (GeGLU), relu (ReGLU), none (bilinear).
 """
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -104,7 +106,10 @@ def _act_code(op, act):
 
 
 def _check_linear(op, out, x, w, b):
+    """Validates the fused input layer's arguments; returns (F, K, N), N the rows of x."""
     _check(op, "x", x, None)
+    if x.ndim < 1:
+        raise GraphError(f"{op}: 'x' must have shape (..., K), got a 0-d array")
     _check(op, "w", w, None)
     if w.ndim != 2 or w.shape[1] != x.shape[-1] or w.shape[0] % 2:
         raise GraphError(f"{op}: 'w' has shape {w.shape}, expected (2F, {x.shape[-1]}) (gate rows, then up rows)")
@@ -112,7 +117,7 @@ def _check_linear(op, out, x, w, b):
     _check(op, "out", out, x.shape[:-1] + (F,))
     if b is not None:
         _check(op, "b", b, (2 * F,))
-    return F, w.shape[1]
+    return F, w.shape[1], math.prod(x.shape[:-1])
 
 
 def resolve_blocks(N, F, rows, cols):
@@ -133,27 +138,31 @@ def swiglu_linear_forward(out, x, w, b=None, act="silu", *, rows=None, cols=None
     resolve_blocks by shape), skinny_max_rows (linear.SKINNY_MAX_ROWS) may change the last bits;
     threads never does."""
     op = "swiglu_linear_forward"
-    F, K = _check_linear(op, out, x, w, b)
+    F, K, N = _check_linear(op, out, x, w, b)
     code = _act_code(op, act)
-    rows, cols = resolve_blocks(x.size // K if K else 0, F, rows, cols)
+    rows, cols = resolve_blocks(N, F, rows, cols)
     rows, cols, skinny = _blocks(op, rows, cols, skinny_max_rows)
     threads = check_threads(op, threads)
-    out2 = out.reshape(-1, F)
+    if N == 0 or F == 0:
+        return
+    out2 = out.reshape(N, F)
     pin_blas_to_one_thread()
     with num_threads(threads):
-        _glu_linear_fwd(out2, out2, x.reshape(-1, K), w, w[0] if b is None else b, code, b is not None, False,
+        _glu_linear_fwd(out2, out2, x.reshape(N, K), w, w[0] if b is None else b, code, b is not None, False,
                         rows, cols, skinny)
 
 
 def swiglu_linear_forward_train(out, pre, x, w, b=None, act="silu"):
     """As swiglu_linear_forward, and also writes pre (..., 2F) = x @ w.T + b (gate | up) for backward."""
     op = "swiglu_linear_forward_train"
-    F, K = _check_linear(op, out, x, w, b)
+    F, K, N = _check_linear(op, out, x, w, b)
     _check(op, "pre", pre, x.shape[:-1] + (2 * F,))
     code = _act_code(op, act)
-    rows, cols = resolve_blocks(x.size // K if K else 0, F, None, None)  # the inference default: same bits
+    rows, cols = resolve_blocks(N, F, None, None)  # the inference default: same bits
+    if N == 0 or F == 0:
+        return
     pin_blas_to_one_thread()
-    _glu_linear_fwd(out.reshape(-1, F), pre.reshape(-1, 2 * F), x.reshape(-1, K), w, w[0] if b is None else b,
+    _glu_linear_fwd(out.reshape(N, F), pre.reshape(N, 2 * F), x.reshape(N, K), w, w[0] if b is None else b,
                     code, b is not None, True, rows, cols, SKINNY_MAX_ROWS)
 
 
