@@ -560,6 +560,11 @@ def test_global_grad_norm_and_clipping(rng):
     assert abs(norm - rb.global_grad_norm(gs)) <= 1e-12 * norm
     assert global_grad_norm(gs[1]) == pytest.approx(rb.global_grad_norm(gs[1]), rel=1e-12)
     assert_bitwise_same(thread_counts(lambda: (global_grad_norm(gs),)))
+    g = gs[0].copy()  # the vectorised sum keeps IEEE semantics: a non-finite gradient shows in the norm
+    g[123_457] = np.nan
+    assert np.isnan(global_grad_norm([g, gs[1]]))
+    g[123_457] = np.inf
+    assert global_grad_norm([g, gs[1]]) == np.inf
     ts = [torch.tensor(g, requires_grad=True) for g in gs]
     for t, g in zip(ts, gs):
         t.grad = torch.tensor(g)

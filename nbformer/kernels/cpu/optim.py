@@ -42,33 +42,21 @@ def _adam_step(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, ep
 
 
 @kernel((R1, I64), cost=1.35)
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
 def _sumsq(x, chunk):
     n = x.shape[0]
     nchunk = (n + chunk - 1) // chunk
     part = np.zeros(nchunk)
     for k in prange(nchunk):
-        # 8 independent float64 sums, added up in a fixed order: one running sum is a chain of
-        # dependent adds (4.5 ms for 5.3M gradients on 2 threads, more than the whole Adam step)
-        i, end = np.int64(k) * chunk, min(n, (np.int64(k) + 1) * chunk)
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-        while i + 8 <= end:
-            x0, x1, x2, x3 = np.float64(x[i]), np.float64(x[i + 1]), np.float64(x[i + 2]), np.float64(x[i + 3])
-            x4, x5, x6, x7 = np.float64(x[i + 4]), np.float64(x[i + 5]), np.float64(x[i + 6]), np.float64(x[i + 7])
-            s0 += x0 * x0
-            s1 += x1 * x1
-            s2 += x2 * x2
-            s3 += x3 * x3
-            s4 += x4 * x4
-            s5 += x5 * x5
-            s6 += x6 * x6
-            s7 += x7 * x7
-            i += 8
-        while i < end:
+        # reassoc lets LLVM vectorise the chunk's float64 sum (several vector accumulators, added up
+        # in the order the compiled loop fixes): 1.7 -> 1.2 ms for 5.3M gradients on 2 threads against
+        # 8 scalar running sums. The order depends on the compiled code, never on the thread count.
+        i0, end = np.int64(k) * chunk, min(n, (np.int64(k) + 1) * chunk)
+        s = 0.0
+        for i in range(i0, end):
             xi = np.float64(x[i])
-            s0 += xi * xi
-            i += 1
-        part[k] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+            s += xi * xi
+        part[k] = s
     total = 0.0
     for k in range(nchunk):  # fixed order: deterministic
         total += part[k]
