@@ -22,6 +22,7 @@ def test_dependency_files_follow_module_level_imports():
     deps = _rel(jit_cache.dependency_files(os.path.join(PKG, "kernels", "cpu", "attention_backward.py")))
     # the micro-kernel and exp2 are compiled into the attention backward kernels
     assert {"nbformer/kernels/cpu/microkernel.py", "nbformer/kernels/cpu/attention.py",
+            "nbformer/kernels/cpu/attention_backward_tile.py",
             "nbformer/kernels/cpu/rng.py", "nbformer/kernels/cpu/attention_backward.py"} <= deps
     # quant/formats.py's block sizes are constants of the quantized kernels (a `from ...x import` two levels up)
     assert "nbformer/quant/formats.py" in _rel(jit_cache.dependency_files(os.path.join(PKG, "kernels", "cpu",

@@ -1088,7 +1088,8 @@ class CpuAttentionBackward(Family):
 
     name, device, op, direction = "attention_backward", "cpu", "attention", "backward"
     SHAPE_DEFAULTS = {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": True}
-    sources = ("nbformer.kernels.cpu.attention_backward", "nbformer.kernels.cpu.attention")
+    sources = ("nbformer.kernels.cpu.attention_backward", "nbformer.kernels.cpu.attention_backward_tile",
+               "nbformer.kernels.cpu.attention")
     nearest = ("Tq", "Tk", "B")
 
     def tunables(self):

@@ -3,9 +3,11 @@
 Probabilities are recomputed from the saved logsumexp (P = exp(scale * q.k - lse)), with
 D = rowsum(dO * O). Per (query tile, key tile) pair the five products
     S = Q K^T,  dP = dO V^T,  dS = P * (dP - D) * scale,  dV += P^T dO,  dK += dS^T Q,  dQ += dS K
-run through the forward's register-blocked micro-kernel (microkernel.rank_update: a rank-t update of a
-block of C held in vector registers across the whole t loop, no packing; 12 x 32 with AVX-512, else
-6 x 16). Operands are contiguous scratch:
+run through register-blocked micro-kernels (blocks of C held in vector registers across the whole t loop,
+no packing): S, dP, P and dS of a tile pair in one fused kernel (attention_backward_tile.pds_tile: S and dP
+never leave the registers; with dropout, two rank updates and an element-wise pass), the three
+accumulating products through the forward's microkernel.rank_update (12 x 32 with AVX-512, else 6 x 16).
+Operands are contiguous scratch:
 K^T (pre-scaled to log2 units) and V^T of the key tile with padded row strides, the K tile, Q and dO
 (of a chunk of query_chunk query rows in one pass, else of the query tile), S/P and dP/dS tiles (queries
 x keys); dQ (and in one pass dK/dV) accumulate in place in the output buffers.
@@ -40,6 +42,7 @@ from numba import njit, prange
 
 from ...errors import GraphError
 from .attention import _exp2
+from .attention_backward_tile import pds_tile as _pds
 from .microkernel import rank_update as _mm
 from .precompile import BOOL, F3, F32, F64, I64, R3, RU2, U64, kernel, native_address, native_caller
 from .gemm import check_threads, num_threads
@@ -124,12 +127,27 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
     """One (query tile, key tile) pair, the Q / dO tiles at offset qo of qs / gs (rows of HS floats):
     sp (nq, ld) = P (dropped and rescaled when p_drop > 0) and
     dp (nq, ld) = dS * scale, both exactly 0 where a key is masked, causal-hidden or padding, and on
-    rows that see no key (lse = -inf)."""
+    rows that see no key (lse = -inf). Without dropout one fused kernel (attention_backward_tile)
+    computes S, dP, P and dS of the whole tile; the entries a row must not see are zeroed after it."""
     shift = Tk - Tq
     Z, O = np.int64(0), np.int64(1)  # not literals: one compiled _mm serves every call
+    if p_drop == 0:
+        _pds(sp, dp, Z, ld, nq, nk, qs, gs, qo, O, HS, kt, vt, ldk, HS, lse, delta, (b * NH + h) * Tq + i0, allow,
+             scale)
+        for ii in range(nq):
+            i = i0 + ii
+            jv = nk
+            if causal:
+                jv = max(0, min(nk, i + shift - k0 + 1))
+            if lse[b, h, i] == -np.inf:
+                jv = 0
+            for jj in range(jv, nk):
+                sp[ii * ld + jj] = _ZERO
+                dp[ii * ld + jj] = _ZERO
+        return
     _mm(sp, Z, ld, nq, nk, qs, qo, O, HS, kt, Z, ldk, HS, Z)  # S (log2 units) = Q (K^T * c)
     _mm(dp, Z, ld, nq, nk, gs, qo, O, HS, vt, Z, ldk, HS, Z)  # dP = dO V^T
-    inv_keep = np.float32(1.0 / (1.0 - p_drop)) if p_drop > 0 else np.float32(1.0)
+    inv_keep = np.float32(1.0 / (1.0 - p_drop))
     for ii in range(nq):
         i = i0 + ii
         L = lse[b, h, i]
@@ -142,21 +160,15 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
         Di = delta[b, h, i]
         srow = sp[ii * ld:ii * ld + nk]
         prow = dp[ii * ld:ii * ld + nk]
-        if p_drop > 0:
-            base = ((b * NH + h) * Tq + i) * Tk + k0
-            for jj in range(jv):
-                p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
-                if keep(seed, base + jj, p_drop):
-                    prow[jj] = p * (prow[jj] * inv_keep - Di) * scale
-                    srow[jj] = p * inv_keep
-                else:
-                    prow[jj] = -p * Di * scale
-                    srow[jj] = _ZERO
-        else:
-            for jj in range(jv):
-                p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
-                srow[jj] = p
-                prow[jj] = p * (prow[jj] - Di) * scale
+        base = ((b * NH + h) * Tq + i) * Tk + k0
+        for jj in range(jv):
+            p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
+            if keep(seed, base + jj, p_drop):
+                prow[jj] = p * (prow[jj] * inv_keep - Di) * scale
+                srow[jj] = p * inv_keep
+            else:
+                prow[jj] = -p * Di * scale
+                srow[jj] = _ZERO
         for jj in range(jv, nk):
             srow[jj] = _ZERO
             prow[jj] = _ZERO
