@@ -169,8 +169,10 @@ def _linear_case(rng, N, K, M, act):
 
 
 @pytest.mark.parametrize("act", ACTS)
-# (1029, 24, 1031): several uneven shape-chosen blocks in both backward GEMMs (gemm.auto_blocks, tn_rows)
-@pytest.mark.parametrize("N,K,M", [(1, 1, 1), (7, 33, 5), (130, 64, 257), (257, 16, 80), (1029, 24, 1031)])
+# (1029, 24, 1031): uneven shape-chosen blocks in both backward GEMMs (gemm.auto_blocks; tn_rows: 516 + 515
+# rows with 2 pool threads); (3, 5, 8195): dW in 4 tn_rows blocks (2049 x 3 + 2048 rows with 2 threads)
+@pytest.mark.parametrize("N,K,M", [(1, 1, 1), (7, 33, 5), (130, 64, 257), (257, 16, 80), (1029, 24, 1031),
+                                   (3, 5, 8195)])
 def test_linear_backward(rng, act, N, K, M):
     x, w, b, dout, _, pre = _linear_case(rng, N, K, M, act)
     dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
