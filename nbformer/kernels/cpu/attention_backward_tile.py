@@ -13,8 +13,9 @@ pass, S and dP were stored, read back, P and dS stored again, in 8-lane vectors 
 on these CPUs). That pass took 5-9 ms of 53-64 ms of a B=1 NH=12 T=1024 HS=64 backward on one thread
 (Xeon, AVX-512). Here the products accumulate an R x (W*NV) block of S and one of dP in 2*R*NV vector
 registers across the t loop, and the exponential (attention._exp2's polynomial, the same operations)
-runs on them in place: the whole backward 3-5 % faster (2 % causal) in an in-process A/B against the
-unfused path, with the same bits (benchmarks/results/attention_backward.md).
+runs on them in place. In-process A/Bs against the unfused path (the same bits): one thread 3.6-5.1 %
+faster, 2-3 % causal; two threads -1.3 to +3.4 %, causal 2-4 %, with the host's phase
+(benchmarks/results/attention_backward.md).
 
 Every element is one FMA chain over t = 0, 1, ... in order and the same scalar operations afterwards,
 whatever block (rows 6/2/1 and columns 32/16/8/1 with AVX-512, 4/2/1 and 8/4/2/1 without) computes
