@@ -254,31 +254,37 @@ def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV
         assert_close(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0, what=name)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_long_sequence_query_chunks(rng, causal):
-    """T above the one-pass query chunk (512 rows by default; also 200 and 16 here): chunked one pass ==
-    two passes, bit for bit, and both match the float64 reference."""
+@pytest.mark.parametrize("causal,NKV", [(False, 2), (True, 2), (True, 1)])
+def test_long_sequence_query_chunks(rng, causal, NKV):
+    """T above the one-pass query chunk (512 rows by default; also 200 and 16 here), grouped-query attention
+    included: chunked one pass == two passes, bit for bit, and both match the float64 reference."""
     B, NH, HS, T = 1, 2, 16, 1100
-    C = NH * HS
-    qkv = rng.normal(size=(B, T, 3 * C)).astype(np.float32)
+    C, KV = NH * HS, NKV * HS
+    qkv = rng.normal(size=(B, T, C + 2 * KV)).astype(np.float32)
     mask = np.ones((B, T), np.uint8)
     mask[0, 500:530] = 0
     scale = HS ** -0.5
     out = np.empty((B, T, C), np.float32)
     lse = np.empty((B, NH, T), np.float32)
-    attention_forward(out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, causal, scale)
+    attention_forward(out, lse, qkv, 0, qkv, C, C + KV, mask, NH, HS, causal, scale, n_kv_heads=NKV)
     dout = rng.normal(size=out.shape).astype(np.float32)
     results = []
     for passes, blocks, chunk in ((1, (64, 64), 512), (1, (100, 48), 256), (1, (16, 16), 1), (2, (64, 64), 512)):
         d = np.full_like(qkv, np.nan)
-        attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, causal,
-                           scale, block_q=blocks[0], block_k=blocks[1], passes=passes, query_chunk=chunk)
+        attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, C + KV, mask, NH, HS, causal,
+                           scale, block_q=blocks[0], block_k=blocks[1], passes=passes, query_chunk=chunk,
+                           n_kv_heads=NKV)
         results.append(d)
     for r in results[1:]:
         assert np.array_equal(r, results[0])
-    q, k, v = (ref.split_heads(qkv[..., i * C:(i + 1) * C], NH) for i in range(3))
+    g = NH // NKV
+    q = ref.split_heads(qkv[..., :C], NH)
+    k = np.repeat(ref.split_heads(qkv[..., C:C + KV], NKV), g, axis=1)
+    v = np.repeat(ref.split_heads(qkv[..., C + KV:], NKV), g, axis=1)
     _, dq, dk, dv = ref_attention_backward(q, k, v, ref.split_heads(dout, NH), mask, causal, scale)
-    for name, got, want in (("dq", results[0][..., :C], dq), ("dk", results[0][..., C:2 * C], dk),
-                            ("dv", results[0][..., 2 * C:], dv)):
+    dk = dk.reshape(B, NKV, g, T, HS).sum(2)
+    dv = dv.reshape(B, NKV, g, T, HS).sum(2)
+    for name, got, want in (("dq", results[0][..., :C], dq), ("dk", results[0][..., C:C + KV], dk),
+                            ("dv", results[0][..., C + KV:], dv)):
         want = ref.merge_heads(want)
         assert_close(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0, what=name)
