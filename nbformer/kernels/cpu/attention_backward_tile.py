@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .microkernel import _F32T, _FPT, _I64T, _host_has_avx512
+from .microkernel import _F32T, _FPT, _I64T, _host_has_avx512, arg_readers
 
 _LOG2E = 1.4426950408889634
 _EXP2 = (  # attention._exp2: clamp, cut-off and the degree-6 polynomial of 2**f on [-1/2, 1/2]
@@ -166,20 +166,11 @@ def _pds_intrinsic(R, NV, W):
                          allow, a_off, scale)
 
         def codegen(context, builder, signature, args):
-            sty = signature.args
             fn = _define_pds(builder.module, R, NV, W)
-
-            def ptr(i_arr, i_off):  # data pointer of array argument i_arr + element offset
-                data = context.make_array(sty[i_arr])(context, builder, args[i_arr]).data
-                off = context.cast(builder, args[i_off], sty[i_off], types.int64)
-                return builder.gep(builder.bitcast(data, _FPT), [off])
-
-            def i64(i):
-                return context.cast(builder, args[i], sty[i], types.int64)
-
+            ptr, i64 = arg_readers(context, builder, signature, args)
             builder.call(fn, [ptr(0, 2), ptr(1, 2), i64(3), ptr(4, 6), ptr(5, 6), i64(7), i64(8), ptr(9, 11),
                               ptr(10, 11), i64(12), i64(13), ptr(14, 16), ptr(15, 16), ptr(17, 18),
-                              context.cast(builder, args[19], sty[19], types.float32)])
+                              context.cast(builder, args[19], signature.args[19], types.float32)])
             return context.get_dummy_value()
 
         return sig, codegen

@@ -110,6 +110,22 @@ def _define_block(module, R, NV, W):
     return fn
 
 
+def arg_readers(context, builder, signature, args):
+    """For an intrinsic's codegen: ptr(i_arr, i_off), the float* data pointer of array argument i_arr plus
+    the element offset in argument i_off; i64(i), integer argument i as an i64."""
+    sty = signature.args
+
+    def ptr(i_arr, i_off):
+        data = context.make_array(sty[i_arr])(context, builder, args[i_arr]).data
+        off = context.cast(builder, args[i_off], sty[i_off], types.int64)
+        return builder.gep(builder.bitcast(data, _FPT), [off])
+
+    def i64(i):
+        return context.cast(builder, args[i], sty[i], types.int64)
+
+    return ptr, i64
+
+
 def _block_intrinsic(R, NV, W):
     @intrinsic
     def block(typingctx, C, c_off, ldc, A, a_off, a_t, a_r, Bm, b_off, ldb, nt, accumulate):
@@ -119,17 +135,8 @@ def _block_intrinsic(R, NV, W):
         sig = types.void(C, c_off, ldc, A, a_off, a_t, a_r, Bm, b_off, ldb, nt, accumulate)
 
         def codegen(context, builder, signature, args):
-            sty = signature.args
             fn = _define_block(builder.module, R, NV, W)
-
-            def ptr(i_arr, i_off):  # data pointer of array argument i_arr + element offset
-                data = context.make_array(sty[i_arr])(context, builder, args[i_arr]).data
-                off = context.cast(builder, args[i_off], sty[i_off], types.int64)
-                return builder.gep(builder.bitcast(data, _FPT), [off])
-
-            def i64(i):
-                return context.cast(builder, args[i], sty[i], types.int64)
-
+            ptr, i64 = arg_readers(context, builder, signature, args)
             builder.call(fn, [ptr(0, 1), i64(2), ptr(3, 4), i64(5), i64(6), ptr(7, 8), i64(9),
                               i64(10), i64(11)])
             return context.get_dummy_value()
