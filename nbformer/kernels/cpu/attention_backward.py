@@ -121,6 +121,15 @@ def _load_q_tile(qs, gs, q_buf, dout, b, i0, nq, qc, gc, HS):
             gs[ii * HS + d] = grow[d]
 
 
+@njit(inline="always")
+def _visible_keys(lse, b, h, i, k0, nk, shift, causal):
+    """Keys k0 .. k0 + jv - 1 of the tile that query row i sees: causal (bottom-right) cuts the tile,
+    a row that sees no key at all (lse = -inf) sees none of it."""
+    if lse[b, h, i] == -np.inf:
+        return 0
+    return max(0, min(nk, i + shift - k0 + 1)) if causal else nk
+
+
 @njit(fastmath=_FM, error_model="numpy")
 def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ldk, causal,
           scale, p_drop, seed):
@@ -135,12 +144,7 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
         _pds(sp, dp, Z, ld, nq, nk, qs, gs, qo, O, HS, kt, vt, ldk, HS, lse, delta, (b * NH + h) * Tq + i0, allow,
              scale)
         for ii in range(nq):
-            i = i0 + ii
-            jv = nk
-            if causal:
-                jv = max(0, min(nk, i + shift - k0 + 1))
-            if lse[b, h, i] == -np.inf:
-                jv = 0
+            jv = _visible_keys(lse, b, h, i0 + ii, k0, nk, shift, causal)
             for jj in range(jv, nk):
                 sp[ii * ld + jj] = _ZERO
                 dp[ii * ld + jj] = _ZERO
@@ -151,11 +155,7 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
     for ii in range(nq):
         i = i0 + ii
         L = lse[b, h, i]
-        jv = nk
-        if causal:
-            jv = max(0, min(nk, i + shift - k0 + 1))
-        if L == -np.inf:
-            jv = 0
+        jv = _visible_keys(lse, b, h, i, k0, nk, shift, causal)
         L2 = L * _LOG2E_F
         Di = delta[b, h, i]
         srow = sp[ii * ld:ii * ld + nk]
