@@ -46,6 +46,13 @@ def _as_id_matrix(x, name) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def _read_only(a):
+    if isinstance(a, np.ndarray) and a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 class Model:
     def __init__(self, ckpt: Checkpoint, device=None):
         """device: 'cpu', 'cuda', 'cuda:N' (None: $NBFORMER_DEVICE, else 'cpu'). On CUDA the
@@ -59,7 +66,9 @@ class Model:
             host["pos_emb"] = position_table(cfg)
         self.param_buffer = None
         if self.dev.kind == "cpu":
-            self.bound = host
+            # read-only views: what inference binds never changes under it, so a kernel may keep
+            # work derived from a weight (gemm_amx.packed_weight: AMX panels packed once)
+            self.bound = {k: _read_only(v) for k, v in host.items()}
         elif all(self.dev.is_device_array(a) for a in ckpt.params.values()):
             # parameters already on this device (a trainer's live flat buffer): bound as they are
             self.bound = {**ckpt.params, **({"pos_emb": self.dev.upload(host["pos_emb"])} if cfg.sinusoidal else {})}

@@ -314,7 +314,7 @@ def _auto_as_none(config):
 class CpuLinear(Family):
     SHAPE_DEFAULTS = {"N": 256, "K": 768, "M": 768, "act": "none", "bias": False, "residual": False}
     name, device, op = "linear", "cpu", "linear"
-    sources = ("nbformer.kernels.cpu.linear", "nbformer.kernels.cpu.gemm")
+    sources = ("nbformer.kernels.cpu.linear", "nbformer.kernels.cpu.gemm", "nbformer.kernels.cpu.gemm_amx")
     nearest = ("N",)
     SCRATCH_LIMIT = 64 << 20  # bytes of GEMM block scratch per thread
 
@@ -343,7 +343,12 @@ class CpuLinear(Family):
         return None
 
     def effective(self, config, case):
+        from ..kernels.cpu import gemm_amx
+
         N, M = case["N"], case["M"]
+        if (config["rows"] == config["cols"] == "auto" and gemm_amx.available()
+                and gemm_amx.worth(N, M, case["K"])):  # linear_forward's AMX path: no blocks to choose
+            return ("amx", config["threads"])
         rows, cols = self._rows_cols(config, case)
         if N >= 2 * rows or M <= cols:
             return ("rows", min(rows, N), config["threads"])

@@ -225,7 +225,7 @@ def native_address(key) -> int:
     return a
 
 
-_MODULES = ("attention", "attention_backward", "attention_decode", "dropout", "elementwise", "embedding", "gemm", "kv_cache",
+_MODULES = ("attention", "attention_backward", "attention_decode", "dropout", "elementwise", "embedding", "gemm", "gemm_amx", "kv_cache",
             "layernorm", "linear", "loss", "optim", "pooling", "sampling", "softmax", "rmsnorm", "rope", "swiglu",
             "qlinear")
 
@@ -364,7 +364,23 @@ def kernels_for(graph) -> list:
         keys += _TRAINING
     if decoding or ("logits" in graph.outputs and not backward):
         keys += _DECODING
+    keys += _amx_kernels(keys, backward)
     return list(dict.fromkeys(keys))
+
+
+def _amx_kernels(keys, backward) -> list:
+    """The AMX GEMM's kernels, where this host and process run them (gemm_amx.available()) and the
+    graph has linear layers: the forward (and, for inference, the weight packer), the backward's."""
+    from . import gemm_amx
+
+    if not gemm_amx.available():
+        return []
+    extra = []
+    if "linear._linear_fwd" in keys:
+        extra += ["linear._linear_fwd_amx"] + ([] if backward else ["gemm_amx._pack_weight"])
+    if "gemm.matmul_nn" in keys:
+        extra += ["gemm_amx._gemm"]
+    return extra
 
 
 # ---------------------------------------------------------------- ensuring they are compiled

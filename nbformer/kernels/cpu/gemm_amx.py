@@ -1,0 +1,389 @@
+"""fp32 matrix products on Intel AMX: operands split into three bfloat16 parts (amx_tiles.py says
+why that is fp32-accurate), packed into 32-row / 32-column panels, multiplied in 32 x 32 blocks.
+
+    gemm(out, a, b, a_trans=False, b_trans=False, out_trans=False)  out = A @ B (or (A @ B).T)
+    A = a (R, K) or a.T (a: (K, R));  B = b (K, C) or b.T (b: (C, K), nn.Linear's weight)
+
+and linear.py's forward runs the same blocks with its epilogue (bias, activation, residual).
+
+When: `available()`, a host with AMX-TILE and AMX-BF16 whose kernel grants this process the
+tile data state (Linux arch_prctl ARCH_REQ_XCOMP_PERM), and NBFORMER_AMX is not 0; and
+`worth(R, C, K)`, a product big enough that padding to 32 and packing pay. Elsewhere the BLAS
+path (gemm.py) runs, as it does on every other host.
+
+Bits: every 32 x 32 block of out is computed by one thread, K in order (partial sums pass through
+memory as fp32, exactly), so the result depends neither on the thread count nor on K_BLOCK; it
+differs from sgemm's in the last bits (another summation order), as two sgemm libraries do. Its
+error against a float64 product stays within twice sgemm's (tests/test_gemm_amx.py). Two edge
+cases differ from IEEE fp32: an inf operand gives NaN where it meets a zero split part (its rows
+or columns are non-finite either way), and magnitudes below 2^-100 lose their low parts (AMX
+reads bfloat16 subnormals as zero).
+
+Memory: packed operands take 1.5x their fp32 size. Each calling thread keeps one scratch buffer
+grown to its largest product (`panels`); read-only weights keep their packed panels
+(`packed_weight`, up to NBFORMER_AMX_CACHE_MB, 2048 by default), so an inference model's linear
+weights cost 2.5x their fp32 size once they have all run.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+
+import numpy as np
+from numba import get_num_threads, njit, prange, types
+
+from .amx_tiles import CHUNK, amx_block32, amx_config, amx_release, bits_f32, config_bytes, f32_bits
+from .bf16_split import split16, split_pairs16
+from .precompile import BOOL, F2, I64, R2, array, kernel
+
+PANEL = 32  # rows of an A panel, columns of a B panel (two tiles of 16)
+GROUP_BYTES = 1 << 20  # packed A panels a thread keeps in its L2 (2 MB) while B panels pass by
+K_BLOCK = 16  # 32-wide K chunks per pass over the blocks (512 of K: a B panel's step is 96 KB)
+MIN_ROWS = 64  # fewer rows (decoding, small batches): BLAS / the skinny kernel; padding to 32 wastes AMX
+MIN_FLOPS = 1 << 21  # 2 R C K below this: the packing and three parallel regions cost more than they save
+
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 0x1023, 18
+_state = {}
+
+
+def _host_has_amx():
+    from llvmlite import binding as llvm
+
+    llvm.initialize_native_target()
+    try:
+        f = llvm.get_host_cpu_features()
+        return bool(f.get("amx-tile")) and bool(f.get("amx-bf16"))
+    except Exception:  # features unknown: the BLAS path
+        return False
+
+
+HOST_HAS_AMX = _host_has_amx()  # decides which kernels exist (and precompile) on this host
+
+
+def _request_tile_data():
+    """Ask Linux for the AMX tile data state (once per process; every thread then has it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0  # 158: SYS_arch_prctl (x86-64)
+    except (OSError, AttributeError):
+        return False
+
+
+def available():
+    """True where the AMX path runs: host ISA, the kernel's permission, NBFORMER_AMX != '0'."""
+    ok = _state.get("ok")
+    if ok is None:
+        from numba.core import config as numba_config
+
+        ok = (HOST_HAS_AMX and os.environ.get("NBFORMER_AMX", "1") != "0" and not numba_config.DISABLE_JIT
+              and _request_tile_data())
+        _state["ok"] = ok
+    return ok
+
+
+def _require():
+    # a tile instruction without the kernel's permission is SIGILL: never run one without it
+    if not available():
+        raise RuntimeError("the AMX GEMM was called on a host or process without AMX tile data "
+                           "(gemm_amx.available() is False)")
+
+
+def worth(R, C, K):
+    """Whether an (R x K) @ (K x C) product takes the AMX path (on a host where it is available)."""
+    return R >= MIN_ROWS and C >= PANEL and K >= PANEL and 2 * R * C * K >= MIN_FLOPS
+
+
+# ---------------------------------------------------------------- packing (fp32 -> three bf16 parts)
+
+_SIGN_OFF, _INF, _QUIET, _HIGH = np.uint32(0x7FFFFFFF), np.uint32(0x7F800000), np.uint32(0x00400000), np.uint32(0xFFFF0000)
+_HALF, _ONE, _EXP16 = np.uint32(0x7FFF), np.uint32(1), np.uint32(0x7F80)
+
+
+@njit(inline="always")
+def _bf16(x):
+    # (bits of the nearest bfloat16 to x, ties to even, as a uint32 in its low 16 bits; its value)
+    u = f32_bits(x)
+    if (u & _SIGN_OFF) > _INF:  # NaN stays NaN (quiet), not rounded into inf
+        r = (u | _QUIET) & _HIGH
+    else:
+        r = (u + _HALF + ((u >> np.uint32(16)) & _ONE)) & _HIGH
+    return r >> np.uint32(16), bits_f32(r)
+
+
+@njit(inline="always")
+def _split3(x):
+    # x = h + m + l, three bfloat16s (uint16 bits); inf / NaN: h alone (m = l = 0)
+    hb, hv = _bf16(x)
+    r = np.float32(x - hv) if (hb & _EXP16) != _EXP16 else np.float32(0.0)
+    mb, mv = _bf16(r)
+    lb, _ = _bf16(np.float32(r - mv))
+    return np.uint16(hb), np.uint16(mb), np.uint16(lb)
+
+
+@njit(inline="always")
+def _put(dst, off, x):
+    h, m, l = _split3(x)
+    dst[off] = h
+    dst[1024 + off] = m
+    dst[2048 + off] = l
+
+
+@njit(inline="always")
+def _pack_a_rows(pa, a, p, K, R):
+    # panel p of A = a (R, K): tile row rr of chunk kc holds A[32p + rr, 32kc : 32kc + 32]
+    nk = pa.shape[1]
+    for kc in range(nk):
+        for rr in range(32):
+            r = p * 32 + rr
+            off = (rr // 16) * 512 + (rr % 16) * 32
+            for half in range(2):
+                k = kc * 32 + half * 16
+                if r < R and k + 16 <= K:
+                    split16(a, r * K + k, pa, (p * nk + kc) * CHUNK + off + half * 16)
+                else:
+                    dst = pa[p, kc]
+                    for j in range(16):
+                        _put(dst, off + half * 16 + j, a[r, k + j] if r < R and k + j < K else np.float32(0.0))
+
+
+@njit(inline="always")
+def _pack_b_rows(pb, b, p, K, C):
+    # panel p of B = b (K, C), VNNI: tile row kp of chunk kc holds the pairs b[32kc + 2kp + e, 32p + c]
+    nk = pb.shape[1]
+    for kc in range(nk):
+        for kp in range(16):
+            k = kc * 32 + 2 * kp
+            for half in range(2):
+                c0 = p * 32 + half * 16
+                off = half * 512 + kp * 32
+                if k + 1 < K and c0 + 16 <= C:
+                    split_pairs16(b, k * C + c0, (k + 1) * C + c0, pb, (p * nk + kc) * CHUNK + off)
+                else:
+                    dst = pb[p, kc]
+                    for j in range(32):
+                        kk, c = k + (j % 2), c0 + j // 2
+                        _put(dst, off + j, b[kk, c] if kk < K and c < C else np.float32(0.0))
+
+
+@njit(inline="always")
+def _transpose(dst, src):
+    # dst (n, m) = src (m, n).T in 32 x 32 blocks, the row blocks of src over the threads
+    m, n = src.shape
+    for bi in prange((m + 31) // 32):
+        i0 = bi * 32
+        i1 = min(m, i0 + 32)
+        for j0 in range(0, n, 32):
+            j1 = min(n, j0 + 32)
+            for j in range(j0, j1):
+                d = dst[j]
+                for i in range(i0, i1):
+                    d[i] = src[i, j]
+
+
+@njit(inline="always")
+def pack_operands(pa, pb, a, b, K, R, C):
+    """Both operands (a (R, K), b (K, C), C-contiguous) into their panels, over the threads."""
+    for p in prange(pa.shape[0]):
+        _pack_a_rows(pa, a, p, K, R)
+    for p in prange(pb.shape[0]):
+        _pack_b_rows(pb, b, p, K, C)
+
+
+@njit(inline="always")
+def thread_blocks(t, T, npa, npb):
+    """(a0, a1, b0, b1): the A and B panels whose blocks thread t of T computes. B panels are split
+    when there are enough of them (every thread then streams all A panels past its own B panels),
+    A panels otherwise."""
+    if npb >= 2 * T or npb >= npa:
+        return 0, npa, (t * npb) // T, ((t + 1) * npb) // T
+    return (t * npa) // T, ((t + 1) * npa) // T, 0, npb
+
+
+def _gemm(out, a, b, a_trans, b_trans, out_trans, pa, pb, ta, tb, tc, kb, T, cfg):
+    R = a.shape[1] if a_trans else a.shape[0]
+    K = a.shape[0] if a_trans else a.shape[1]
+    C = b.shape[0] if b_trans else b.shape[1]
+    if a_trans:
+        _transpose(ta, a)
+    if b_trans:
+        _transpose(tb, b)
+    pack_operands(pa, pb, ta if a_trans else a, tb if b_trans else b, K, R, C)
+    direct = not out_trans and R % 32 == 0 and C % 32 == 0
+    dst = out if direct else tc
+    product_blocks(dst, pa, pb, kb, T, cfg)
+    if out_trans:
+        _transpose(out, tc[:R, :C])
+    elif not direct:
+        for r in prange(R):
+            out[r, :] = tc[r, :C]
+
+
+if HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
+    _U16_3, _U8_1 = array(types.uint16, 3), array(types.uint8, 1)
+    _gemm = kernel((F2, R2, R2, BOOL, BOOL, BOOL, _U16_3, _U16_3, F2, F2, F2, I64, I64, _U8_1), cost=4.0)(
+        njit(parallel=True, cache=True, nogil=True)(_gemm))
+else:
+    _gemm = None
+
+
+@njit(inline="always")
+def product_blocks(dst, pa, pb, kb, T, cfg):
+    """dst (32 npa, 32 npb) = the packed panels' product (npa, npb: their panel counts), in 32 x 32
+    blocks over the threads (thread_blocks), K in blocks of kb chunks: every block of a K step
+    accumulates onto dst's partial sums (exact, so the bits do not depend on kb)."""
+    npa, nk, npb = pa.shape[0], pa.shape[1], pb.shape[0]
+    ld = dst.shape[1]
+    group = max(1, GROUP_BYTES // (min(nk, kb) * CHUNK * 2))
+    for t in prange(T):
+        amx_config(cfg)
+        a0, a1, b0, b1 = thread_blocks(t, T, npa, npb)
+        for k0 in range(0, nk, kb):
+            kn = min(kb, nk - k0)
+            for g0 in range(a0, a1, group):
+                for ib in range(b0, b1):
+                    for ia in range(g0, min(a1, g0 + group)):
+                        o = ia * 32 * ld + ib * 32
+                        amx_block32(dst, o, ld, dst, o, ld, pa, (ia * nk + k0) * CHUNK, pb, (ib * nk + k0) * CHUNK,
+                                    kn, k0 > 0)
+        amx_release()
+
+
+@njit(inline="always")
+def pack_rows_and_multiply(dst, a, pa, pb, kb, T, cfg):
+    """dst (32 npa, 32 npb) = a (R, K) @ B, B's panels pb packed already (a kept weight): each of
+    the T threads packs its own share of a's panels and multiplies them by every B panel, so the
+    packed rows never cross to another core's cache (splitting B panels instead, every thread read
+    every A panel another core had just written: 5-13 % slower at MiniLM's 1344 x 1536 x 384 and
+    1344 x 384 x 1536)."""
+    R, K = a.shape
+    npa, nk, npb = pa.shape[0], pa.shape[1], pb.shape[0]
+    ld = dst.shape[1]
+    group = max(1, GROUP_BYTES // (min(nk, kb) * CHUNK * 2))
+    for t in prange(T):
+        a0, a1 = (t * npa) // T, ((t + 1) * npa) // T
+        for p in range(a0, a1):
+            _pack_a_rows(pa, a, p, K, R)
+        amx_config(cfg)
+        for k0 in range(0, nk, kb):
+            kn = min(kb, nk - k0)
+            for g0 in range(a0, a1, group):
+                for ib in range(npb):
+                    for ia in range(g0, min(a1, g0 + group)):
+                        o = ia * 32 * ld + ib * 32
+                        amx_block32(dst, o, ld, dst, o, ld, pa, (ia * nk + k0) * CHUNK, pb, (ib * nk + k0) * CHUNK,
+                                    kn, k0 > 0)
+        amx_release()
+
+
+# ---------------------------------------------------------------- scratch and launch
+
+_local = threading.local()
+_CFG = config_bytes()
+
+
+def config():
+    return _CFG
+
+
+def _room(buf, start, n, shape):
+    # float32 view of n elements of buf (uint16) from the first 64-byte boundary at or after start
+    s = start + (-start) % 32
+    return buf[s:s + 2 * n].view(np.float32).reshape(shape), s + 2 * n
+
+
+def panels(R, C, K, a_trans=False, b_trans=False, padded_out=False):
+    """Scratch for an (R x K) @ (K x C) product: the packed panels pa, pb ((panels, chunks, CHUNK)
+    uint16, on 64-byte boundaries), float32 room for a transposed A (R, K) and B (K, C) where
+    a_trans / b_trans, and for the product padded to whole blocks (32 npa, 32 npb) where padded_out
+    (else 1 x 1 each). Reused by the calling Python thread, grown when needed."""
+    nk = (K + 31) // 32
+    npa, npb = (R + 31) // 32, (C + 31) // 32
+    na, nb = npa * nk * CHUNK, npb * nk * CHUNK
+    shapes = ((R, K) if a_trans else (1, 1), (K, C) if b_trans else (1, 1), (32 * npa, 32 * npb) if padded_out else (1, 1))
+    n = na + nb + sum(2 * (h * w) + 32 for h, w in shapes)
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < n:
+        raw = np.empty(n * 2 + 64, np.uint8)
+        off = (-raw.ctypes.data) % 64
+        buf = raw[off:off + n * 2].view(np.uint16)
+        _local.buf = buf
+    pa = buf[:na].reshape(npa, nk, CHUNK)
+    pb = buf[na:na + nb].reshape(npb, nk, CHUNK)
+    at = na + nb
+    rooms = []
+    for h, w in shapes:
+        v, at = _room(buf, at, h * w, (h, w))
+        rooms.append(v)
+    return (pa, pb, *rooms)
+
+
+def gemm(out, a, b, a_trans=False, b_trans=False, out_trans=False):
+    """out (R, C) = A @ B, or out (C, R) = (A @ B).T with out_trans; A = a or a.T (a_trans), B = b or
+    b.T (b_trans). float32, C-contiguous, shapes already checked by the caller; available() true."""
+    _require()
+    R, K = (a.shape[1], a.shape[0]) if a_trans else a.shape
+    C = b.shape[0] if b_trans else b.shape[1]
+    pa, pb, ta, tb, tc = panels(R, C, K, a_trans, b_trans, out_trans or R % 32 or C % 32)
+    _gemm(out, a, b, a_trans, b_trans, out_trans, pa, pb, ta, tb, tc, K_BLOCK, get_num_threads(), _CFG)
+
+
+# ---------------------------------------------------------------- packed weights of inference
+
+CACHE_MB = int(os.environ.get("NBFORMER_AMX_CACHE_MB", "2048"))  # packed weights kept (1.5x their fp32 size)
+_packed: "dict" = {}  # (address, shape, strides) -> (w, pb); insertion order = least recently used first
+_packed_bytes = [0]
+_packed_lock = threading.Lock()
+
+
+def _pack_weight(pb, w, wt):
+    # pb: panels of B = w.T, w (C, K) in nn.Linear layout; wt (K, C) scratch
+    _transpose(wt, w)
+    for p in prange(pb.shape[0]):
+        _pack_b_rows(pb, wt, p, w.shape[1], w.shape[0])
+
+
+_pack_weight = (kernel((_U16_3, R2, F2), cost=1.5)(njit(parallel=True, nogil=True, cache=True)(_pack_weight))
+                if HOST_HAS_AMX else None)
+
+
+def packed_weight(w):
+    """The packed panels of B = w.T for a read-only weight w (C, K), made once and kept (up to
+    CACHE_MB, least recently used out first); None for a writable w (training updates weights in
+    place: those are packed at every call). The entry holds w itself, so its memory cannot be
+    freed and reused under the same address while the panels are kept."""
+    if w.flags.writeable:
+        return None
+    key = (w.ctypes.data, w.shape, w.strides)
+    with _packed_lock:
+        hit = _packed.pop(key, None)
+        if hit is not None:
+            _packed[key] = hit
+            return hit[1]
+    C, K = w.shape
+    nk, npb = (K + 31) // 32, (C + 31) // 32
+    if npb * nk * CHUNK * 2 > CACHE_MB << 20:
+        return None
+    raw = np.empty(npb * nk * CHUNK * 2 + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    pb = raw[off:off + npb * nk * CHUNK * 2].view(np.uint16).reshape(npb, nk, CHUNK)
+    _require()
+    _pack_weight(pb, w, np.empty((K, C), np.float32))
+    with _packed_lock:
+        _packed[key] = (w, pb)
+        _packed_bytes[0] += pb.nbytes
+        while _packed_bytes[0] > CACHE_MB << 20 and len(_packed) > 1:
+            _, (_, old) = next(iter(_packed.items()))
+            del _packed[next(iter(_packed))]
+            _packed_bytes[0] -= old.nbytes
+    return pb
+
+
+def clear_packed():
+    """Drop every kept weight pack (their memory, and the references to the weights)."""
+    with _packed_lock:
+        _packed.clear()
+        _packed_bytes[0] = 0

@@ -1,0 +1,226 @@
+"""The AMX GEMM (gemm_amx, amx_tiles, bf16_split) against a float64 reference and against sgemm's own
+error, at ragged shapes, every operand orientation, thread counts and K blocks; the linear layers
+that run on it (forward with epilogues, training's forward, backward); the packed-weight cache.
+Skipped where the host or process has no AMX (gemm_amx.available())."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nbformer.kernels.cpu import gemm_amx
+
+pytestmark = pytest.mark.skipif(not gemm_amx.available(), reason="no AMX tile data on this host / process")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _operands(rng, R, C, K, a_trans, b_trans):
+    a = f32(rng.normal(size=(K, R) if a_trans else (R, K)))
+    b = f32(rng.normal(size=(C, K) if b_trans else (K, C)))
+    A, B = (a.T if a_trans else a), (b.T if b_trans else b)
+    return a, b, A, B
+
+
+def _rel(x, ref):
+    return float(np.abs(x.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+SHAPES = [(1, 1, 1), (1, 40, 3), (31, 33, 17), (32, 32, 32), (64, 96, 512), (100, 70, 45), (129, 257, 300),
+          (33, 65, 1031), (256, 64, 2049)]
+
+
+@pytest.mark.parametrize("R,C,K", SHAPES)
+@pytest.mark.parametrize("a_trans,b_trans,out_trans", [(False, False, False), (False, True, False), (True, False, False),
+                                                        (True, False, True), (True, True, True)])
+def test_gemm_matches_float64_as_closely_as_sgemm(rng, R, C, K, a_trans, b_trans, out_trans):
+    """Every orientation and ragged shape (edges of 1..31 rows / columns / K): the float64 product
+    within twice sgemm's own error (the three-part split is fp32-accurate), every element written."""
+    a, b, A, B = _operands(rng, R, C, K, a_trans, b_trans)
+    out = np.full((C, R) if out_trans else (R, C), np.nan, np.float32)
+    gemm_amx.gemm(out, a, b, a_trans, b_trans, out_trans)
+    ref = A.astype(np.float64) @ B.astype(np.float64)
+    sg = A @ B
+    if out_trans:
+        ref, sg = ref.T, sg.T
+    assert np.isfinite(out).all()
+    assert _rel(out, ref) <= 2 * _rel(sg, ref) + 2 ** -24, (_rel(out, ref), _rel(sg, ref))
+
+
+def test_gemm_bits_do_not_depend_on_threads_or_k_blocks(rng):
+    """One micro-kernel call sequence per 32 x 32 block whatever the thread count, and partial sums
+    stored in fp32 and loaded back exactly: the same bits for 1 or 2 threads and any K block."""
+    import numba
+
+    R, C, K = 200, 150, 1100
+    a, b, _, _ = _operands(rng, R, C, K, False, True)
+    outs = []
+    for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+        for kb in (1, 3, gemm_amx.K_BLOCK, 64):
+            out = np.empty((R, C), np.float32)
+            pa, pb, ta, tb, tc = gemm_amx.panels(R, C, K, False, True, True)
+            gemm_amx._gemm(out, a, b, False, True, False, pa, pb, ta, tb, tc, kb, threads, gemm_amx.config())
+            outs.append(out)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(outs[0], o)
+
+
+def test_gemm_exact_on_bfloat16_representable_inputs():
+    """Inputs that are bfloat16 already (h alone, m = l = 0) with sums exact in fp32: the exact result."""
+    rng = np.random.default_rng(3)
+    a = f32(rng.integers(-8, 9, size=(70, 96)))
+    b = f32(rng.integers(-8, 9, size=(96, 50)))
+    out = np.empty((70, 50), np.float32)
+    gemm_amx.gemm(out, a, b)
+    np.testing.assert_array_equal(out, (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float32))
+
+
+def test_gemm_non_finite_inputs_reach_their_rows_and_columns_only(rng):
+    """NaN / inf in A reach exactly the output rows they feed (as NaN or inf: the split products of an
+    inf meet zeros), and nothing else; a huge finite value stays finite."""
+    R, C, K = 64, 48, 40
+    a, b, _, _ = _operands(rng, R, C, K, False, False)
+    a[3, 5], a[40, 0], a[10, 7] = np.nan, np.inf, np.float32(3e38)
+    b = b / 1e3
+    out = np.empty((R, C), np.float32)
+    gemm_amx.gemm(out, a, b)
+    bad = ~np.isfinite(out)
+    assert bad[3].all() and bad[40].all()
+    assert not np.delete(bad, [3, 40], axis=0).any()
+    ref = a.astype(np.float64)[10] @ b.astype(np.float64)
+    assert np.abs(out[10] - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_bf16_split_is_exact_and_rounds_to_nearest_even():
+    """h + m + l == x exactly (float64 sum) for finite x from 2^-100 to FLT_MAX; h is x rounded
+    to the nearest bfloat16, ties to even; NaN stays NaN in h."""
+    from numba import njit
+
+    from nbformer.kernels.cpu.bf16_split import split16
+
+    @njit
+    def run(x, d):
+        for i in range(0, x.size, 16):
+            split16(x, i, d, (i // 16) * 3072)
+
+    rng = np.random.default_rng(5)
+    x = f32(np.concatenate([rng.normal(size=4000) * np.exp2(rng.integers(-120, 120, size=4000)),
+                            [0.0, -0.0, 1.0, 1.00390625, 1.01171875, -3.0, 65504.0, 1e-38, 3.3e38, np.nan,
+                             np.inf, -np.inf]]))
+    x = np.resize(x, (x.size + 15) // 16 * 16)
+    d = np.zeros((x.size // 16) * 3072, np.uint16)
+    run(x, d)
+    idx = np.arange(x.size)
+    base = (idx // 16) * 3072 + idx % 16
+    parts = [(d[base + 1024 * s].astype(np.uint32) << 16).view(np.float32).astype(np.float64) for s in range(3)]
+    # (below 2^-100 the low parts are subnormal, which AMX reads as zero anyway: not compared)
+    fin = np.isfinite(x) & (np.abs(x) < 3.38e38) & ((np.abs(x) > 2.0 ** -100) | (x == 0))
+    np.testing.assert_array_equal((parts[0] + parts[1] + parts[2])[fin], x[fin].astype(np.float64))
+    # ties to even: 1 + 2^-8 (a tie between 1 and 1 + 2^-7) rounds to 1; 1 + 3 * 2^-8 to 1 + 2^-6
+    h = dict(zip(x[:4012].tolist(), parts[0][:4012].tolist()))
+    assert h[1.00390625] == 1.0 and h[1.01171875] == 1.015625
+    assert np.isnan(parts[0][np.isnan(x)]).all()
+    assert (parts[0][np.isinf(x)] == x[np.isinf(x)]).all() and (parts[1][np.isinf(x)] == 0).all()
+
+
+# ---------------------------------------------------------------- the linear layers on it
+
+
+@pytest.fixture
+def small_on_amx(monkeypatch):
+    """Small products take the AMX path too (the tests' shapes stay small and fast)."""
+    monkeypatch.setattr(gemm_amx, "MIN_FLOPS", 0)
+    monkeypatch.setattr(gemm_amx, "MIN_ROWS", 1)
+
+
+def _ref_linear(x, w, b, act, res):
+    import reference  # tests/reference.py: the float64 kernels' reference
+
+    return reference.linear(x, w, b, act, res)
+
+
+@pytest.mark.parametrize("N,K,M", [(64, 32, 32), (96, 200, 130), (300, 77, 513), (257, 512, 64)])
+@pytest.mark.parametrize("act,use_b,use_res", [("none", False, False), ("gelu_tanh", True, False),
+                                               ("gelu", True, True), ("relu", False, True), ("silu", True, False)])
+def test_linear_forward_on_amx_matches_the_reference_and_training(rng, small_on_amx, N, K, M, act, use_b, use_res):
+    """linear_forward (on AMX here) with every epilogue: the float64 reference at fp32 tolerance; training's
+    forward gives the same out bits and pre = x @ w.T + b; a read-only weight (packed once, kept) the
+    same bits as a writable one (packed at every call)."""
+    from nbformer.kernels.cpu.linear import linear_forward, linear_forward_train
+
+    assert gemm_amx.worth(N, M, K)
+    x = f32(rng.normal(size=(N, K)))
+    w = f32(rng.normal(size=(M, K)) / np.sqrt(K))
+    b = f32(rng.normal(size=M)) if use_b else None
+    r = f32(rng.normal(size=(N, M))) if use_res else None
+    out = np.full((N, M), np.nan, np.float32)
+    linear_forward(out, x, w, b, act, r)
+    np.testing.assert_allclose(out, _ref_linear(x, w, b, act, r), atol=2e-5, rtol=2e-5)
+    train_out, pre = np.full((N, M), np.nan, np.float32), np.full((N, M), np.nan, np.float32)
+    linear_forward_train(train_out, pre, x, w, b, act, r)
+    np.testing.assert_array_equal(out, train_out)
+    np.testing.assert_allclose(pre, _ref_linear(x, w, b, "none", None), atol=2e-5, rtol=2e-5)
+    w_ro = w.copy()
+    w_ro.flags.writeable = False
+    again = np.empty_like(out)
+    linear_forward(again, x, w_ro, b, act, r)
+    linear_forward(again, x, w_ro, b, act, r)  # the kept panels
+    np.testing.assert_array_equal(out, again)
+    gemm_amx.clear_packed()
+
+
+def test_linear_forward_train_out_may_alias_the_residual(rng, small_on_amx):
+    from nbformer.kernels.cpu.linear import linear_forward_train
+
+    N, K, M = 128, 64, 96
+    x, w = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K)) / 8)
+    b, r = f32(rng.normal(size=M)), f32(rng.normal(size=(N, M)))
+    expect = _ref_linear(x, w, b, "gelu_tanh", r)
+    out, pre = r.copy(), np.empty((N, M), np.float32)
+    linear_forward_train(out, pre, x, w, b, "gelu_tanh", out)  # out is the residual
+    np.testing.assert_allclose(out, expect, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("N,K,M", [(128, 64, 96), (200, 300, 70), (96, 40, 500), (1024, 256, 1031)])
+def test_linear_backward_on_amx_matches_float64(rng, small_on_amx, N, K, M):
+    """dx = g @ w and dw = g.T @ x on AMX (both orientations of dw: M <= K transposes g, M > K x)."""
+    from nbformer.kernels.cpu.linear import linear_backward
+
+    x, w, g = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K))), f32(rng.normal(size=(N, M)))
+    dx, dw, db = (np.full(s, np.nan, np.float32) for s in ((N, K), (M, K), (M,)))
+    linear_backward(dx, dw, db, g, x, w)
+    g64 = g.astype(np.float64)
+    for got, ref, sg in ((dx, g64 @ w, g @ w), (dw, g64.T @ x, g.T @ x)):
+        assert _rel(got, ref) <= 2 * _rel(sg, ref) + 2 ** -24
+    np.testing.assert_allclose(db, g64.sum(0), atol=1e-3, rtol=1e-5)
+
+
+def test_packed_weight_cache_keeps_read_only_weights_within_its_budget(rng, monkeypatch):
+    """Read-only weights are packed once and kept (the entry holds the array), writable ones never;
+    past CACHE_MB the least recently used pack goes."""
+    gemm_amx.clear_packed()
+    w1, w2, wr = (f32(rng.normal(size=(1024, 512))) for _ in range(3))  # 3 MB packs
+    for w in (w1, w2):
+        w.flags.writeable = False
+    assert gemm_amx.packed_weight(wr) is None
+    p1 = gemm_amx.packed_weight(w1)
+    assert gemm_amx.packed_weight(w1) is p1
+    size_mb = p1.nbytes / 2 ** 20
+    monkeypatch.setattr(gemm_amx, "CACHE_MB", int(size_mb * 1.5))
+    gemm_amx.packed_weight(w2)  # over budget: w1's pack goes
+    assert len(gemm_amx._packed) == 1 and gemm_amx.packed_weight(w2) is not None
+    assert gemm_amx.packed_weight(w1) is not p1
+    gemm_amx.clear_packed()
+    assert not gemm_amx._packed and gemm_amx._packed_bytes[0] == 0
+
+
+def test_nbformer_amx_0_turns_it_off():
+    code = "from nbformer.kernels.cpu import gemm_amx; print(gemm_amx.available())"
+    env = dict(os.environ, NBFORMER_AMX="0")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
