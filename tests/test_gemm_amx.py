@@ -1,6 +1,6 @@
 """The AMX GEMM (gemm_amx, amx_tiles, bf16_split) against a float64 reference and against sgemm's own
-error, at ragged shapes, every operand orientation, thread counts and K blocks; the linear layers
-that run on it (forward with epilogues, training's forward, backward); the packed-weight cache.
+error, at ragged shapes, thread counts and K blocks; the linear forward that runs on it (every
+epilogue, kept and per-call weight panels); the packed-weight cache.
 Skipped where the host or process has no AMX (gemm_amx.available())."""
 import os
 import subprocess
@@ -20,13 +20,6 @@ def f32(a):
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _operands(rng, R, C, K, a_trans, b_trans):
-    a = f32(rng.normal(size=(K, R) if a_trans else (R, K)))
-    b = f32(rng.normal(size=(C, K) if b_trans else (K, C)))
-    A, B = (a.T if a_trans else a), (b.T if b_trans else b)
-    return a, b, A, B
-
-
 def _rel(x, ref):
     return float(np.abs(x.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
 
@@ -36,20 +29,16 @@ SHAPES = [(1, 1, 1), (1, 40, 3), (31, 33, 17), (32, 32, 32), (64, 96, 512), (100
 
 
 @pytest.mark.parametrize("R,C,K", SHAPES)
-@pytest.mark.parametrize("a_trans,b_trans,out_trans", [(False, False, False), (False, True, False), (True, False, False),
-                                                        (True, False, True), (True, True, True)])
-def test_gemm_matches_float64_as_closely_as_sgemm(rng, R, C, K, a_trans, b_trans, out_trans):
-    """Every orientation and ragged shape (edges of 1..31 rows / columns / K): the float64 product
-    within twice sgemm's own error (the three-part split is fp32-accurate), every element written."""
-    a, b, A, B = _operands(rng, R, C, K, a_trans, b_trans)
-    out = np.full((C, R) if out_trans else (R, C), np.nan, np.float32)
-    gemm_amx.gemm(out, a, b, a_trans, b_trans, out_trans)
-    ref = A.astype(np.float64) @ B.astype(np.float64)
-    sg = A @ B
-    if out_trans:
-        ref, sg = ref.T, sg.T
+def test_gemm_matches_float64_as_closely_as_sgemm(rng, R, C, K):
+    """Ragged shapes (edges of 1..31 rows / columns / K, one panel or many on either side): the float64
+    product within twice sgemm's own error (the three-part split is fp32-accurate), every element
+    written."""
+    a, b = f32(rng.normal(size=(R, K))), f32(rng.normal(size=(K, C)))
+    out = np.full((R, C), np.nan, np.float32)
+    gemm_amx.gemm(out, a, b)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
     assert np.isfinite(out).all()
-    assert _rel(out, ref) <= 2 * _rel(sg, ref) + 2 ** -24, (_rel(out, ref), _rel(sg, ref))
+    assert _rel(out, ref) <= 2 * _rel(a @ b, ref) + 2 ** -24, (_rel(out, ref), _rel(a @ b, ref))
 
 
 def test_gemm_bits_do_not_depend_on_threads_or_k_blocks(rng):
@@ -57,17 +46,19 @@ def test_gemm_bits_do_not_depend_on_threads_or_k_blocks(rng):
     stored in fp32 and loaded back exactly: the same bits for 1 or 2 threads and any K block."""
     import numba
 
-    R, C, K = 200, 150, 1100
-    a, b, _, _ = _operands(rng, R, C, K, False, True)
     outs = []
-    for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-        for kb in (1, 3, gemm_amx.K_BLOCK, 64):
-            out = np.empty((R, C), np.float32)
-            pa, pb, ta, tb, tc = gemm_amx.panels(R, C, K, False, True, True)
-            gemm_amx._gemm(out, a, b, False, True, False, pa, pb, ta, tb, tc, kb, threads, gemm_amx.config())
-            outs.append(out)
-    for o in outs[1:]:
-        np.testing.assert_array_equal(outs[0], o)
+    for R, C in ((200, 150), (64, 300)):  # (rows packed by the threads that multiply them; B panels split)
+        K = 1100
+        a, b = f32(rng.normal(size=(R, K))), f32(rng.normal(size=(K, C)))
+        outs = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 3):
+            for kb in (1, 3, gemm_amx.K_BLOCK, 64):
+                out = np.empty((R, C), np.float32)
+                pa, pb, tc = gemm_amx.panels(R, C, K, True)
+                gemm_amx._gemm(out, a, b, pa, pb, tc, kb, threads, gemm_amx.config())
+                outs.append(out)
+        for o in outs[1:]:
+            np.testing.assert_array_equal(outs[0], o)
 
 
 def test_gemm_exact_on_bfloat16_representable_inputs():
@@ -84,7 +75,7 @@ def test_gemm_non_finite_inputs_reach_their_rows_and_columns_only(rng):
     """NaN / inf in A reach exactly the output rows they feed (as NaN or inf: the split products of an
     inf meet zeros), and nothing else; a huge finite value stays finite."""
     R, C, K = 64, 48, 40
-    a, b, _, _ = _operands(rng, R, C, K, False, False)
+    a, b = f32(rng.normal(size=(R, K))), f32(rng.normal(size=(K, C)))
     a[3, 5], a[40, 0], a[10, 7] = np.nan, np.inf, np.float32(3e38)
     b = b / 1e3
     out = np.empty((R, C), np.float32)
@@ -147,10 +138,11 @@ def _ref_linear(x, w, b, act, res):
 @pytest.mark.parametrize("N,K,M", [(64, 32, 32), (96, 200, 130), (300, 77, 513), (257, 512, 64)])
 @pytest.mark.parametrize("act,use_b,use_res", [("none", False, False), ("gelu_tanh", True, False),
                                                ("gelu", True, True), ("relu", False, True), ("silu", True, False)])
-def test_linear_forward_on_amx_matches_the_reference_and_training(rng, small_on_amx, N, K, M, act, use_b, use_res):
-    """linear_forward (on AMX here) with every epilogue: the float64 reference at fp32 tolerance; training's
-    forward gives the same out bits and pre = x @ w.T + b; a read-only weight (packed once, kept) the
-    same bits as a writable one (packed at every call)."""
+def test_linear_forward_on_amx_matches_the_reference_and_training(rng, small_on_amx, monkeypatch, N, K, M, act,
+                                                                   use_b, use_res):
+    """linear_forward with a read-only weight (on AMX here) and every epilogue: the float64 reference at
+    fp32 tolerance; the same bits from the kept panels and from panels packed for one call; the BLAS
+    path's values, which a writable weight and training's forward keep (bit for bit between them)."""
     from nbformer.kernels.cpu.linear import linear_forward, linear_forward_train
 
     assert gemm_amx.worth(N, M, K)
@@ -158,46 +150,24 @@ def test_linear_forward_on_amx_matches_the_reference_and_training(rng, small_on_
     w = f32(rng.normal(size=(M, K)) / np.sqrt(K))
     b = f32(rng.normal(size=M)) if use_b else None
     r = f32(rng.normal(size=(N, M))) if use_res else None
+    w.flags.writeable = False
     out = np.full((N, M), np.nan, np.float32)
-    linear_forward(out, x, w, b, act, r)
+    linear_forward(out, x, w, b, act, r)  # packs w's panels (kept)
     np.testing.assert_allclose(out, _ref_linear(x, w, b, act, r), atol=2e-5, rtol=2e-5)
-    train_out, pre = np.full((N, M), np.nan, np.float32), np.full((N, M), np.nan, np.float32)
-    linear_forward_train(train_out, pre, x, w, b, act, r)
-    np.testing.assert_array_equal(out, train_out)
-    np.testing.assert_allclose(pre, _ref_linear(x, w, b, "none", None), atol=2e-5, rtol=2e-5)
-    w_ro = w.copy()
-    w_ro.flags.writeable = False
-    again = np.empty_like(out)
-    linear_forward(again, x, w_ro, b, act, r)
-    linear_forward(again, x, w_ro, b, act, r)  # the kept panels
+    again = np.full((N, M), np.nan, np.float32)
+    linear_forward(again, x, w, b, act, r)  # the kept panels
     np.testing.assert_array_equal(out, again)
+    monkeypatch.setattr(gemm_amx, "CACHE_MB", 0)  # too big to keep: packed for the call
     gemm_amx.clear_packed()
-
-
-def test_linear_forward_train_out_may_alias_the_residual(rng, small_on_amx):
-    from nbformer.kernels.cpu.linear import linear_forward_train
-
-    N, K, M = 128, 64, 96
-    x, w = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K)) / 8)
-    b, r = f32(rng.normal(size=M)), f32(rng.normal(size=(N, M)))
-    expect = _ref_linear(x, w, b, "gelu_tanh", r)
-    out, pre = r.copy(), np.empty((N, M), np.float32)
-    linear_forward_train(out, pre, x, w, b, "gelu_tanh", out)  # out is the residual
-    np.testing.assert_allclose(out, expect, atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("N,K,M", [(128, 64, 96), (200, 300, 70), (96, 40, 500), (1024, 256, 1031)])
-def test_linear_backward_on_amx_matches_float64(rng, small_on_amx, N, K, M):
-    """dx = g @ w and dw = g.T @ x on AMX (both orientations of dw: M <= K transposes g, M > K x)."""
-    from nbformer.kernels.cpu.linear import linear_backward
-
-    x, w, g = f32(rng.normal(size=(N, K))), f32(rng.normal(size=(M, K))), f32(rng.normal(size=(N, M)))
-    dx, dw, db = (np.full(s, np.nan, np.float32) for s in ((N, K), (M, K), (M,)))
-    linear_backward(dx, dw, db, g, x, w)
-    g64 = g.astype(np.float64)
-    for got, ref, sg in ((dx, g64 @ w, g @ w), (dw, g64.T @ x, g.T @ x)):
-        assert _rel(got, ref) <= 2 * _rel(sg, ref) + 2 ** -24
-    np.testing.assert_allclose(db, g64.sum(0), atol=1e-3, rtol=1e-5)
+    linear_forward(again, x, w, b, act, r)
+    np.testing.assert_array_equal(out, again)
+    assert not gemm_amx._packed
+    train_out, pre = np.full((N, M), np.nan, np.float32), np.full((N, M), np.nan, np.float32)
+    linear_forward_train(train_out, pre, x, w, b, act, r)  # (BLAS)
+    np.testing.assert_allclose(out, train_out, atol=2e-5, rtol=2e-5)
+    blas = np.full((N, M), np.nan, np.float32)
+    linear_forward(blas, x, w.copy(), b, act, r)  # a writable weight: BLAS, training's bits
+    np.testing.assert_array_equal(blas, train_out)
 
 
 def test_packed_weight_cache_keeps_read_only_weights_within_its_budget(rng, monkeypatch):

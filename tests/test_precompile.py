@@ -119,8 +119,8 @@ from nbformer.kernels.cpu import precompile as P
 
 requested = set()
 _orig = P.kernels_for
-def _spy(graph):
-    keys = _orig(graph)
+def _spy(graph, **kw):
+    keys = _orig(graph, **kw)
     requested.update(keys)
     return keys
 P.kernels_for = _spy

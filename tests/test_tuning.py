@@ -159,6 +159,11 @@ def test_cpu_families_declare_spaces_and_constraints(monkeypatch):
 
     gpt2 = {"N": 256, "K": 768, "M": 2304, "act": "none", "bias": True, "residual": False}
     auto = {"rows": "auto", "cols": "auto", "skinny_max_rows": 16, "threads": 1}
+    from nbformer.kernels.cpu import gemm_amx
+
+    if gemm_amx.available():  # all-"auto" blocks: linear_forward's AMX path (the workload's weights are read-only)
+        assert lin.effective(auto, gpt2) == ("amx", 1)
+        monkeypatch.setattr(gemm_amx, "_state", {"ok": False})
     assert lin.effective(auto, gpt2) == ("cols", auto_blocks(256, 2304)[1], False, 1)
     assert lin.effective({**auto, "rows": 64}, gpt2) == ("rows", 64, 1)
     assert lin.launch_kwargs(auto)["rows"] is None and lin.launch_kwargs({**auto, "rows": 64})["rows"] == 64

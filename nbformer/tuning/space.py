@@ -259,6 +259,9 @@ def _linear_workload(case, seed, dev, launcher, kwargs_of):
     # the weight is cycled through copies spanning twice the LLC: each call reads it from memory,
     # as every layer of a model does (a hot weight made decoding GEMVs look 2-3x faster than in a model)
     wds = [dev.upload(w if i == 0 else w.copy()) for i in range(rotating_copies(w.nbytes, dev.kind))]
+    if dev.kind == "cpu":  # read-only, as a model binds them (so the CPU launcher takes the path a model does)
+        for wd in wds:
+            wd.flags.writeable = False
     bd = None if b is None else dev.upload(b)
     rd = None if r is None else dev.upload(r)
     act = case["act"]

@@ -185,62 +185,36 @@ def _transpose(dst, src):
 
 
 @njit(inline="always")
-def pack_operands(pa, pb, a, b, K, R, C):
-    """Both operands (a (R, K), b (K, C), C-contiguous) into their panels, over the threads."""
-    for p in prange(pa.shape[0]):
-        _pack_a_rows(pa, a, p, K, R)
-    for p in prange(pb.shape[0]):
-        _pack_b_rows(pb, b, p, K, C)
+def thread_panels(t, T, npa, npb, by_rows):
+    """(a0, a1, b0, b1): the A and B panels whose blocks thread t of T computes: a share of the A
+    panels and every B panel (by_rows), or every A panel and a share of the B panels."""
+    if by_rows:
+        return (t * npa) // T, ((t + 1) * npa) // T, 0, npb
+    return 0, npa, (t * npb) // T, ((t + 1) * npb) // T
 
 
 @njit(inline="always")
-def thread_blocks(t, T, npa, npb):
-    """(a0, a1, b0, b1): the A and B panels whose blocks thread t of T computes. B panels are split
-    when there are enough of them (every thread then streams all A panels past its own B panels),
-    A panels otherwise."""
-    if npb >= 2 * T or npb >= npa:
-        return 0, npa, (t * npb) // T, ((t + 1) * npb) // T
-    return (t * npa) // T, ((t + 1) * npa) // T, 0, npb
+def product_blocks(dst, a, pa, pb, pack_rows, kb, T, cfg):
+    """dst (32 npa, 32 npb) = the product of A's panels pa and B's panels pb (npa, npb: their
+    counts), in 32 x 32 blocks over T threads, K in steps of kb chunks: every block of a step
+    accumulates onto dst's partial sums (exact, so the bits do not depend on kb or T).
 
-
-def _gemm(out, a, b, a_trans, b_trans, out_trans, pa, pb, ta, tb, tc, kb, T, cfg):
-    R = a.shape[1] if a_trans else a.shape[0]
-    K = a.shape[0] if a_trans else a.shape[1]
-    C = b.shape[0] if b_trans else b.shape[1]
-    if a_trans:
-        _transpose(ta, a)
-    if b_trans:
-        _transpose(tb, b)
-    pack_operands(pa, pb, ta if a_trans else a, tb if b_trans else b, K, R, C)
-    direct = not out_trans and R % 32 == 0 and C % 32 == 0
-    dst = out if direct else tc
-    product_blocks(dst, pa, pb, kb, T, cfg)
-    if out_trans:
-        _transpose(out, tc[:R, :C])
-    elif not direct:
-        for r in prange(R):
-            out[r, :] = tc[r, :C]
-
-
-if HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
-    _U16_3, _U8_1 = array(types.uint16, 3), array(types.uint8, 1)
-    _gemm = kernel((F2, R2, R2, BOOL, BOOL, BOOL, _U16_3, _U16_3, F2, F2, F2, I64, I64, _U8_1), cost=4.0)(
-        njit(parallel=True, cache=True, nogil=True)(_gemm))
-else:
-    _gemm = None
-
-
-@njit(inline="always")
-def product_blocks(dst, pa, pb, kb, T, cfg):
-    """dst (32 npa, 32 npb) = the packed panels' product (npa, npb: their panel counts), in 32 x 32
-    blocks over the threads (thread_blocks), K in blocks of kb chunks: every block of a K step
-    accumulates onto dst's partial sums (exact, so the bits do not depend on kb)."""
+    pack_rows: pa is still to be packed from a (R, K); each thread then packs the A panels it
+    multiplies, by every B panel (split by rows: the packed rows never cross to another core's cache;
+    splitting the B panels instead, each thread read A panels another core had just written, 5-13 %
+    slower at MiniLM's 1344 x 1536 x 384 and 1344 x 384 x 1536). Otherwise (pa packed already) the B
+    panels are split when there are at least as many of them as A panels, or 2 per thread: few rows
+    and a wide weight (an LM head) then stream each weight panel through one core only."""
     npa, nk, npb = pa.shape[0], pa.shape[1], pb.shape[0]
     ld = dst.shape[1]
     group = max(1, GROUP_BYTES // (min(nk, kb) * CHUNK * 2))
+    by_rows = pack_rows or not (npb >= 2 * T or npb >= npa)
     for t in prange(T):
+        a0, a1, b0, b1 = thread_panels(t, T, npa, npb, by_rows)
+        if pack_rows:
+            for p in range(a0, a1):
+                _pack_a_rows(pa, a, p, a.shape[1], a.shape[0])
         amx_config(cfg)
-        a0, a1, b0, b1 = thread_blocks(t, T, npa, npb)
         for k0 in range(0, nk, kb):
             kn = min(kb, nk - k0)
             for g0 in range(a0, a1, group):
@@ -252,31 +226,30 @@ def product_blocks(dst, pa, pb, kb, T, cfg):
         amx_release()
 
 
-@njit(inline="always")
-def pack_rows_and_multiply(dst, a, pa, pb, kb, T, cfg):
-    """dst (32 npa, 32 npb) = a (R, K) @ B, B's panels pb packed already (a kept weight): each of
-    the T threads packs its own share of a's panels and multiplies them by every B panel, so the
-    packed rows never cross to another core's cache (splitting B panels instead, every thread read
-    every A panel another core had just written: 5-13 % slower at MiniLM's 1344 x 1536 x 384 and
-    1344 x 384 x 1536)."""
+def _gemm(out, a, b, pa, pb, tc, kb, T, cfg):
+    # out (R, C) = a (R, K) @ b (K, C), both packed here; through tc when out is not whole blocks
     R, K = a.shape
-    npa, nk, npb = pa.shape[0], pa.shape[1], pb.shape[0]
-    ld = dst.shape[1]
-    group = max(1, GROUP_BYTES // (min(nk, kb) * CHUNK * 2))
-    for t in prange(T):
-        a0, a1 = (t * npa) // T, ((t + 1) * npa) // T
-        for p in range(a0, a1):
+    C = b.shape[1]
+    for p in prange(pb.shape[0]):
+        _pack_b_rows(pb, b, p, K, C)
+    pack_rows = pa.shape[0] >= pb.shape[0]
+    if not pack_rows:
+        for p in prange(pa.shape[0]):
             _pack_a_rows(pa, a, p, K, R)
-        amx_config(cfg)
-        for k0 in range(0, nk, kb):
-            kn = min(kb, nk - k0)
-            for g0 in range(a0, a1, group):
-                for ib in range(npb):
-                    for ia in range(g0, min(a1, g0 + group)):
-                        o = ia * 32 * ld + ib * 32
-                        amx_block32(dst, o, ld, dst, o, ld, pa, (ia * nk + k0) * CHUNK, pb, (ib * nk + k0) * CHUNK,
-                                    kn, k0 > 0)
-        amx_release()
+    direct = R % 32 == 0 and C % 32 == 0
+    dst = out if direct else tc
+    product_blocks(dst, a, pa, pb, pack_rows, kb, T, cfg)
+    if not direct:
+        for r in prange(R):
+            out[r, :] = tc[r, :C]
+
+
+if HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
+    _U16_3, _U8_1 = array(types.uint16, 3), array(types.uint8, 1)
+    _gemm = kernel((F2, R2, R2, _U16_3, _U16_3, F2, I64, I64, _U8_1), cost=3.0)(
+        njit(parallel=True, cache=True, nogil=True)(_gemm))
+else:
+    _gemm = None
 
 
 # ---------------------------------------------------------------- scratch and launch
@@ -289,22 +262,16 @@ def config():
     return _CFG
 
 
-def _room(buf, start, n, shape):
-    # float32 view of n elements of buf (uint16) from the first 64-byte boundary at or after start
-    s = start + (-start) % 32
-    return buf[s:s + 2 * n].view(np.float32).reshape(shape), s + 2 * n
-
-
-def panels(R, C, K, a_trans=False, b_trans=False, padded_out=False):
+def panels(R, C, K, padded_out=False):
     """Scratch for an (R x K) @ (K x C) product: the packed panels pa, pb ((panels, chunks, CHUNK)
-    uint16, on 64-byte boundaries), float32 room for a transposed A (R, K) and B (K, C) where
-    a_trans / b_trans, and for the product padded to whole blocks (32 npa, 32 npb) where padded_out
-    (else 1 x 1 each). Reused by the calling Python thread, grown when needed."""
+    uint16, on 64-byte boundaries) and float32 room for the product padded to whole blocks
+    (32 npa, 32 npb) where padded_out (else 1 x 1). Reused by the calling Python thread (so never
+    by two products at once), grown when a product needs more."""
     nk = (K + 31) // 32
     npa, npb = (R + 31) // 32, (C + 31) // 32
     na, nb = npa * nk * CHUNK, npb * nk * CHUNK
-    shapes = ((R, K) if a_trans else (1, 1), (K, C) if b_trans else (1, 1), (32 * npa, 32 * npb) if padded_out else (1, 1))
-    n = na + nb + sum(2 * (h * w) + 32 for h, w in shapes)
+    tshape = (32 * npa, 32 * npb) if padded_out else (1, 1)
+    n = na + nb + 2 * tshape[0] * tshape[1] + 32
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < n:
         raw = np.empty(n * 2 + 64, np.uint8)
@@ -313,22 +280,19 @@ def panels(R, C, K, a_trans=False, b_trans=False, padded_out=False):
         _local.buf = buf
     pa = buf[:na].reshape(npa, nk, CHUNK)
     pb = buf[na:na + nb].reshape(npb, nk, CHUNK)
-    at = na + nb
-    rooms = []
-    for h, w in shapes:
-        v, at = _room(buf, at, h * w, (h, w))
-        rooms.append(v)
-    return (pa, pb, *rooms)
+    t0 = na + nb + (-(na + nb)) % 32  # float32 room on a 64-byte boundary
+    tc = buf[t0:t0 + 2 * tshape[0] * tshape[1]].view(np.float32).reshape(tshape)
+    return pa, pb, tc
 
 
-def gemm(out, a, b, a_trans=False, b_trans=False, out_trans=False):
-    """out (R, C) = A @ B, or out (C, R) = (A @ B).T with out_trans; A = a or a.T (a_trans), B = b or
-    b.T (b_trans). float32, C-contiguous, shapes already checked by the caller; available() true."""
+def gemm(out, a, b):
+    """out (R, C) = a (R, K) @ b (K, C): float32, C-contiguous, shapes checked by the caller. The
+    plain product on AMX (the linear layers run linear.py's kernel, with their epilogues)."""
     _require()
-    R, K = (a.shape[1], a.shape[0]) if a_trans else a.shape
-    C = b.shape[0] if b_trans else b.shape[1]
-    pa, pb, ta, tb, tc = panels(R, C, K, a_trans, b_trans, out_trans or R % 32 or C % 32)
-    _gemm(out, a, b, a_trans, b_trans, out_trans, pa, pb, ta, tb, tc, K_BLOCK, get_num_threads(), _CFG)
+    R, K = a.shape
+    C = b.shape[1]
+    pa, pb, tc = panels(R, C, K, R % 32 != 0 or C % 32 != 0)
+    _gemm(out, a, b, pa, pb, tc, K_BLOCK, get_num_threads(), _CFG)
 
 
 # ---------------------------------------------------------------- packed weights of inference

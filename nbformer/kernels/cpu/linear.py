@@ -234,58 +234,47 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
                           src)
 
 
-def _linear_fwd_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, keep_pre, packed_b, dst_kind,
-                       pa, wt, tc, kb, T, cfg):
-    # _linear_fwd's contract on AMX (gemm_amx): x's panels packed here (with packed_b, by the thread
-    # that multiplies them), w's too unless packed_b (a read-only weight's panels kept by
-    # gemm_amx.packed_weight); the product goes to dst_kind 0:
-    # out (no epilogue), 1: pre (training, whole blocks), 2: tc (padded scratch), then the epilogue
-    # (the same _epilogue_row as the BLAS path) over the rows.
+def _linear_fwd_amx(out, x, pb, b, act, residual, use_bias, use_residual, dst_kind, pa, tc, kb, T, cfg):
+    # linear_forward's contract on AMX (gemm_amx), the weight's panels pb packed already: x's panels
+    # are packed here (by the thread that multiplies them when there are at least as many as the
+    # weight's); the product goes to out (dst_kind 0: no epilogue, whole blocks) or to tc (1: padded
+    # scratch), then the epilogue over the rows (the same _epilogue_row as the BLAS path).
     N, M = out.shape
     K = x.shape[1]
-    dst = out if dst_kind == 0 else (pre if dst_kind == 1 else tc)
-    if packed_b and pa.shape[0] >= pb.shape[0]:  # more row panels than weight panels: each thread packs
-        gemm_amx.pack_rows_and_multiply(dst, x, pa, pb, kb, T, cfg)  # the rows it multiplies
-    else:  # (few rows, a wide weight such as an LM head: the weight's panels split over the threads)
+    dst = out if dst_kind == 0 else tc
+    pack_rows = pa.shape[0] >= pb.shape[0]
+    if not pack_rows:
         for p in prange(pa.shape[0]):
             gemm_amx._pack_a_rows(pa, x, p, K, N)
-        if not packed_b:
-            gemm_amx._transpose(wt, w)
-            for p in prange(pb.shape[0]):
-                gemm_amx._pack_b_rows(pb, wt, p, K, M)
-        gemm_amx.product_blocks(dst, pa, pb, kb, T, cfg)
+    gemm_amx.product_blocks(dst, x, pa, pb, pack_rows, kb, T, cfg)
     if dst_kind != 0:
-        src = SRC_PRE if dst_kind == 1 else SRC_TMP
         for i in prange(N):
-            _epilogue_row(out, pre, dst, i, i, 0, M, b, act, residual, use_bias, use_residual, keep_pre, src)
+            _epilogue_row(out, out, tc, i, i, 0, M, b, act, residual, use_bias, use_residual, False, SRC_TMP)
 
 
 if gemm_amx.HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
     _U16_3, _U8_1 = array(numba.types.uint16, 3), array(numba.types.uint8, 1)
-    _linear_fwd_amx = kernel((F2, F2, R2, R2, _U16_3, R1, I64, R2, BOOL, BOOL, BOOL, BOOL, I64, _U16_3, F2, F2, I64,
-                              I64, _U8_1), cost=6.0)(
+    _linear_fwd_amx = kernel((F2, R2, _U16_3, R1, I64, R2, BOOL, BOOL, I64, _U16_3, F2, I64, I64, _U8_1), cost=5.0)(
         njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)(_linear_fwd_amx))
 else:
     _linear_fwd_amx = None
 
 
-def _amx_forward(out2, pre2, x2, w, b, code, res2, use_bias, use_res, keep_pre):
-    """_linear_fwd on AMX for out2 (N, M) = x2 (N, K) @ w.T ...; the caller checked gemm_amx.available()
-    and gemm_amx.worth."""
+def _amx_forward(out2, x2, w, b, code, res2, use_bias, use_res):
+    """linear_forward on AMX, out2 (N, M) = act(x2 (N, K) @ w.T + b) [+ res2], w read-only; the caller
+    checked gemm_amx.available() and gemm_amx.worth. w's panels are kept (gemm_amx.packed_weight;
+    packed for this call only when the cache cannot hold them)."""
     N, M = out2.shape
     K = x2.shape[1]
-    pb = gemm_amx.packed_weight(w)
     aligned = N % 32 == 0 and M % 32 == 0
-    plain = not use_bias and code == ACT_NONE and not use_res and not keep_pre
-    if aligned and plain:
-        kind = 0
-    elif aligned and keep_pre and not (use_res and np.may_share_memory(pre2, res2)):
-        kind = 1
-    else:
-        kind = 2
-    pa, pb_own, _, wt, tc = gemm_amx.panels(N, M, K, False, pb is None, kind == 2)
-    _linear_fwd_amx(out2, pre2, x2, w, pb_own if pb is None else pb, b, code, res2, use_bias, use_res, keep_pre,
-                    pb is not None, kind, pa, wt, tc, gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config())
+    plain = not use_bias and code == ACT_NONE and not use_res
+    kind = 0 if aligned and plain else 1
+    pa, pb, tc = gemm_amx.panels(N, M, K, kind == 1)
+    kept = gemm_amx.packed_weight(w)
+    if kept is None:
+        gemm_amx._pack_weight(pb, w, np.empty((K, M), np.float32))
+    _linear_fwd_amx(out2, x2, pb if kept is None else kept, b, code, res2, use_bias, use_res, kind, pa, tc,
+                    gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config())
 
 
 def resolve_blocks(N, M, rows, cols):
@@ -340,9 +329,11 @@ def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, c
     sgemm; threads, the Numba threads for this call. Blocks and skinny_max_rows may change the last
     bits (other sgemm call shapes), threads never does.
 
-    On a host with AMX (gemm_amx.available()) a product big enough (gemm_amx.worth) runs there,
-    fp32-accurate from bfloat16 splits, unless rows or cols is given: blocks name a BLAS schedule,
-    which then runs as given (so the tuner, whose "auto" blocks are None here, compares the two)."""
+    On a host with AMX (gemm_amx.available()), a read-only weight (an inference model's: Model binds
+    read-only views) in a product big enough (gemm_amx.worth) runs there, fp32-accurate from
+    bfloat16 splits, its packed panels kept (gemm_amx.packed_weight); unless rows or cols is given:
+    blocks name a BLAS schedule, which then runs as given (so the tuner, whose "auto" blocks are None
+    here, compares the two). Writable weights (training's, updated in place) stay on BLAS."""
     op = "linear_forward"
     N, M, K = _check_forward(op, out, None, x, w, b, residual)
     code = _act_code(op, act)
@@ -356,9 +347,9 @@ def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, c
     out2, x2 = out.reshape(N, M), x.reshape(N, K)
     use_bias, use_res = b is not None, residual is not None
     res2 = residual.reshape(N, M) if use_res else out2
-    if not blas_schedule and gemm_amx.worth(N, M, K) and gemm_amx.available():
+    if not blas_schedule and not w.flags.writeable and gemm_amx.worth(N, M, K) and gemm_amx.available():
         with num_threads(threads):
-            _amx_forward(out2, out2, x2, w, b if use_bias else w[0], code, res2, use_bias, use_res, False)
+            _amx_forward(out2, x2, w, b if use_bias else w[0], code, res2, use_bias, use_res)
         return
     pin_blas_to_one_thread()
     with num_threads(threads):
@@ -488,15 +479,10 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
     if N == 0 or M == 0:
         return
     pre2 = pre.reshape(N, M)
-    res2 = residual.reshape(N, M) if use_res else pre2
-    if gemm_amx.worth(N, M, K) and gemm_amx.available():  # (the same bits as linear_forward's AMX path)
-        _amx_forward(out.reshape(N, M), pre2, x.reshape(N, K), w, b if use_bias else w[0], code, res2, use_bias,
-                     use_res, True)
-        return
     rows, cols = auto_blocks(N, M)  # linear_forward's default blocks (the same bits)
     pin_blas_to_one_thread()
     _linear_fwd(out.reshape(N, M), pre2, x.reshape(N, K), w, b if use_bias else w[0], code,
-                res2, use_bias, use_res, True, rows, cols, SKINNY_MAX_ROWS)
+                residual.reshape(N, M) if use_res else pre2, use_bias, use_res, True, rows, cols, SKINNY_MAX_ROWS)
 
 
 def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
@@ -549,19 +535,8 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
                                      native_address("linear._backward_rows"))
     if K == 0:  # dx (..., 0) and dw (M, 0) have no elements
         return
-    amx = gemm_amx.available()
     pin_blas_to_one_thread()
-    if use_dx:
-        if amx and gemm_amx.worth(N, K, M):
-            gemm_amx.gemm(dx.reshape(N, K), g2, w)
-        else:  # blocks by shape, as the forward's (gemm.auto_blocks)
-            matmul_nn(dx.reshape(N, K), g2, w, *auto_blocks(N, K))  # (N, M) @ (M, K)
+    if use_dx:  # blocks by shape, as the forward's (gemm.auto_blocks)
+        matmul_nn(dx.reshape(N, K), g2, w, *auto_blocks(N, K))  # (N, M) @ (M, K)
     if use_dw:
-        if amx and gemm_amx.worth(M, K, N):
-            # the token-major operand that becomes A is transposed first: the narrower of g and x
-            if M <= K:
-                gemm_amx.gemm(dw, g2, x2, a_trans=True)  # g.T (M, N) @ x (N, K)
-            else:
-                gemm_amx.gemm(dw, x2, g2, a_trans=True, out_trans=True)  # (x.T (K, N) @ g (N, M)).T
-        else:
-            matmul_tn(dw, g2, x2, tn_rows(M))  # (M, N) @ (N, K)
+        matmul_tn(dw, g2, x2, tn_rows(M))  # (M, N) @ (N, K)

@@ -340,8 +340,10 @@ def _attention_backward_items(graph, node, threads=None) -> list:
     return _ONE_PASS if choose_passes(q.shape[0], nkv, threads) == 1 else _TWO_PASSES
 
 
-def kernels_for(graph) -> list:
-    """Kernel keys a graph's CPU run needs (with the optimizer / sampler that run beside it)."""
+def kernels_for(graph, frozen_weights=True) -> list:
+    """Kernel keys a graph's CPU run needs (with the optimizer / sampler that run beside it);
+    frozen_weights: its parameters are read-only (an inference model's), so its linear layers may
+    run on AMX (linear.linear_forward)."""
     keys = []
     backward = decoding = False
     for node in graph.nodes:
@@ -364,23 +366,21 @@ def kernels_for(graph) -> list:
         keys += _TRAINING
     if decoding or ("logits" in graph.outputs and not backward):
         keys += _DECODING
-    keys += _amx_kernels(keys, backward)
+    if frozen_weights:
+        keys += _amx_kernels(keys, backward)
     return list(dict.fromkeys(keys))
 
 
 def _amx_kernels(keys, backward) -> list:
-    """The AMX GEMM's kernels, where this host and process run them (gemm_amx.available()) and the
-    graph has linear layers: the forward (and, for inference, the weight packer), the backward's."""
+    """The AMX GEMM's kernels, where this host and process run them (gemm_amx.available()) and an
+    inference graph has linear layers: the forward and the weight packer."""
     from . import gemm_amx
 
     if not gemm_amx.available():
         return []
-    extra = []
-    if "linear._linear_fwd" in keys:
-        extra += ["linear._linear_fwd_amx"] + ([] if backward else ["gemm_amx._pack_weight"])
-    if "gemm.matmul_nn" in keys:
-        extra += ["gemm_amx._gemm"]
-    return extra
+    if "linear._linear_fwd" in keys and not backward:  # (training's linear layers stay on BLAS)
+        return ["linear._linear_fwd_amx", "gemm_amx._pack_weight"]
+    return []
 
 
 # ---------------------------------------------------------------- ensuring they are compiled
@@ -436,11 +436,11 @@ def missing(keys) -> list:
     return out
 
 
-def ensure_compiled(what="all", device_kind="cpu", progress=None) -> dict:
+def ensure_compiled(what="all", device_kind="cpu", progress=None, frozen_weights=True) -> dict:
     """Compile the kernels `what` needs that are missing from Numba's on-disk cache, in parallel
     worker processes, printing one progress line on stderr (see the module docstring).
 
-    what: a Graph, an iterable of kernel keys, or 'all'. Returns {'compiled': [...], 'seconds': s}
+    what: a Graph (frozen_weights: as kernels_for), an iterable of kernel keys, or 'all'. Returns {'compiled': [...], 'seconds': s}
     ({} when nothing was missing). Never raises for a failed worker: what a worker could not
     compile is compiled in this process (under the same progress line)."""
     if device_kind != "cpu":
@@ -452,7 +452,7 @@ def ensure_compiled(what="all", device_kind="cpu", progress=None) -> dict:
     if what == "all":
         keys = list(all_kernels())
     elif hasattr(what, "nodes"):
-        keys = kernels_for(what)
+        keys = kernels_for(what, frozen_weights=frozen_weights)
     else:
         keys = list(what)
     with _lock:
