@@ -36,7 +36,7 @@ from numba import get_num_threads, njit, prange, types
 
 from .amx_tiles import CHUNK, amx_block32, amx_config, amx_release, bits_f32, config_bytes, f32_bits
 from .bf16_split import split16, split_pairs16
-from .precompile import BOOL, F2, I64, R2, array, kernel
+from .precompile import F2, I64, R2, array, kernel
 
 PANEL = 32  # rows of an A panel, columns of a B panel (two tiles of 16)
 GROUP_BYTES = 1 << 20  # packed A panels a thread keeps in its L2 (2 MB) while B panels pass by
