@@ -8,8 +8,12 @@ from numba import njit
 import reference as ref
 from conftest import assert_close
 from nbformer.kernels.cpu.attention import attention_forward
+from nbformer.kernels.cpu import gemm_amx
 from nbformer.kernels.cpu.attention_backward import attention_backward
 from nbformer.kernels.cpu.rng import keep
+
+# the AVX-512 / AVX2 path everywhere, the AMX path (attention_backward_amx.py) where the host has it
+AMX = [False, pytest.param(True, marks=pytest.mark.skipif(not gemm_amx.available(), reason="no AMX here"))]
 
 
 @njit(cache=True)
@@ -51,7 +55,7 @@ def ref_attention_backward(q, k, v, dout, key_mask, causal, scale, drop=None):
     return out, dq, dk, dv
 
 
-def run_pair(rng, B, NH, HS, Tq, Tk, causal, key_mask, fused, p_drop=0.0, seed=5, blocks=(32, 32)):
+def run_pair(rng, B, NH, HS, Tq, Tk, causal, key_mask, fused, p_drop=0.0, seed=5, blocks=(32, 32), amx=False):
     C = NH * HS
     scale = 1.0 / math.sqrt(HS)
     if fused:
@@ -79,7 +83,8 @@ def run_pair(rng, B, NH, HS, Tq, Tk, causal, key_mask, fused, p_drop=0.0, seed=5
     dkv_buf = dq_buf if fused else np.full_like(kv_buf, np.nan)
     delta = np.empty((B, NH, Tq), np.float32)
     attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
-                       NH, HS, causal, scale, dropout_p=p_drop, seed=seed, block_q=blocks[0], block_k=blocks[1])
+                       NH, HS, causal, scale, dropout_p=p_drop, seed=seed, block_q=blocks[0], block_k=blocks[1],
+                       amx=amx)
     for name, got, want in (("dq", dq_buf[..., q_off:q_off + C], dq64), ("dk", dkv_buf[..., k_off:k_off + C], dk64),
                             ("dv", dkv_buf[..., v_off:v_off + C], dv64)):
         want = ref.merge_heads(want)
@@ -101,32 +106,36 @@ def padded_mask(B, Tk, kind):
 @pytest.mark.parametrize("T", [1, 7, 33, 130])
 @pytest.mark.parametrize("HS,NH", [(16, 3), (32, 1), (64, 2), (80, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_self_attention_backward(rng, T, HS, NH, causal):
+@pytest.mark.parametrize("amx", AMX)
+def test_self_attention_backward(rng, T, HS, NH, causal, amx):
     B = 2
-    run_pair(rng, B, NH, HS, T, T, causal, padded_mask(B, T, "right"), fused=True)
+    run_pair(rng, B, NH, HS, T, T, causal, padded_mask(B, T, "right"), fused=True, amx=amx)
 
 
 @pytest.mark.parametrize("kind", ["left", "hole", "all"])
 @pytest.mark.parametrize("blocks", [(4, 3), (32, 32)])
-def test_padding_and_tiny_tiles(rng, kind, blocks):
+@pytest.mark.parametrize("amx", AMX)
+def test_padding_and_tiny_tiles(rng, kind, blocks, amx):
     B, T = 3, 19
     mask = padded_mask(B, T, kind) if kind != "all" else np.ones((B, T), np.uint8)
     if kind == "all":
         mask[1] = 0  # a batch row with no key at all: its gradients are 0
-    dq, _ = run_pair(rng, B, 2, 16, T, T, True, mask, fused=True, blocks=blocks)
+    dq, _ = run_pair(rng, B, 2, 16, T, T, True, mask, fused=True, blocks=blocks, amx=amx)
     if kind == "all":
         assert not np.isnan(dq).any() and np.all(dq[1] == 0)
 
 
 @pytest.mark.parametrize("Tq,Tk,causal", [(5, 33, False), (5, 33, True), (1, 17, True), (257, 9, False),
                                          (40, 9, True)])  # (40, 9): the first 31 queries see no key
-def test_cross_attention_backward(rng, Tq, Tk, causal):
-    run_pair(rng, 2, 2, 32, Tq, Tk, causal, padded_mask(2, Tk, "left"), fused=False, blocks=(8, 5))
+@pytest.mark.parametrize("amx", AMX)
+def test_cross_attention_backward(rng, Tq, Tk, causal, amx):
+    run_pair(rng, 2, 2, 32, Tq, Tk, causal, padded_mask(2, Tk, "left"), fused=False, blocks=(8, 5), amx=amx)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_mask_is_regenerated(rng, p):
-    run_pair(rng, 2, 2, 16, 21, 21, True, padded_mask(2, 21, "right"), fused=True, p_drop=p, blocks=(8, 4))
+@pytest.mark.parametrize("amx", AMX)
+def test_dropout_mask_is_regenerated(rng, p, amx):
+    run_pair(rng, 2, 2, 16, 21, 21, True, padded_mask(2, 21, "right"), fused=True, p_drop=p, blocks=(8, 4), amx=amx)
 
 
 def test_finite_differences_of_the_reference(rng):
@@ -151,13 +160,15 @@ def test_finite_differences_of_the_reference(rng):
         assert_close(grad, num, atol=1e-6, rtol=1e-5, what=f"grad {which}")
 
 
-def test_deterministic(rng):
+@pytest.mark.parametrize("amx", AMX)
+def test_deterministic(rng, amx):
     import numba
 
-    a = run_pair(np.random.default_rng(3), 2, 2, 32, 70, 70, True, padded_mask(2, 70, "right"), fused=True)[0]
+    a = run_pair(np.random.default_rng(3), 2, 2, 32, 70, 70, True, padded_mask(2, 70, "right"), fused=True, amx=amx)[0]
     numba.set_num_threads(1)
     try:
-        b = run_pair(np.random.default_rng(3), 2, 2, 32, 70, 70, True, padded_mask(2, 70, "right"), fused=True)[0]
+        b = run_pair(np.random.default_rng(3), 2, 2, 32, 70, 70, True, padded_mask(2, 70, "right"), fused=True,
+                     amx=amx)[0]
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert np.array_equal(a, b)
@@ -182,7 +193,8 @@ def test_forward_dropout_uses_the_same_mask(rng, blocks):
     assert_close(lse, lse64, atol=2e-6, rtol=1e-5)
 
 
-def test_huge_scores_on_padded_keys_do_not_leak(rng):
+@pytest.mark.parametrize("amx", AMX)
+def test_huge_scores_on_padded_keys_do_not_leak(rng, amx):
     """A padded key whose score would overflow exp must not turn gradients into NaN."""
     B, NH, HS, T = 1, 1, 16, 9
     C = NH * HS
@@ -196,12 +208,13 @@ def test_huge_scores_on_padded_keys_do_not_leak(rng):
     dout = rng.normal(size=out.shape).astype(np.float32)
     d = np.full_like(qkv, np.nan)
     attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, False,
-                       HS ** -0.5)
+                       HS ** -0.5, amx=amx)
     assert np.isfinite(d).all() and np.all(d[0, 4, C:] == 0)
 
 
 @pytest.mark.parametrize("causal,p_drop,NKV", [(True, 0.0, 3), (False, 0.0, 1), (True, 0.3, 3), (False, 0.2, 6)])
-def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV):
+@pytest.mark.parametrize("amx", AMX)
+def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV, amx):
     """One pass or two, any block_q / block_k, any thread count: every sum runs in one fixed order, so
     the gradients are identical bit for bit (GQA groups, dropout, padding and a ragged T included);
     and they match the float64 reference (kv heads repeated over their group)."""
@@ -227,7 +240,7 @@ def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV
         try:
             attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, A, A + KV, mask, NH, HS, causal,
                                scale, dropout_p=p_drop, seed=9, block_q=blocks[0], block_k=blocks[1], n_kv_heads=NKV,
-                               passes=passes)
+                               passes=passes, amx=amx)
         finally:
             numba.set_num_threads(old)
         results.append(d)
@@ -243,7 +256,7 @@ def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV
         out = ref.merge_heads(o64).astype(np.float32)
         d = np.full_like(qkv, np.nan)
         attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, A, A + KV, mask, NH, HS, causal,
-                           scale, dropout_p=p_drop, seed=9, n_kv_heads=NKV)
+                           scale, dropout_p=p_drop, seed=9, n_kv_heads=NKV, amx=amx)
         results[0] = d
     d = results[0]
     B_, H_, T_, D_ = dk.shape
@@ -255,7 +268,8 @@ def test_schedules_tiles_and_threads_give_the_same_bits(rng, causal, p_drop, NKV
 
 
 @pytest.mark.parametrize("causal,NKV", [(False, 2), (True, 2), (True, 1)])
-def test_long_sequence_query_chunks(rng, causal, NKV):
+@pytest.mark.parametrize("amx", AMX)
+def test_long_sequence_query_chunks(rng, causal, NKV, amx):
     """T above the one-pass query chunk (512 rows by default; also 200 and 16 here), grouped-query attention
     included: chunked one pass == two passes, bit for bit, and both match the float64 reference."""
     B, NH, HS, T = 1, 2, 16, 1100
@@ -273,7 +287,7 @@ def test_long_sequence_query_chunks(rng, causal, NKV):
         d = np.full_like(qkv, np.nan)
         attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, C + KV, mask, NH, HS, causal,
                            scale, block_q=blocks[0], block_k=blocks[1], passes=passes, query_chunk=chunk,
-                           n_kv_heads=NKV)
+                           n_kv_heads=NKV, amx=amx)
         results.append(d)
     for r in results[1:]:
         assert np.array_equal(r, results[0])
@@ -288,3 +302,43 @@ def test_long_sequence_query_chunks(rng, causal, NKV):
                             ("dv", results[0][..., C + KV:], dv)):
         want = ref.merge_heads(want)
         assert_close(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0, what=name)
+
+
+def _small_case(rng, HS, T=40, NH=2):
+    C = NH * HS
+    qkv = rng.normal(size=(1, T, 3 * C)).astype(np.float32)
+    mask = np.ones((1, T), np.uint8)
+    out = np.empty((1, T, C), np.float32)
+    lse = np.empty((1, NH, T), np.float32)
+    attention_forward(out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, True, HS ** -0.5)
+    dout = rng.normal(size=out.shape).astype(np.float32)
+
+    def run(**kw):
+        d = np.full_like(qkv, np.nan)
+        attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, True,
+                           HS ** -0.5, **kw)
+        return d
+
+    return run
+
+
+@pytest.mark.skipif(not gemm_amx.available(), reason="no AMX here")
+def test_amx_is_the_default_for_heads_of_32_and_more(rng):
+    """amx=None takes the tile products to AMX where the head has >= 32 dims (smaller heads would pad
+    every product to 32), and the two paths agree to fp32 accuracy."""
+    run = _small_case(rng, 64)
+    auto, on, off = run(), run(amx=True), run(amx=False)
+    assert np.array_equal(auto, on) and not np.array_equal(on, off)
+    np.testing.assert_allclose(on, off, atol=2e-6 * np.abs(off).max(), rtol=0)
+    run = _small_case(rng, 16)
+    assert np.array_equal(run(), run(amx=False))
+
+
+def test_amx_without_it_is_a_clear_error(rng, monkeypatch):
+    from nbformer.errors import GraphError
+
+    run = _small_case(rng, 32)
+    monkeypatch.setattr(gemm_amx, "available", lambda: False)
+    with pytest.raises(GraphError, match="amx=True"):
+        run(amx=True)
+    assert np.isfinite(run()).all()  # the default then is the AVX path

@@ -87,12 +87,19 @@ def test_gemm_non_finite_inputs_reach_their_rows_and_columns_only(rng):
     assert np.abs(out[10] - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-def test_bf16_split_is_exact_and_rounds_to_nearest_even():
+@pytest.mark.parametrize("cvt", [False, True])
+def test_bf16_split_is_exact_and_rounds_to_nearest_even(monkeypatch, cvt):
     """h + m + l == x exactly (float64 sum) for finite x from 2^-100 to FLT_MAX; h is x rounded
-    to the nearest bfloat16, ties to even; NaN stays NaN in h."""
+    to the nearest bfloat16, ties to even; NaN stays NaN in h. Both implementations: the integer
+    rounding and, where the host has AVX512-BF16, its conversion instruction."""
     from numba import njit
 
+    from nbformer.kernels.cpu import bf16_split
     from nbformer.kernels.cpu.bf16_split import split16
+
+    if cvt and not bf16_split._host_has_avx512_bf16():
+        pytest.skip("no AVX512-BF16 on this host")
+    monkeypatch.setattr(bf16_split, "_CVT", cvt)  # read when the function below is compiled
 
     @njit
     def run(x, d):

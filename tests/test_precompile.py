@@ -228,3 +228,22 @@ def test_short_prompts_and_decoding_steps_list_only_the_decode_attention_kernel(
     assert tiled <= long_ and not decode & long_
     g, _ = build_train(cfg, 2, 4, attn_dropout=0.1)  # dropout: the tiled kernel even for 4 rows
     assert tiled <= set(P.kernels_for(g))
+
+
+def test_a_training_graph_on_amx_lists_the_amx_items_where_the_launcher_takes_them(monkeypatch):
+    from nbformer.config import ModelConfig
+    from nbformer.graph.build import build_train
+    from nbformer.kernels.cpu import gemm_amx
+    from nbformer.kernels.cpu import precompile as P
+
+    monkeypatch.setattr(gemm_amx, "available", lambda: True)  # listing only: nothing is compiled or run
+    for d_model, n_heads, amx in ((256, 4, True), (32, 4, False)):  # head sizes 64 and 8 (AMX_MIN_HEAD = 32)
+        cfg = ModelConfig(arch="decoder", vocab_size=50, d_model=d_model, n_heads=n_heads, n_layers=1,
+                          d_ff=64, max_positions=32)
+        g, _ = build_train(cfg, 8, 16)
+        (node,) = [n for n in g.nodes if n.op == "attention" and n.direction == "backward"]
+        keys = P._attention_backward_items(g, node, 2)
+        want = "attention_backward_amx._one_pass_item" if amx else "attention_backward._one_pass_item"
+        assert keys == [want], (d_model, keys)
+    monkeypatch.setattr(gemm_amx, "available", lambda: False)
+    assert P._attention_backward_items(g, node, 2) == ["attention_backward._one_pass_item"]

@@ -1097,6 +1097,7 @@ class CpuAttentionBackward(Family):
     name, device, op, direction = "attention_backward", "cpu", "attention", "backward"
     SHAPE_DEFAULTS = {"B": 1, "NH": 12, "NKV": None, "HS": 64, "Tq": 256, "Tk": None, "causal": True}
     sources = ("nbformer.kernels.cpu.attention_backward", "nbformer.kernels.cpu.attention_backward_tile",
+               "nbformer.kernels.cpu.attention_backward_amx", "nbformer.kernels.cpu.attention_backward_amx_tile",
                "nbformer.kernels.cpu.attention")
     nearest = ("Tq", "Tk", "B")
 
@@ -1119,9 +1120,9 @@ class CpuAttentionBackward(Family):
     def _passes(self, config, case):
         if config["passes"] != "auto":
             return int(config["passes"])
-        from ..kernels.cpu.attention_backward import choose_passes
+        from ..kernels.cpu.attention_backward import choose_passes, uses_amx
 
-        return choose_passes(case["B"], case["NKV"], config["threads"])
+        return choose_passes(case["B"], case["NKV"], config["threads"], uses_amx(case["HS"]))
 
     def check(self, config, case):
         if why := _too_many_threads(config):

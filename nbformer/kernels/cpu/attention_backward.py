@@ -34,6 +34,9 @@ dK/dV of a kv head are the sums over its query heads in increasing head order.
 
 Attention dropout: the kept probability of (b, h, i, j) is keep(seed, ((b*NH + h)*Tq + i)*Tk + j)
 with scale 1/(1-p), the same counter the forward uses, so the mask is regenerated, not stored.
+On a host with Intel AMX, heads of 32 dims and more run the same schedules with the tile products on
+tiles (attention_backward_amx.py, fp32-accurate from bfloat16 splits; its own bits, as independent of
+schedule, tiles and threads); amx=False keeps this module's path there.
 Speed vs torch SDPA's backward: benchmarks/bench_attention_backward.py, results in
 benchmarks/results/attention_backward.md.
 """
@@ -45,6 +48,7 @@ from .attention import _exp2
 from .attention_backward_tile import pds_tile as _pds
 from .microkernel import rank_update as _mm
 from .precompile import BOOL, F3, F32, F64, I64, R3, RU2, U64, kernel, native_address, native_caller
+from . import gemm_amx
 from .gemm import check_threads, num_threads
 from .rng import keep
 
@@ -382,23 +386,31 @@ def _dq(dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_
 
 
 _TWO_PASS_COST = 1.9  # two passes / one pass, one thread, B=1 NH=12 T=1024 HS=64 (measured: 128 / 69 ms)
+_TWO_PASS_COST_AMX = 2.6  # ... on AMX, where two passes pack the query side once per pair (128 / 48.5 ms)
 _TWO_PASS_GAIN = 0.8  # ... and taken only if they promise to finish in < 80% of the one-pass time: on this
 # 2-vCPU machine B=1 NH=1 T=2048 measured 30 ms in one pass (one item, one thread busy) vs 49 ms in two
 # passes on both threads (the two vCPUs do not scale like two cores on FMA-bound code)
+AMX_MIN_HEAD = 32  # smaller heads would pad every tile product to 32 head dims: the AVX path then
 
 
-def choose_passes(B, NKV, threads):
-    """1 unless the two-pass schedule (better balanced, _TWO_PASS_COST times the work) should finish
-    clearly (_TWO_PASS_GAIN) before the (batch, kv head) items do in rounds of `threads`."""
+def uses_amx(head_size):
+    """Whether attention_backward (amx=None) runs this head size's tile products on AMX."""
+    return int(head_size) >= AMX_MIN_HEAD and gemm_amx.available()
+
+
+def choose_passes(B, NKV, threads, amx=False):
+    """1 unless the two-pass schedule (better balanced, _TWO_PASS_COST times the work, or
+    _TWO_PASS_COST_AMX on AMX) should finish clearly (_TWO_PASS_GAIN) before the (batch, kv head)
+    items do in rounds of `threads`."""
     items = B * NKV
     one = -(-items // threads)
-    two = _TWO_PASS_COST * items / threads
+    two = (_TWO_PASS_COST_AMX if amx else _TWO_PASS_COST) * items / threads
     return 2 if two < _TWO_PASS_GAIN * one else 1
 
 
 def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_buf, k_off, v_off, key_mask,
                        n_heads, head_size, causal, scale, dropout_p=0.0, seed=0, block_q=64, block_k=64,
-                       n_kv_heads=None, passes=None, query_chunk=512, threads=None):
+                       n_kv_heads=None, passes=None, query_chunk=512, threads=None, amx=None):
     """Gradients of attention_forward.
 
     dq_buf (shape of q_buf): columns q_off + h*HS written with dQ; dkv_buf (shape of kv_buf):
@@ -413,6 +425,9 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     threads: the Numba threads for this call (None: unchanged; choose_passes then sees this count);
     work items own disjoint rows, so it never changes the bits either (the tuner's
     cpu.attention_backward family declares all five as bit-exact, nbformer/tuning/space.py).
+    amx: run the tile products on Intel AMX (attention_backward_amx.py; block sizes rounded up to
+    multiples of 32); None: where gemm_amx.available() and head_size >= 32. Its bits differ from the
+    AVX-512 path's, and are as independent of the schedule, tiles and threads.
     """
     import numba
 
@@ -441,8 +456,12 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     if bq < 1 or bk < 1:
         raise GraphError(f"attention_backward: block_q and block_k must be >= 1, got {bq}, {bk}")
     threads = check_threads("attention_backward", threads)
+    if amx is None:
+        amx = uses_amx(HS)
+    elif amx and not gemm_amx.available():
+        raise GraphError("attention_backward: amx=True on a host or process without AMX (gemm_amx.available())")
     if passes is None:
-        passes = choose_passes(B, NKV, numba.get_num_threads() if threads is None else threads)
+        passes = choose_passes(B, NKV, numba.get_num_threads() if threads is None else threads, bool(amx))
     qch = int(query_chunk)
     if qch < 1:
         raise GraphError(f"attention_backward: query_chunk must be >= 1, got {query_chunk}")
@@ -450,13 +469,16 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
         raise GraphError(f"attention_backward: passes must be 1 or 2, got {passes!r}")
     if B == 0 or Tq == 0 or Tk == 0:
         return
+    if amx:  # whole 32-row / 32-key blocks of tiles (the items and the parallel loops count the same tiles)
+        bq, bk = -(-bq // 32) * 32, -(-bk // 32) * 32
     sc, pd, sd = np.float32(scale), float(dropout_p), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
     args = (dq_buf, dkv_buf, q_buf, int(q_off), kv_buf, int(k_off), int(v_off), dout, lse, delta, out, key_mask, NH, HS,
             bool(causal), sc, pd, sd, bq, bk, NH // NKV, qch if passes == 1 else 0)
     with num_threads(threads):
         if passes == 2:
             _delta(delta, out, dout, NH, HS)
+        mod = "attention_backward_amx" if amx else "attention_backward"
         item = "_one_pass_item" if passes == 1 else "_dkdv_item"
-        _dkdv(*args, native_address(f"attention_backward.{item}"))
+        _dkdv(*args, native_address(f"{mod}.{item}"))
         if passes == 2:
-            _dq(*args, native_address("attention_backward._dq_item"))
+            _dq(*args, native_address(f"{mod}._dq_item"))

@@ -225,7 +225,7 @@ def native_address(key) -> int:
     return a
 
 
-_MODULES = ("attention", "attention_backward", "attention_decode", "dropout", "elementwise", "embedding", "gemm", "gemm_amx", "kv_cache",
+_MODULES = ("attention", "attention_backward", "attention_backward_amx", "attention_decode", "dropout", "elementwise", "embedding", "gemm", "gemm_amx", "kv_cache",
             "layernorm", "linear", "loss", "optim", "pooling", "sampling", "softmax", "rmsnorm", "rope", "swiglu",
             "qlinear")
 
@@ -324,20 +324,27 @@ _TWO_PASSES = ["attention_backward._delta", "attention_backward._dkdv_item", "at
 
 def _attention_backward_items(graph, node, threads=None) -> list:
     """The kernels of the schedule attention_backward.choose_passes picks for this node's shapes and
-    this process's thread count (a tuned `passes` that differs compiles the other one at its first call);
-    both when the shapes are unknown."""
+    this process's thread count (a tuned `passes` that differs compiles the other one at its first call),
+    attention_backward_amx's items where the launcher runs the tile products on AMX (uses_amx); both
+    schedules, or both variants, where the shapes leave it open."""
     import numba
 
-    from .attention_backward import choose_passes
+    from .attention_backward import choose_passes, uses_amx
 
+    hs = node.attrs.get("head_size")
+    amx = [uses_amx(hs)] if isinstance(hs, int) else sorted({False, uses_amx(10 ** 6)})
     q = graph.tensors.get(node.inputs.get("q"))
-    if q is None or len(q.shape) < 1 or not isinstance(q.shape[0], int):
-        return _ONE_PASS + _TWO_PASSES
     nkv = node.attrs.get("n_kv_heads") or node.attrs.get("n_heads")
-    if not isinstance(nkv, int):
-        return _ONE_PASS + _TWO_PASSES
-    threads = numba.get_num_threads() if threads is None else threads
-    return _ONE_PASS if choose_passes(q.shape[0], nkv, threads) == 1 else _TWO_PASSES
+    keys = []
+    for a in amx:
+        if q is None or len(q.shape) < 1 or not isinstance(q.shape[0], int) or not isinstance(nkv, int):
+            items = _ONE_PASS + _TWO_PASSES
+        else:
+            t = numba.get_num_threads() if threads is None else threads
+            items = _ONE_PASS if choose_passes(q.shape[0], nkv, t, a) == 1 else _TWO_PASSES
+        keys += [k.replace("attention_backward.", "attention_backward_amx.") if a and k.endswith("_item") else k
+                 for k in items]
+    return list(dict.fromkeys(keys))
 
 
 def kernels_for(graph, frozen_weights=True) -> list:
