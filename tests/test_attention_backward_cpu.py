@@ -304,18 +304,18 @@ def test_long_sequence_query_chunks(rng, causal, NKV, amx):
         assert_close(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0, what=name)
 
 
-def _small_case(rng, HS, T=40, NH=2):
+def _small_case(rng, HS, T=40, NH=1, causal=True):
     C = NH * HS
     qkv = rng.normal(size=(1, T, 3 * C)).astype(np.float32)
     mask = np.ones((1, T), np.uint8)
     out = np.empty((1, T, C), np.float32)
     lse = np.empty((1, NH, T), np.float32)
-    attention_forward(out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, True, HS ** -0.5)
+    attention_forward(out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, causal, HS ** -0.5)
     dout = rng.normal(size=out.shape).astype(np.float32)
 
     def run(**kw):
         d = np.full_like(qkv, np.nan)
-        attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, True,
+        attention_backward(d, d, np.empty_like(lse), dout, out, lse, qkv, 0, qkv, C, 2 * C, mask, NH, HS, causal,
                            HS ** -0.5, **kw)
         return d
 
@@ -323,15 +323,20 @@ def _small_case(rng, HS, T=40, NH=2):
 
 
 @pytest.mark.skipif(not gemm_amx.available(), reason="no AMX here")
-def test_amx_is_the_default_for_heads_of_32_and_more(rng):
+def test_amx_is_the_default_for_big_enough_heads_and_sequences(rng):
     """amx=None takes the tile products to AMX where the head has >= 32 dims (smaller heads would pad
-    every product to 32), and the two paths agree to fp32 accuracy."""
-    run = _small_case(rng, 64)
-    auto, on, off = run(), run(amx=True), run(amx=False)
-    assert np.array_equal(auto, on) and not np.array_equal(on, off)
-    np.testing.assert_allclose(on, off, atol=2e-6 * np.abs(off).max(), rtol=0)
-    run = _small_case(rng, 16)
-    assert np.array_equal(run(), run(amx=False))
+    every product to 32) and Tq * Tk reaches AMX_MIN_AREA (AMX_MIN_AREA_CAUSAL causal); the two
+    paths agree to fp32 accuracy."""
+    from nbformer.kernels.cpu import attention_backward as ab
+
+    assert ab.AMX_MIN_AREA <= 400 * 400 < ab.AMX_MIN_AREA_CAUSAL
+    for HS, T, causal, on_amx in ((64, 400, False, True), (64, 400, True, False), (64, 40, False, False),
+                                  (16, 400, False, False)):
+        run = _small_case(rng, HS, T, causal=causal)
+        auto, amx, avx = run(), run(amx=True), run(amx=False)
+        assert np.array_equal(auto, amx if on_amx else avx), (HS, T, causal)
+        assert not np.array_equal(amx, avx)
+        np.testing.assert_allclose(amx, avx, atol=2e-6 * np.abs(avx).max(), rtol=0)
 
 
 def test_amx_without_it_is_a_clear_error(rng, monkeypatch):

@@ -237,13 +237,17 @@ def test_a_training_graph_on_amx_lists_the_amx_items_where_the_launcher_takes_th
     from nbformer.kernels.cpu import precompile as P
 
     monkeypatch.setattr(gemm_amx, "available", lambda: True)  # listing only: nothing is compiled or run
-    for d_model, n_heads, amx in ((256, 4, True), (32, 4, False)):  # head sizes 64 and 8 (AMX_MIN_HEAD = 32)
-        cfg = ModelConfig(arch="decoder", vocab_size=50, d_model=d_model, n_heads=n_heads, n_layers=1,
-                          d_ff=64, max_positions=32)
-        g, _ = build_train(cfg, 8, 16)
+    # (head size, T, AMX?): heads of 64 and 8 dims (AMX_MIN_HEAD = 32); causal T = 640 and 128 (AMX_MIN_AREA_CAUSAL)
+    for d_model, T, amx in ((256, 640, True), (32, 640, False), (256, 128, False)):
+        cfg = ModelConfig(arch="decoder", vocab_size=50, d_model=d_model, n_heads=4, n_layers=1, d_ff=64,
+                          max_positions=1024)
+        g, _ = build_train(cfg, 8, T)
         (node,) = [n for n in g.nodes if n.op == "attention" and n.direction == "backward"]
         keys = P._attention_backward_items(g, node, 2)
         want = "attention_backward_amx._one_pass_item" if amx else "attention_backward._one_pass_item"
-        assert keys == [want], (d_model, keys)
+        assert keys == [want], (d_model, T, keys)
     monkeypatch.setattr(gemm_amx, "available", lambda: False)
+    g, _ = build_train(ModelConfig(arch="decoder", vocab_size=50, d_model=256, n_heads=4, n_layers=1, d_ff=64,
+                                   max_positions=1024), 8, 640)
+    (node,) = [n for n in g.nodes if n.op == "attention" and n.direction == "backward"]
     assert P._attention_backward_items(g, node, 2) == ["attention_backward._one_pass_item"]

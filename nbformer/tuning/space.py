@@ -1122,7 +1122,8 @@ class CpuAttentionBackward(Family):
             return int(config["passes"])
         from ..kernels.cpu.attention_backward import choose_passes, uses_amx
 
-        return choose_passes(case["B"], case["NKV"], config["threads"], uses_amx(case["HS"]))
+        amx = uses_amx(case["HS"], case["Tq"], case["Tk"] or case["Tq"], case["causal"])
+        return choose_passes(case["B"], case["NKV"], config["threads"], amx)
 
     def check(self, config, case):
         if why := _too_many_threads(config):

@@ -391,11 +391,18 @@ _TWO_PASS_GAIN = 0.8  # ... and taken only if they promise to finish in < 80% of
 # 2-vCPU machine B=1 NH=1 T=2048 measured 30 ms in one pass (one item, one thread busy) vs 49 ms in two
 # passes on both threads (the two vCPUs do not scale like two cores on FMA-bound code)
 AMX_MIN_HEAD = 32  # smaller heads would pad every tile product to 32 head dims: the AVX path then
+# Fewer query x key pairs than this and AMX's fixed costs per work item (packing the key side, the
+# transposed accumulators) outweigh its faster products. In-process A/Bs, B=1 NH=12 HS=64, 2 threads,
+# AMX / AVX-512 time ratio: full T=128 0.80, 256 1.01, 384 1.09, 512 1.09, 768 1.19; causal T=256 0.89,
+# 384 1.00, 512 0.97, 768 1.09, 1024 1.06-1.13, 2048 1.20.
+AMX_MIN_AREA, AMX_MIN_AREA_CAUSAL = 384 * 384, 640 * 640
 
 
-def uses_amx(head_size):
-    """Whether attention_backward (amx=None) runs this head size's tile products on AMX."""
-    return int(head_size) >= AMX_MIN_HEAD and gemm_amx.available()
+def uses_amx(head_size, Tq, Tk, causal):
+    """Whether attention_backward (amx=None) runs these shapes' tile products on AMX."""
+    area = int(Tq) * int(Tk)
+    big = area >= (AMX_MIN_AREA_CAUSAL if causal else AMX_MIN_AREA)
+    return int(head_size) >= AMX_MIN_HEAD and big and gemm_amx.available()
 
 
 def choose_passes(B, NKV, threads, amx=False):
@@ -426,8 +433,9 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
     work items own disjoint rows, so it never changes the bits either (the tuner's
     cpu.attention_backward family declares all five as bit-exact, nbformer/tuning/space.py).
     amx: run the tile products on Intel AMX (attention_backward_amx.py; block sizes rounded up to
-    multiples of 32); None: where gemm_amx.available() and head_size >= 32. Its bits differ from the
-    AVX-512 path's, and are as independent of the schedule, tiles and threads.
+    multiples of 32); None: where gemm_amx.available(), head_size >= 32 and Tq * Tk large enough
+    (uses_amx). Its bits differ from the AVX-512 path's, and are as independent of the schedule,
+    tiles and threads.
     """
     import numba
 
@@ -457,7 +465,7 @@ def attention_backward(dq_buf, dkv_buf, delta, dout, out, lse, q_buf, q_off, kv_
         raise GraphError(f"attention_backward: block_q and block_k must be >= 1, got {bq}, {bk}")
     threads = check_threads("attention_backward", threads)
     if amx is None:
-        amx = uses_amx(HS)
+        amx = uses_amx(HS, Tq, Tk, causal)
     elif amx and not gemm_amx.available():
         raise GraphError("attention_backward: amx=True on a host or process without AMX (gemm_amx.available())")
     if passes is None:

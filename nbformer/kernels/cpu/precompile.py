@@ -331,9 +331,15 @@ def _attention_backward_items(graph, node, threads=None) -> list:
 
     from .attention_backward import choose_passes, uses_amx
 
-    hs = node.attrs.get("head_size")
-    amx = [uses_amx(hs)] if isinstance(hs, int) else sorted({False, uses_amx(10 ** 6)})
     q = graph.tensors.get(node.inputs.get("q"))
+    kv = graph.tensors.get(node.inputs.get("kv"))
+    hs = node.attrs.get("head_size")
+    dims = (hs, q.shape[1] if q is not None and len(q.shape) > 1 else None,
+            kv.shape[1] if kv is not None and len(kv.shape) > 1 else None)
+    if all(isinstance(x, int) for x in dims):
+        amx = [uses_amx(*dims, bool(node.attrs.get("causal", False)))]
+    else:
+        amx = sorted({False, uses_amx(10 ** 6, 10 ** 6, 10 ** 6, False)})
     nkv = node.attrs.get("n_kv_heads") or node.attrs.get("n_heads")
     keys = []
     for a in amx:
