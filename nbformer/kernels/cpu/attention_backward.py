@@ -134,6 +134,23 @@ def _visible_keys(lse, b, h, i, k0, nk, shift, causal):
     return max(0, min(nk, i + shift - k0 + 1)) if causal else nk
 
 
+@njit(inline="always")
+def _dropout_row(srow, prow, jv, w, L2, Di, allow, base, seed, p_drop, inv_keep, scale):
+    """One query row of a tile with attention dropout: srow S -> P (kept, rescaled), prow dP -> dS * scale
+    for its jv visible keys (counters base + j), exactly 0 from there to w."""
+    for jj in range(jv):
+        p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
+        if keep(seed, base + jj, p_drop):
+            prow[jj] = p * (prow[jj] * inv_keep - Di) * scale
+            srow[jj] = p * inv_keep
+        else:
+            prow[jj] = -p * Di * scale
+            srow[jj] = _ZERO
+    for jj in range(jv, w):
+        srow[jj] = _ZERO
+        prow[jj] = _ZERO
+
+
 @njit(fastmath=_FM, error_model="numpy")
 def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, HS, ld, ldk, causal,
           scale, p_drop, seed):
@@ -162,20 +179,8 @@ def _pair(sp, dp, qs, gs, qo, kt, vt, allow, lse, delta, b, h, NH, Tq, Tk, i0, n
         jv = _visible_keys(lse, b, h, i, k0, nk, shift, causal)
         L2 = L * _LOG2E_F
         Di = delta[b, h, i]
-        srow = sp[ii * ld:ii * ld + nk]
-        prow = dp[ii * ld:ii * ld + nk]
-        base = ((b * NH + h) * Tq + i) * Tk + k0
-        for jj in range(jv):
-            p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
-            if keep(seed, base + jj, p_drop):
-                prow[jj] = p * (prow[jj] * inv_keep - Di) * scale
-                srow[jj] = p * inv_keep
-            else:
-                prow[jj] = -p * Di * scale
-                srow[jj] = _ZERO
-        for jj in range(jv, nk):
-            srow[jj] = _ZERO
-            prow[jj] = _ZERO
+        _dropout_row(sp[ii * ld:ii * ld + nk], dp[ii * ld:ii * ld + nk], jv, nk, L2, Di, allow,
+                     ((b * NH + h) * Tq + i) * Tk + k0, seed, p_drop, inv_keep, scale)
 
 
 _BWD_SIG = (F3, F3, R3, I64, R3, I64, I64, R3, R3, F3, R3, RU2, I64, I64, BOOL, F32, F64, U64, I64, I64, I64, I64)

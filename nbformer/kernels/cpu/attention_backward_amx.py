@@ -42,14 +42,12 @@ import numpy as np
 from numba import njit
 
 from .amx_tiles import CHUNK, amx_block32, amx_config, amx_release
-from .attention import _exp2
 from .attention_backward_amx_tile import pds_pack16
-from .attention_backward import (_FM, _ITEM_SIG, _LOG2E, _LOG2E_F, _ZERO, _delta_rows, _spread, _tile_has_keys,
-                                 _visible_keys)
+from .attention_backward import (_FM, _ITEM_SIG, _LOG2E, _LOG2E_F, _ZERO, _delta_rows, _dropout_row, _spread,
+                                 _tile_has_keys, _visible_keys)
 from .bf16_split import split16, split_pairs16
 from .gemm_amx import HOST_HAS_AMX
 from .precompile import kernel
-from .rng import keep
 
 _LDP = 16  # row padding (floats) of the S/P and dP/dS tiles
 
@@ -165,44 +163,6 @@ def _pack_queries(qA, gA, qT, gT, rows, cols, q_buf, dout, b, ib0, ib1, nqb, Tq,
                     split16(cols, (HSP + 32 * m + rr) * 32 + 16 * half, gT, off + 16 * half)
 
 
-@njit(fastmath=_FM, error_model="numpy")
-def _softmax_grad(sp, dp, ld, nqt, nkt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, causal, scale, p_drop,
-                  seed):
-    """S (log2 units) -> P, dP -> dS * scale in place on the (32 nqt, 32 nkt) tile, as
-    attention_backward._pair; everything a row must not see, and the padding, exactly 0."""
-    shift = Tk - Tq
-    inv_keep = np.float32(1.0 / (1.0 - p_drop))
-    w = 32 * nkt
-    for ii in range(32 * nqt):
-        srow = sp[ii * ld:ii * ld + w]
-        prow = dp[ii * ld:ii * ld + w]
-        jv = 0
-        if ii < nq:
-            jv = _visible_keys(lse, b, h, i0 + ii, k0, nk, shift, causal)
-        if jv > 0:
-            i = i0 + ii
-            L2 = lse[b, h, i] * _LOG2E_F
-            Di = delta[b, h, i]
-            if p_drop == 0:
-                for jj in range(jv):
-                    p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
-                    prow[jj] = p * (prow[jj] - Di) * scale
-                    srow[jj] = p
-            else:
-                base = ((b * NH + h) * Tq + i) * Tk + k0
-                for jj in range(jv):
-                    p = _exp2(min(srow[jj] - L2, _ZERO)) * allow[jj]
-                    if keep(seed, base + jj, p_drop):
-                        prow[jj] = p * (prow[jj] * inv_keep - Di) * scale
-                        srow[jj] = p * inv_keep
-                    else:
-                        prow[jj] = -p * Di * scale
-                        srow[jj] = _ZERO
-        for jj in range(jv, w):
-            srow[jj] = _ZERO
-            prow[jj] = _ZERO
-
-
 @njit(inline="always")
 def _row_terms(lse, delta, b, h, i, nq_end, k0, nk, shift, causal):
     # (visible keys of the tile, lse * log2 e, D) of query row i; rows past the tile see none
@@ -212,6 +172,21 @@ def _row_terms(lse, delta, b, h, i, nq_end, k0, nk, shift, causal):
     if jv == 0:
         return 0, _ZERO, _ZERO
     return jv, lse[b, h, i] * _LOG2E_F, delta[b, h, i]
+
+
+@njit(fastmath=_FM, error_model="numpy")
+def _softmax_grad_dropout(sp, dp, ld, nqt, nkt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, causal, scale,
+                          p_drop, seed):
+    """With dropout: S (log2 units) -> P, dP -> dS * scale in place on the (32 nqt, 32 nkt) tile, as
+    attention_backward._pair; everything a row must not see, and the padding, exactly 0."""
+    shift = Tk - Tq
+    inv_keep = np.float32(1.0 / (1.0 - p_drop))
+    w = 32 * nkt
+    for ii in range(32 * nqt):
+        i = i0 + ii
+        jv, L2, Di = _row_terms(lse, delta, b, h, i, i0 + nq, k0, nk, shift, causal)
+        _dropout_row(sp[ii * ld:ii * ld + w], dp[ii * ld:ii * ld + w], jv, w, L2, Di, allow,
+                     ((b * NH + h) * Tq + i) * Tk + k0, seed, p_drop, inv_keep, scale)
 
 
 @njit(fastmath=_FM, error_model="numpy")
@@ -251,8 +226,8 @@ def _pair(sp, dp, ld, pB, dB, dA, qA, gA, qbl, kS, vP, kbl, nh, allow, lse, delt
         _softmax_grad_packed(sp, dp, ld, pB, dB, dA, nqt, nkt, allow, lse, delta, b, h, Tq, Tk, i0, nq, k0, nk, causal,
                              scale)
         return
-    _softmax_grad(sp, dp, ld, nqt, nkt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, causal, scale, p_drop,
-                  seed)
+    _softmax_grad_dropout(sp, dp, ld, nqt, nkt, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk, causal, scale,
+                          p_drop, seed)
     for j in range(nkt):
         for i in range(nqt):
             o = (j * nqt + i) * CHUNK
@@ -326,6 +301,22 @@ def _store_q(dq, dqs, row, b, i0, nq, qc, HS, HSP):
             r[d] = dqs[(row + ii) * HSP + d]
 
 
+@njit(inline="always")
+def _scratch(n_kb, n_qb, nh, bq, bk):
+    """A work item's packed operands and tiles: the key side of n_kb key blocks (kS, vP, kQ), the query
+    side of n_qb query blocks (qA, gA, qT, gT), row / column scratch, the S / dP tiles (bq, bk + _LDP),
+    the pair's packed P and dS (pB, dB, dA) and the keys' allow mask."""
+    HSP = 32 * nh
+    ld = bk + _LDP
+    nt = (bq // 32) * (bk // 32) * CHUNK
+    return (_aligned(n_kb * nh * CHUNK, np.uint16), _aligned(n_kb * nh * CHUNK, np.uint16),
+            _aligned(n_kb * nh * CHUNK, np.uint16), _aligned(64 * HSP, np.float32), _aligned(64 * HSP, np.float32),
+            _aligned(n_qb * nh * CHUNK, np.uint16), _aligned(n_qb * nh * CHUNK, np.uint16),
+            _aligned(n_qb * nh * CHUNK, np.uint16), _aligned(n_qb * nh * CHUNK, np.uint16),
+            _aligned(bq * ld, np.float32), _aligned(bq * ld, np.float32), _aligned(nt, np.uint16),
+            _aligned(nt, np.uint16), _aligned(nt, np.uint16), _aligned(bk, np.float32))
+
+
 @njit(fastmath=_FM, error_model="numpy")
 def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, out, key_mask, NH, HS, causal,
               scale, p_drop, seed, bq, bk, group, qchunk):
@@ -343,26 +334,11 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
     kc, vc = k_off + hk * HS, v_off + hk * HS
     for g in range(group):
         _delta_rows(delta, out, dout, b, hk * group + g, HS)
-    kS = _aligned(NKB * nh * CHUNK, np.uint16)
-    vP = _aligned(NKB * nh * CHUNK, np.uint16)
-    kQ = _aligned(NKB * nh * CHUNK, np.uint16)
-    rows = _aligned(64 * HSP, np.float32)
-    cols = _aligned(64 * HSP, np.float32)
+    nqb = min(qch, (Tq + 31) // 32 * 32) // 32  # query blocks of a chunk
+    kS, vP, kQ, rows, cols, qA, gA, qT, gT, sp, dp, pB, dB, dA, allow = _scratch(NKB, nqb, nh, bq, bk)
     dkt = _aligned(HSP * 32 * NKB, np.float32, True)  # dK^T, blocked (_accumulate_kv)
     dvt = _aligned(HSP * 32 * NKB, np.float32, True)  # dV^T
-    nqb = min(qch, (Tq + 31) // 32 * 32) // 32  # query blocks of a chunk
-    qA = _aligned(nqb * nh * CHUNK, np.uint16)
-    gA = _aligned(nqb * nh * CHUNK, np.uint16)
-    qT = _aligned(nqb * nh * CHUNK, np.uint16)
-    gT = _aligned(nqb * nh * CHUNK, np.uint16)
     dqs = _aligned(32 * nqb * HSP, np.float32)  # (chunk rows, HSP) dQ of the chunk
-    sp = _aligned(bq * ld, np.float32)
-    dp = _aligned(bq * ld, np.float32)
-    nt = (bq // 32) * (bk // 32) * CHUNK
-    pB = _aligned(nt, np.uint16)
-    dB = _aligned(nt, np.uint16)
-    dA = _aligned(nt, np.uint16)
-    allow = _aligned(bk, np.float32)
     amx_config(_tile_config())
     _pack_keys(kS, vP, kQ, rows, cols, kv_buf, b, 0, NKB, 0, NKB, Tk, kc, vc, HS, nh, kscale)
     for g in range(group):
@@ -421,25 +397,10 @@ def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
     nk = min(bk, Tk - k0)
     kc, vc = k_off + hk * HS, v_off + hk * HS
     nkb = bk // 32
-    kS = _aligned(nkb * nh * CHUNK, np.uint16)
-    vP = _aligned(nkb * nh * CHUNK, np.uint16)
-    kQ = _aligned(nkb * nh * CHUNK, np.uint16)
-    rows = _aligned(64 * HSP, np.float32)
-    cols = _aligned(64 * HSP, np.float32)
+    nqb = bq // 32
+    kS, vP, kQ, rows, cols, qA, gA, qT, gT, sp, dp, pB, dB, dA, allow = _scratch(nkb, nqb, nh, bq, bk)
     dkt = _aligned(HSP * bk, np.float32, True)
     dvt = _aligned(HSP * bk, np.float32, True)
-    nqb = bq // 32
-    qA = _aligned(nqb * nh * CHUNK, np.uint16)
-    gA = _aligned(nqb * nh * CHUNK, np.uint16)
-    qT = _aligned(nqb * nh * CHUNK, np.uint16)
-    gT = _aligned(nqb * nh * CHUNK, np.uint16)
-    sp = _aligned(bq * ld, np.float32)
-    dp = _aligned(bq * ld, np.float32)
-    nt = nqb * nkb * CHUNK
-    pB = _aligned(nt, np.uint16)
-    dB = _aligned(nt, np.uint16)
-    dA = _aligned(nt, np.uint16)
-    allow = _aligned(bk, np.float32)
     if _tile_has_keys(key_mask, b, k0, k0 + nk):
         amx_config(_tile_config())
         _pack_keys(kS, vP, kQ, rows, cols, kv_buf, b, k0 // 32, (k0 + nk + 31) // 32, k0 // 32, nkb, Tk, kc, vc, HS,
@@ -479,24 +440,9 @@ def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, o
     qc = q_off + h * HS
     kc, vc = k_off + hk * HS, v_off + hk * HS
     nkb = bk // 32
-    kS = _aligned(nkb * nh * CHUNK, np.uint16)
-    vP = _aligned(nkb * nh * CHUNK, np.uint16)
-    kQ = _aligned(nkb * nh * CHUNK, np.uint16)
-    rows = _aligned(64 * HSP, np.float32)
-    cols = _aligned(64 * HSP, np.float32)
     nqb = bq // 32
-    qA = _aligned(nqb * nh * CHUNK, np.uint16)
-    gA = _aligned(nqb * nh * CHUNK, np.uint16)
-    qT = _aligned(nqb * nh * CHUNK, np.uint16)
-    gT = _aligned(nqb * nh * CHUNK, np.uint16)
+    kS, vP, kQ, rows, cols, qA, gA, qT, gT, sp, dp, pB, dB, dA, allow = _scratch(nkb, nqb, nh, bq, bk)
     dqs = _aligned(bq * HSP, np.float32, True)
-    sp = _aligned(bq * ld, np.float32)
-    dp = _aligned(bq * ld, np.float32)
-    nt = nqb * nkb * CHUNK
-    pB = _aligned(nt, np.uint16)
-    dB = _aligned(nt, np.uint16)
-    dA = _aligned(nt, np.uint16)
-    allow = _aligned(bk, np.float32)
     amx_config(_tile_config())
     _pack_queries(qA, gA, qT, gT, rows, cols, q_buf, dout, b, i0 // 32, (i0 + nq + 31) // 32, nqb, Tq, qc, h * HS, HS,
                   nh)
