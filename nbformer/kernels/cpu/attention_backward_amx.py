@@ -192,8 +192,8 @@ def _softmax_grad_dropout(sp, dp, ld, nqt, nkt, allow, lse, delta, b, h, NH, Tq,
 @njit(fastmath=_FM, error_model="numpy")
 def _softmax_grad_packed(sp, dp, ld, pB, dB, dA, nqt, nkt, allow, lse, delta, b, h, Tq, Tk, i0, nq, k0, nk, causal,
                          scale):
-    """Without dropout: the P and dS of _softmax_grad_dropout without its mask, packed straight into pB / dB / dA
-    (attention_backward_amx_tile.pds_pack16, two query rows x 16 keys a call)."""
+    """Without dropout: the P and dS of _softmax_grad_dropout (no mask), packed straight into pB / dB /
+    dA (attention_backward_amx_tile.pds_pack16, two query rows x 16 keys a call)."""
     shift = Tk - Tq
     for i in range(nqt):
         for kp in range(16):
@@ -214,8 +214,8 @@ def _softmax_grad_packed(sp, dp, ld, pB, dB, dA, nqt, nkt, allow, lse, delta, b,
 def _pair(sp, dp, ld, pB, dB, dA, qA, gA, qbl, kS, vP, kbl, nh, allow, lse, delta, b, h, NH, Tq, Tk, i0, nq, k0, nk,
           causal, scale, p_drop, seed):
     """S, dP of the pair on tiles (query blocks from qbl of qA / gA, key blocks from kbl of kS / vP),
-    P and dS (_softmax_grad_packed, or _softmax_grad_dropout with dropout), then P, dS packed: pB / dB (key block, query chunk) B panels, dA
-    (query block, key chunk) A panels."""
+    P and dS (_softmax_grad_packed; with dropout _softmax_grad_dropout, then the packs): pB / dB
+    (key block, query chunk) B panels, dA (query block, key chunk) A panels."""
     nqt, nkt = (nq + 31) // 32, (nk + 31) // 32
     for i in range(nqt):
         for j in range(nkt):
