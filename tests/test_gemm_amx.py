@@ -28,17 +28,37 @@ SHAPES = [(1, 1, 1), (1, 40, 3), (31, 33, 17), (32, 32, 32), (64, 96, 512), (100
           (33, 65, 1031), (256, 64, 2049)]
 
 
+@pytest.mark.parametrize("a_trans", [False, True])
 @pytest.mark.parametrize("R,C,K", SHAPES)
-def test_gemm_matches_float64_as_closely_as_sgemm(rng, R, C, K):
-    """Ragged shapes (edges of 1..31 rows / columns / K, one panel or many on either side): the float64
-    product within twice sgemm's own error (the three-part split is fp32-accurate), every element
-    written."""
-    a, b = f32(rng.normal(size=(R, K))), f32(rng.normal(size=(K, C)))
+def test_gemm_matches_float64_as_closely_as_sgemm(rng, R, C, K, a_trans):
+    """Ragged shapes (edges of 1..31 rows / columns / K, one panel or many on either side), A given
+    as is or transposed (a (K, R): its panels through the register transposes, whole 16 x 32 blocks and
+    ragged ones): the float64 product within twice sgemm's own error (the three-part split is
+    fp32-accurate), every element written."""
+    A, b = f32(rng.normal(size=(R, K))), f32(rng.normal(size=(K, C)))
+    a = f32(A.T) if a_trans else A
     out = np.full((R, C), np.nan, np.float32)
-    gemm_amx.gemm(out, a, b)
-    ref = a.astype(np.float64) @ b.astype(np.float64)
+    gemm_amx.gemm(out, a, b, a_trans=a_trans)
+    ref = A.astype(np.float64) @ b.astype(np.float64)
     assert np.isfinite(out).all()
-    assert _rel(out, ref) <= 2 * _rel(a @ b, ref) + 2 ** -24, (_rel(out, ref), _rel(a @ b, ref))
+    assert _rel(out, ref) <= 2 * _rel(A @ b, ref) + 2 ** -24, (_rel(out, ref), _rel(A @ b, ref))
+
+
+def test_transpose16_transposes_a_block_at_any_offset_and_leading_dimension():
+    from numba import njit
+
+    from nbformer.kernels.cpu.transpose16 import transpose16
+
+    @njit
+    def run(dst, d_off, d_ld, src, s_off, s_ld):
+        transpose16(src, s_off, s_ld, dst, d_off, d_ld)
+
+    src = f32(np.arange(40 * 50).reshape(40, 50))
+    dst = np.full((30, 61), -1.0, np.float32)
+    run(dst, 2 * 61 + 7, 61, src, 3 * 50 + 5, 50)
+    np.testing.assert_array_equal(dst[2:18, 7:23], src[3:19, 5:21].T)
+    dst[2:18, 7:23] = -1.0
+    assert (dst == -1.0).all()  # nothing outside the block written
 
 
 def test_gemm_bits_do_not_depend_on_threads_or_k_blocks(rng):
@@ -51,12 +71,14 @@ def test_gemm_bits_do_not_depend_on_threads_or_k_blocks(rng):
         K = 1100
         a, b = f32(rng.normal(size=(R, K))), f32(rng.normal(size=(K, C)))
         outs = []
-        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 3):
-            for kb in (1, 3, gemm_amx.K_BLOCK, 64):
-                out = np.empty((R, C), np.float32)
-                pa, pb, tc = gemm_amx.panels(R, C, K, True)
-                gemm_amx._gemm(out, a, b, pa, pb, tc, kb, threads, gemm_amx.config())
-                outs.append(out)
+        for a_trans in (False, True):  # (the same A, packed from its transpose: the same panels)
+            for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 3):
+                for kb in (1, 3, gemm_amx.K_BLOCK, 64):
+                    out = np.empty((R, C), np.float32)
+                    pa, pb, tc = gemm_amx.panels(R, C, K, True)
+                    gemm_amx._gemm(out, f32(a.T) if a_trans else a, b, pa, pb, tc, kb, threads, gemm_amx.config(),
+                                   a_trans)
+                    outs.append(out)
         for o in outs[1:]:
             np.testing.assert_array_equal(outs[0], o)
 
@@ -147,9 +169,10 @@ def _ref_linear(x, w, b, act, res):
                                                ("gelu", True, True), ("relu", False, True), ("silu", True, False)])
 def test_linear_forward_on_amx_matches_the_reference_and_training(rng, small_on_amx, monkeypatch, N, K, M, act,
                                                                    use_b, use_res):
-    """linear_forward with a read-only weight (on AMX here) and every epilogue: the float64 reference at
-    fp32 tolerance; the same bits from the kept panels and from panels packed for one call; the BLAS
-    path's values, which a writable weight and training's forward keep (bit for bit between them)."""
+    """linear_forward on AMX with every epilogue: the float64 reference at fp32 tolerance; the same bits
+    from a read-only weight's kept panels, from panels packed for one call (too big to keep; a
+    writable weight) and from training's forward (which also writes pre = x @ w.T + b); the BLAS
+    path's values (blocks given) at fp32 tolerance."""
     from nbformer.kernels.cpu.linear import linear_forward, linear_forward_train
 
     assert gemm_amx.worth(N, M, K)
@@ -169,12 +192,17 @@ def test_linear_forward_on_amx_matches_the_reference_and_training(rng, small_on_
     linear_forward(again, x, w, b, act, r)
     np.testing.assert_array_equal(out, again)
     assert not gemm_amx._packed
+    writable = np.full((N, M), np.nan, np.float32)
+    linear_forward(writable, x, w.copy(), b, act, r)  # packed inside the kernel, never kept
+    np.testing.assert_array_equal(out, writable)
+    assert not gemm_amx._packed
     train_out, pre = np.full((N, M), np.nan, np.float32), np.full((N, M), np.nan, np.float32)
-    linear_forward_train(train_out, pre, x, w, b, act, r)  # (BLAS)
-    np.testing.assert_allclose(out, train_out, atol=2e-5, rtol=2e-5)
+    linear_forward_train(train_out, pre, x, w.copy(), b, act, r)
+    np.testing.assert_array_equal(out, train_out)
+    np.testing.assert_allclose(pre, _ref_linear(x, w, b, "none", None), atol=2e-5, rtol=2e-5)
     blas = np.full((N, M), np.nan, np.float32)
-    linear_forward(blas, x, w.copy(), b, act, r)  # a writable weight: BLAS, training's bits
-    np.testing.assert_array_equal(blas, train_out)
+    linear_forward(blas, x, w, b, act, r, rows=64, cols=64)  # blocks given: the BLAS schedule
+    np.testing.assert_allclose(out, blas, atol=2e-5, rtol=2e-5)
 
 
 def test_packed_weight_cache_keeps_read_only_weights_within_its_budget(rng, monkeypatch):
@@ -201,3 +229,49 @@ def test_nbformer_amx_0_turns_it_off():
     env = dict(os.environ, NBFORMER_AMX="0")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+@pytest.mark.parametrize("N,K,M", [(64, 32, 32), (96, 200, 130), (300, 77, 513), (257, 512, 64)])
+@pytest.mark.parametrize("act,use_b", [("none", False), ("gelu_tanh", True), ("relu", True)])
+def test_linear_backward_on_amx_matches_float64(rng, small_on_amx, monkeypatch, N, K, M, act, use_b):
+    """linear_backward's products on AMX (dX = G @ W; dW = G.T @ X, G packed through the register
+    transposes), ragged shapes: the float64 reference within twice sgemm's error, db exact to fp32
+    rounding, and the same bits for 1 and 2 threads."""
+    import numba
+
+    calls = []
+    real = gemm_amx.gemm
+    monkeypatch.setattr(gemm_amx, "gemm", lambda out, a, b, a_trans=False: calls.append(a_trans) or real(out, a, b,
+                                                                                                        a_trans))
+
+    from nbformer.kernels.cpu.linear import activate_grad, ACT_CODES, linear_backward
+
+    x = f32(rng.normal(size=(N, K)))
+    w = f32(rng.normal(size=(M, K)) / np.sqrt(K))
+    pre = f32(rng.normal(size=(N, M)))
+    dout = f32(rng.normal(size=(N, M)))
+    code = ACT_CODES[act]
+    g = dout.astype(np.float64) * np.vectorize(lambda v: activate_grad(v, code))(pre.astype(np.float64))
+    g32 = f32(g)
+    runs = []
+    for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+        dx, dw = np.full((N, K), np.nan, np.float32), np.full((M, K), np.nan, np.float32)
+        db = np.full(M, np.nan, np.float32) if use_b else None
+        with_threads = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            linear_backward(dx, dw, db, dout, x, w, pre if act != "none" else None, act)
+        finally:
+            numba.set_num_threads(with_threads)
+        runs.append((dx, dw, db))
+    assert calls == [False, True] * len(runs)  # both products on AMX
+    dx, dw, db = runs[0]
+    ref_dx, ref_dw = g @ w.astype(np.float64), g.T @ x.astype(np.float64)
+    assert _rel(dx, ref_dx) <= 2 * _rel(g32 @ w, ref_dx) + 1e-6
+    assert _rel(dw, ref_dw) <= 2 * _rel(g32.T @ x, ref_dw) + 1e-6
+    if use_b:
+        np.testing.assert_allclose(db, g.sum(0), rtol=1e-5, atol=1e-5 * np.abs(g).sum(0).max())
+    for other in runs[1:]:
+        for got, want in zip(other, runs[0]):
+            if want is not None:
+                np.testing.assert_array_equal(got, want)

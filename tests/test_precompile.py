@@ -251,3 +251,27 @@ def test_a_training_graph_on_amx_lists_the_amx_items_where_the_launcher_takes_th
                                    max_positions=1024), 8, 640)
     (node,) = [n for n in g.nodes if n.op == "attention" and n.direction == "backward"]
     assert P._attention_backward_items(g, node, 2) == ["attention_backward._one_pass_item"]
+
+
+def test_linear_layers_list_amx_or_blas_kernels_by_the_shapes_of_their_products(monkeypatch):
+    """Each product of a linear node (forward; backward dX and dW) lists the AMX kernel where
+    linear_forward / linear_backward take it (gemm_amx.worth) and the BLAS one otherwise: a training
+    graph of 1024 rows builds no BLAS GEMM, a 4-row one no AMX kernel; the weight packer only for
+    read-only (inference) weights."""
+    from nbformer.config import ModelConfig
+    from nbformer.graph.build import build_forward, build_train
+    from nbformer.kernels.cpu import gemm_amx
+    from nbformer.kernels.cpu import precompile as P
+
+    monkeypatch.setattr(gemm_amx, "available", lambda: True)  # listing only: nothing is compiled or run
+    cfg = ModelConfig(arch="decoder", vocab_size=512, d_model=128, n_heads=4, n_layers=1, d_ff=256, max_positions=128)
+    amx = {"linear._linear_fwd_amx", "gemm_amx._gemm"}
+    blas = {"linear._linear_fwd", "gemm.matmul_nn", "gemm.matmul_tn"}
+    big = set(P.kernels_for(build_train(cfg, 8, 128)[0], frozen_weights=False))
+    assert amx <= big and not blas & big and "gemm_amx._pack_weight" not in big
+    small = set(P.kernels_for(build_train(cfg, 1, 4)[0], frozen_weights=False))
+    assert blas <= small and not amx & small
+    infer = set(P.kernels_for(build_forward(cfg, 1, 128)))
+    assert {"linear._linear_fwd_amx", "gemm_amx._pack_weight"} <= infer and "linear._linear_fwd" not in infer
+    monkeypatch.setattr(gemm_amx, "available", lambda: False)
+    assert not amx & set(P.kernels_for(build_train(cfg, 8, 128)[0], frozen_weights=False))

@@ -268,3 +268,29 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path):
     tr = Trainer(cfg, init_params(cfg), TokenData(synthetic_tokens(300)), opts, blocker / "out", "{}", progress=False)
     with pytest.raises(NbformerError, match="out"):
         tr.fit()
+
+
+def test_the_evaluation_model_sees_every_step_of_training(tmp_path):
+    """Trainer.model() binds read-only views of the live parameters, whose AMX packs gemm_amx keeps:
+    after each optimizer step (and a resume) they are dropped, so the model's outputs are those of a
+    fresh model over a copy of the current parameters, bit for bit (products big enough for AMX)."""
+    from nbformer.kernels.cpu import gemm_amx
+    from nbformer.model import Model
+    from nbformer.weights import Checkpoint
+
+    cfg = ModelConfig(arch="decoder", vocab_size=512, d_model=128, n_heads=4, n_layers=1, d_ff=256, max_positions=128)
+    data = TokenData(np.random.default_rng(0).integers(0, 512, 20000), eval_fraction=0.0)
+    opts = TrainOptions(batch_size=2, seq_len=128, steps=10, lr=1e-2, schedule="constant", warmup=0, clip=0.0,
+                        eval_every=10 ** 6, save_every=10 ** 6)
+    tok = open("weights/kjv-gpt/tokenizer.json", encoding="utf-8").read()
+    tr = Trainer(cfg, init_params(cfg, seed=0), data, opts, tmp_path, tok, progress=False)
+    ids = np.random.default_rng(1).integers(0, 512, (1, 128))
+    before = tr.model().forward(ids)
+    assert not gemm_amx.available() or gemm_amx._packed  # (its weights were packed and kept)
+    for _ in range(2):
+        tr.train_step()
+    now = tr.model().forward(ids)
+    fresh = Model(Checkpoint(config=cfg, params={k: v.copy() for k, v in tr.flat.views.items()}, rules=[],
+                             path=None)).forward(ids)
+    assert np.abs(now - before).max() > 1e-3  # training changed the outputs
+    np.testing.assert_array_equal(now, fresh)

@@ -192,6 +192,14 @@ class Trainer:
                       self.dev.to_host(self.v), self.tokenizer_json, self.state())
         (self.out_dir / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
 
+    def _params_changed(self):
+        """The parameters were written in place: the evaluation model's read-only views of them
+        (model()) may have kept AMX packs of the old values (gemm_amx.packed_weight), dropped here."""
+        if self._eval_model is not None and self.dev.kind == "cpu":
+            from ..kernels.cpu import gemm_amx
+
+            gemm_amx.forget(self.flat.params)
+
     def resume(self, path):
         cfg, params, m, v, _, state = load_training(path)
         if cfg != self.cfg:
@@ -207,6 +215,7 @@ class Trainer:
                 raise InputError(f"{path}: --{key.replace('_', '-')} was {saved[key]!r} in the checkpoint, "
                                  f"{getattr(self.opts, key)!r} now; resume needs the same value")
         self.flat.load(params)
+        self._params_changed()
         self.dev.copy_in(self.m, np.ascontiguousarray(m, dtype=np.float32))
         self.dev.copy_in(self.v, np.ascontiguousarray(v, dtype=np.float32))
         self.step = int(state["step"])
@@ -288,6 +297,7 @@ class Trainer:
         self._adam(params=self.flat.params, grads=self.flat.grads, m=self.m, v=self.v, lr=lr, beta1=o.beta1,
                    beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay, step=step,
                    decoupled=o.optimizer == "adamw")
+        self._params_changed()
         self.step = step
         rec = {"step": step, "loss": None, "lr": lr, "grad_norm": None, "tokens": n}
         self._pending.append(rec)

@@ -41,7 +41,7 @@ gemm_amx.available() and the head size is at least AMX_MIN_HEAD (uses_amx).
 import numpy as np
 from numba import njit
 
-from .amx_tiles import CHUNK, amx_block32, amx_config, amx_release
+from .amx_tiles import CHUNK, aligned, amx_block32, amx_config, amx_release
 from .attention_backward_amx_tile import pds_pack16
 from .attention_backward import (_FM, _ITEM_SIG, _LOG2E, _LOG2E_F, _ZERO, _delta_rows, _dropout_row, _spread,
                                  _tile_has_keys, _visible_keys)
@@ -61,17 +61,6 @@ def _tile_config():
         cfg[16 + 2 * t] = 64
         cfg[48 + t] = 16
     return cfg
-
-
-@njit(inline="always")
-def _aligned(n, dtype, zero=False):
-    """n elements of dtype (zeros if zero) starting on a 64-byte boundary: a tile load that straddles
-    cache lines runs 3-4x slower (measured: 4.8 vs 15-20 ns a TDPBF16PS with its loads; numba
-    allocates on 32-byte boundaries)."""
-    raw = np.zeros(n + 64, dtype) if zero else np.empty(n + 64, dtype)
-    mis = np.int64(raw.ctypes.data % 64)
-    off = ((64 - mis) % 64) // raw.itemsize
-    return raw[off:off + n]
 
 
 @njit(inline="always")
@@ -309,12 +298,12 @@ def _scratch(n_kb, n_qb, nh, bq, bk):
     HSP = 32 * nh
     ld = bk + _LDP
     nt = (bq // 32) * (bk // 32) * CHUNK
-    return (_aligned(n_kb * nh * CHUNK, np.uint16), _aligned(n_kb * nh * CHUNK, np.uint16),
-            _aligned(n_kb * nh * CHUNK, np.uint16), _aligned(64 * HSP, np.float32), _aligned(64 * HSP, np.float32),
-            _aligned(n_qb * nh * CHUNK, np.uint16), _aligned(n_qb * nh * CHUNK, np.uint16),
-            _aligned(n_qb * nh * CHUNK, np.uint16), _aligned(n_qb * nh * CHUNK, np.uint16),
-            _aligned(bq * ld, np.float32), _aligned(bq * ld, np.float32), _aligned(nt, np.uint16),
-            _aligned(nt, np.uint16), _aligned(nt, np.uint16), _aligned(bk, np.float32))
+    return (aligned(n_kb * nh * CHUNK, np.uint16), aligned(n_kb * nh * CHUNK, np.uint16),
+            aligned(n_kb * nh * CHUNK, np.uint16), aligned(64 * HSP, np.float32), aligned(64 * HSP, np.float32),
+            aligned(n_qb * nh * CHUNK, np.uint16), aligned(n_qb * nh * CHUNK, np.uint16),
+            aligned(n_qb * nh * CHUNK, np.uint16), aligned(n_qb * nh * CHUNK, np.uint16),
+            aligned(bq * ld, np.float32), aligned(bq * ld, np.float32), aligned(nt, np.uint16),
+            aligned(nt, np.uint16), aligned(nt, np.uint16), aligned(bk, np.float32))
 
 
 @njit(fastmath=_FM, error_model="numpy")
@@ -336,9 +325,9 @@ def _one_pass(b, hk, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, del
         _delta_rows(delta, out, dout, b, hk * group + g, HS)
     nqb = min(qch, (Tq + 31) // 32 * 32) // 32  # query blocks of a chunk
     kS, vP, kQ, rows, cols, qA, gA, qT, gT, sp, dp, pB, dB, dA, allow = _scratch(NKB, nqb, nh, bq, bk)
-    dkt = _aligned(HSP * 32 * NKB, np.float32, True)  # dK^T, blocked (_accumulate_kv)
-    dvt = _aligned(HSP * 32 * NKB, np.float32, True)  # dV^T
-    dqs = _aligned(32 * nqb * HSP, np.float32)  # (chunk rows, HSP) dQ of the chunk
+    dkt = aligned(HSP * 32 * NKB, np.float32, True)  # dK^T, blocked (_accumulate_kv)
+    dvt = aligned(HSP * 32 * NKB, np.float32, True)  # dV^T
+    dqs = aligned(32 * nqb * HSP, np.float32)  # (chunk rows, HSP) dQ of the chunk
     amx_config(_tile_config())
     _pack_keys(kS, vP, kQ, rows, cols, kv_buf, b, 0, NKB, 0, NKB, Tk, kc, vc, HS, nh, kscale)
     for g in range(group):
@@ -399,8 +388,8 @@ def _dkdv_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta,
     nkb = bk // 32
     nqb = bq // 32
     kS, vP, kQ, rows, cols, qA, gA, qT, gT, sp, dp, pB, dB, dA, allow = _scratch(nkb, nqb, nh, bq, bk)
-    dkt = _aligned(HSP * bk, np.float32, True)
-    dvt = _aligned(HSP * bk, np.float32, True)
+    dkt = aligned(HSP * bk, np.float32, True)
+    dvt = aligned(HSP * bk, np.float32, True)
     if _tile_has_keys(key_mask, b, k0, k0 + nk):
         amx_config(_tile_config())
         _pack_keys(kS, vP, kQ, rows, cols, kv_buf, b, k0 // 32, (k0 + nk + 31) // 32, k0 // 32, nkb, Tk, kc, vc, HS,
@@ -442,7 +431,7 @@ def _dq_item(w, dq, dkv, q_buf, q_off, kv_buf, k_off, v_off, dout, lse, delta, o
     nkb = bk // 32
     nqb = bq // 32
     kS, vP, kQ, rows, cols, qA, gA, qT, gT, sp, dp, pB, dB, dA, allow = _scratch(nkb, nqb, nh, bq, bk)
-    dqs = _aligned(bq * HSP, np.float32, True)
+    dqs = aligned(bq * HSP, np.float32, True)
     amx_config(_tile_config())
     _pack_queries(qA, gA, qT, gT, rows, cols, q_buf, dout, b, i0 // 32, (i0 + nq + 31) // 32, nqb, Tq, qc, h * HS, HS,
                   nh)

@@ -1,10 +1,12 @@
 """fp32 matrix products on Intel AMX: operands split into three bfloat16 parts (amx_tiles.py says
 why that is fp32-accurate), packed into 32-row / 32-column panels, multiplied in 32 x 32 blocks.
 
-    gemm(out, a, b, a_trans=False, b_trans=False, out_trans=False)  out = A @ B (or (A @ B).T)
-    A = a (R, K) or a.T (a: (K, R));  B = b (K, C) or b.T (b: (C, K), nn.Linear's weight)
+    gemm(out, a, b, a_trans=False)   out (R, C) = A @ B,  A = a (R, K) or a.T (a: (K, R)),  B = b (K, C)
 
-and linear.py's forward runs the same blocks with its epilogue (bias, activation, residual).
+and linear.py runs the same blocks: its forward with B = w.T (w (C, K), nn.Linear's weight, packed
+by _pack_weight) and its epilogue (bias, activation, residual); its backward dX = G @ W and
+dW = G.T @ X (a_trans). Operands that arrive transposed (w for B, G for A) are packed through
+16 x 16 register transposes (transpose16.py), at about the cost of the plain packs.
 
 When: `available()`, a host with AMX-TILE and AMX-BF16 whose kernel grants this process the
 tile data state (Linux arch_prctl ARCH_REQ_XCOMP_PERM), and NBFORMER_AMX is not 0; and
@@ -34,9 +36,10 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit, prange, types
 
-from .amx_tiles import CHUNK, amx_block32, amx_config, amx_release, bits_f32, config_bytes, f32_bits
+from .amx_tiles import CHUNK, aligned, amx_block32, amx_config, amx_release, bits_f32, config_bytes, f32_bits
 from .bf16_split import split16, split_pairs16
-from .precompile import F2, I64, R2, array, kernel
+from .precompile import BOOL, F2, I64, R2, array, kernel
+from .transpose16 import transpose16
 
 PANEL = 32  # rows of an A panel, columns of a B panel (two tiles of 16)
 GROUP_BYTES = 1 << 20  # packed A panels a thread keeps in its L2 (2 MB) while B panels pass by
@@ -133,19 +136,19 @@ def _put(dst, off, x):
 
 
 @njit(inline="always")
-def _pack_a_rows(pa, a, p, K, R):
-    # panel p of A = a (R, K): tile row rr of chunk kc holds A[32p + rr, 32kc : 32kc + 32]
-    nk = pa.shape[1]
-    for kc in range(nk):
+def _pack_a_rows(dst, base, a, p, K, R, kc0, kc1):
+    # chunks kc0 <= kc < kc1 of panel p of A = a (R, K), chunk kc at dst[base + (kc - kc0) CHUNK:]
+    # (dst flat uint16): tile row rr of a chunk holds A[32p + rr, 32kc : 32kc + 32]
+    for kc in range(kc0, kc1):
+        o = base + (kc - kc0) * CHUNK
         for rr in range(32):
             r = p * 32 + rr
-            off = (rr // 16) * 512 + (rr % 16) * 32
+            off = o + (rr // 16) * 512 + (rr % 16) * 32
             for half in range(2):
                 k = kc * 32 + half * 16
                 if r < R and k + 16 <= K:
-                    split16(a, r * K + k, pa, (p * nk + kc) * CHUNK + off + half * 16)
+                    split16(a, r * K + k, dst, off + half * 16)
                 else:
-                    dst = pa[p, kc]
                     for j in range(16):
                         _put(dst, off + half * 16 + j, a[r, k + j] if r < R and k + j < K else np.float32(0.0))
 
@@ -170,18 +173,64 @@ def _pack_b_rows(pb, b, p, K, C):
 
 
 @njit(inline="always")
-def _transpose(dst, src):
-    # dst (n, m) = src (m, n).T in 32 x 32 blocks, the row blocks of src over the threads
-    m, n = src.shape
-    for bi in prange((m + 31) // 32):
-        i0 = bi * 32
-        i1 = min(m, i0 + 32)
-        for j0 in range(0, n, 32):
-            j1 = min(n, j0 + 32)
-            for j in range(j0, j1):
-                d = dst[j]
-                for i in range(i0, i1):
-                    d[i] = src[i, j]
+def _pack_at_rows(dst, base, a, p, K, R, kc0, kc1):
+    # chunks kc0 <= kc < kc1 of panel p of A = a.T (a (K, R): training's dY, rows = tokens), placed
+    # and laid out as _pack_a_rows': tile row rr of chunk kc holds a[32kc : 32kc + 32, 32p + rr];
+    # whole 16 x 32 blocks through two register transposes into t (tile row i = t[32i : 32i + 32]),
+    # ragged edges element by element
+    t = np.empty(512, np.float32)
+    for kc in range(kc0, kc1):
+        k0 = kc * 32
+        for half in range(2):
+            r0 = p * 32 + half * 16
+            o = base + (kc - kc0) * CHUNK + half * 512
+            if r0 + 16 <= R and k0 + 32 <= K:
+                transpose16(a, k0 * R + r0, R, t, 0, 32)
+                transpose16(a, (k0 + 16) * R + r0, R, t, 16, 32)
+                for i in range(16):
+                    split16(t, 32 * i, dst, o + 32 * i)
+                    split16(t, 32 * i + 16, dst, o + 32 * i + 16)
+            else:
+                for i in range(16):
+                    r = r0 + i
+                    for j in range(32):
+                        k = k0 + j
+                        _put(dst, o + 32 * i + j, a[k, r] if r < R and k < K else np.float32(0.0))
+
+
+@njit(inline="always")
+def _pack_bt_rows(pb, w, p, K, C):
+    # panel p of B = w.T (w (C, K), nn.Linear's weight), VNNI as _pack_b_rows': tile row kp of chunk
+    # kc holds the pairs w[32p + c, 32kc + 2kp + e]; whole 32 x 16 blocks through two register
+    # transposes into t (t[16k + c] = w[c0 + c, k0 + k]), ragged edges element by element
+    nk = pb.shape[1]
+    t = np.empty(512, np.float32)
+    for kc in range(nk):
+        k0 = kc * 32
+        for half in range(2):
+            c0 = p * 32 + half * 16
+            o = (p * nk + kc) * CHUNK + half * 512
+            if c0 + 16 <= C and k0 + 32 <= K:
+                transpose16(w, c0 * K + k0, K, t, 0, 16)
+                transpose16(w, c0 * K + k0 + 16, K, t, 256, 16)
+                for kp in range(16):
+                    split_pairs16(t, 32 * kp, 32 * kp + 16, pb, o + 32 * kp)
+            else:
+                dst = pb[p, kc]
+                for kp in range(16):
+                    for j in range(32):
+                        k, c = k0 + 2 * kp + (j % 2), c0 + j // 2
+                        _put(dst, half * 512 + 32 * kp + j, w[c, k] if c < C and k < K else np.float32(0.0))
+
+
+@njit(inline="always")
+def pack_a(dst, base, a, p, a_trans, kc0, kc1):
+    """Chunks kc0 <= kc < kc1 of A panel p, A = a (R, K), or a.T (a (K, R)) where a_trans, chunk kc
+    at dst[base + (kc - kc0) CHUNK:] (dst flat uint16)."""
+    if a_trans:
+        _pack_at_rows(dst, base, a, p, a.shape[0], a.shape[1], kc0, kc1)
+    else:
+        _pack_a_rows(dst, base, a, p, a.shape[1], a.shape[0], kc0, kc1)
 
 
 @njit(inline="always")
@@ -194,15 +243,18 @@ def thread_panels(t, T, npa, npb, by_rows):
 
 
 @njit(inline="always")
-def product_blocks(dst, a, pa, pb, pack_rows, kb, T, cfg):
+def product_blocks(dst, a, pa, pb, pack_rows, a_trans, kb, T, cfg):
     """dst (32 npa, 32 npb) = the product of A's panels pa and B's panels pb (npa, npb: their
     counts), in 32 x 32 blocks over T threads, K in steps of kb chunks: every block of a step
     accumulates onto dst's partial sums (exact, so the bits do not depend on kb or T).
 
-    pack_rows: pa is still to be packed from a (R, K); each thread then packs the A panels it
-    multiplies, by every B panel (split by rows: the packed rows never cross to another core's cache;
-    splitting the B panels instead, each thread read A panels another core had just written, 5-13 %
-    slower at MiniLM's 1344 x 1536 x 384 and 1344 x 384 x 1536). Otherwise (pa packed already) the B
+    pack_rows: pa is still to be packed from a (pack_a: a (R, K), or (K, R) where a_trans); each
+    thread then packs the A panels it multiplies, by every B panel (split by rows: the packed rows
+    never cross to another core's cache; splitting the B panels instead, each thread read A panels
+    another core had just written, 5-13 % slower at MiniLM's 1344 x 1536 x 384 and 1344 x 384 x
+    1536), one group's step of K at a time into a buffer of the thread's, just before its products:
+    the packed chunks never leave L2 (packing a thread's whole share into pa first sent an LM head's
+    backward, 24 MB of panels a thread, through memory and back). Otherwise (pa packed already) the B
     panels are split when there are at least as many of them as A panels, or 2 per thread: few rows
     and a wide weight (an LM head) then stream each weight panel through one core only."""
     npa, nk, npb = pa.shape[0], pa.shape[1], pb.shape[0]
@@ -211,34 +263,39 @@ def product_blocks(dst, a, pa, pb, pack_rows, kb, T, cfg):
     by_rows = pack_rows or not (npb >= 2 * T or npb >= npa)
     for t in prange(T):
         a0, a1, b0, b1 = thread_panels(t, T, npa, npb, by_rows)
-        if pack_rows:
-            for p in range(a0, a1):
-                _pack_a_rows(pa, a, p, a.shape[1], a.shape[0])
+        # (the buffer: group panels x one step of K chunks, panel-major; pa's own layout otherwise)
+        own = aligned(group * min(nk, kb) * CHUNK if pack_rows else 1, np.uint16)
+        src = own if pack_rows else pa.reshape(-1)
         amx_config(cfg)
         for k0 in range(0, nk, kb):
             kn = min(kb, nk - k0)
             for g0 in range(a0, a1, group):
+                g1 = min(a1, g0 + group)
+                if pack_rows:
+                    for p in range(g0, g1):
+                        pack_a(own, (p - g0) * kn * CHUNK, a, p, a_trans, k0, k0 + kn)
                 for ib in range(b0, b1):
-                    for ia in range(g0, min(a1, g0 + group)):
+                    for ia in range(g0, g1):
                         o = ia * 32 * ld + ib * 32
-                        amx_block32(dst, o, ld, dst, o, ld, pa, (ia * nk + k0) * CHUNK, pb, (ib * nk + k0) * CHUNK,
-                                    kn, k0 > 0)
+                        ao = (ia - g0) * kn * CHUNK if pack_rows else (ia * nk + k0) * CHUNK
+                        amx_block32(dst, o, ld, dst, o, ld, src, ao, pb, (ib * nk + k0) * CHUNK, kn, k0 > 0)
         amx_release()
 
 
-def _gemm(out, a, b, pa, pb, tc, kb, T, cfg):
-    # out (R, C) = a (R, K) @ b (K, C), both packed here; through tc when out is not whole blocks
-    R, K = a.shape
-    C = b.shape[1]
+def _gemm(out, a, b, pa, pb, tc, kb, T, cfg, a_trans):
+    # out (R, C) = a (R, K) @ b (K, C), or a.T @ b (a (K, R)) where a_trans, both packed here;
+    # through tc when out is not whole blocks
+    R, C = out.shape
+    K = b.shape[0]
     for p in prange(pb.shape[0]):
         _pack_b_rows(pb, b, p, K, C)
     pack_rows = pa.shape[0] >= pb.shape[0]
     if not pack_rows:
         for p in prange(pa.shape[0]):
-            _pack_a_rows(pa, a, p, K, R)
+            pack_a(pa.reshape(-1), p * pa.shape[1] * CHUNK, a, p, a_trans, 0, pa.shape[1])
     direct = R % 32 == 0 and C % 32 == 0
     dst = out if direct else tc
-    product_blocks(dst, a, pa, pb, pack_rows, kb, T, cfg)
+    product_blocks(dst, a, pa, pb, pack_rows, a_trans, kb, T, cfg)
     if not direct:
         for r in prange(R):
             out[r, :] = tc[r, :C]
@@ -246,7 +303,7 @@ def _gemm(out, a, b, pa, pb, tc, kb, T, cfg):
 
 if HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
     _U16_3, _U8_1 = array(types.uint16, 3), array(types.uint8, 1)
-    _gemm = kernel((F2, R2, R2, _U16_3, _U16_3, F2, I64, I64, _U8_1), cost=3.0)(
+    _gemm = kernel((F2, R2, R2, _U16_3, _U16_3, F2, I64, I64, _U8_1, BOOL), cost=3.0)(
         njit(parallel=True, cache=True, nogil=True)(_gemm))
 else:
     _gemm = None
@@ -285,14 +342,15 @@ def panels(R, C, K, padded_out=False):
     return pa, pb, tc
 
 
-def gemm(out, a, b):
-    """out (R, C) = a (R, K) @ b (K, C): float32, C-contiguous, shapes checked by the caller. The
-    plain product on AMX (the linear layers run linear.py's kernel, with their epilogues)."""
+def gemm(out, a, b, a_trans=False):
+    """out (R, C) = a (R, K) @ b (K, C), or a.T @ b (a (K, R)) where a_trans: float32, C-contiguous,
+    shapes checked by the caller. The plain product on AMX (the linear forward runs linear.py's
+    kernel, with its epilogue; its backward runs this)."""
     _require()
-    R, K = a.shape
-    C = b.shape[1]
+    R, C = out.shape
+    K = b.shape[0]
     pa, pb, tc = panels(R, C, K, R % 32 != 0 or C % 32 != 0)
-    _gemm(out, a, b, pa, pb, tc, K_BLOCK, get_num_threads(), _CFG)
+    _gemm(out, a, b, pa, pb, tc, K_BLOCK, get_num_threads(), _CFG, bool(a_trans))
 
 
 # ---------------------------------------------------------------- packed weights of inference
@@ -303,14 +361,13 @@ _packed_bytes = [0]
 _packed_lock = threading.Lock()
 
 
-def _pack_weight(pb, w, wt):
-    # pb: panels of B = w.T, w (C, K) in nn.Linear layout; wt (K, C) scratch
-    _transpose(wt, w)
+def _pack_weight(pb, w):
+    # pb: panels of B = w.T, w (C, K) in nn.Linear layout
     for p in prange(pb.shape[0]):
-        _pack_b_rows(pb, wt, p, w.shape[1], w.shape[0])
+        _pack_bt_rows(pb, w, p, w.shape[1], w.shape[0])
 
 
-_pack_weight = (kernel((_U16_3, R2, F2), cost=1.5)(njit(parallel=True, nogil=True, cache=True)(_pack_weight))
+_pack_weight = (kernel((_U16_3, R2), cost=1.5)(njit(parallel=True, nogil=True, cache=True)(_pack_weight))
                 if HOST_HAS_AMX else None)
 
 
@@ -318,7 +375,8 @@ def packed_weight(w):
     """The packed panels of B = w.T for a read-only weight w (C, K), made once and kept (up to
     CACHE_MB, least recently used out first); None for a writable w (training updates weights in
     place: those are packed at every call). The entry holds w itself, so its memory cannot be
-    freed and reused under the same address while the panels are kept."""
+    freed and reused under the same address while the panels are kept. Whoever writes the memory
+    under a read-only view (the trainer, through its writable parameters) calls forget."""
     if w.flags.writeable:
         return None
     key = (w.ctypes.data, w.shape, w.strides)
@@ -335,7 +393,7 @@ def packed_weight(w):
     off = (-raw.ctypes.data) % 64
     pb = raw[off:off + npb * nk * CHUNK * 2].view(np.uint16).reshape(npb, nk, CHUNK)
     _require()
-    _pack_weight(pb, w, np.empty((K, C), np.float32))
+    _pack_weight(pb, w)
     with _packed_lock:
         _packed[key] = (w, pb)
         _packed_bytes[0] += pb.nbytes
@@ -344,6 +402,18 @@ def packed_weight(w):
             del _packed[next(iter(_packed))]
             _packed_bytes[0] -= old.nbytes
     return pb
+
+
+def forget(buf):
+    """Drop the kept packs of weights that lie in buf's memory: for an array updated in place (a
+    trainer's flat parameters) whose read-only views were packed (its evaluation model's), so that
+    their next products pack the new values."""
+    lo = buf.ctypes.data
+    hi = lo + buf.nbytes
+    with _packed_lock:
+        for key in [k for k in _packed if lo <= k[0] < hi]:
+            _, pb = _packed.pop(key)
+            _packed_bytes[0] -= pb.nbytes
 
 
 def clear_packed():

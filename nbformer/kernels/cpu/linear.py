@@ -1,8 +1,12 @@
-"""Linear layers: BLAS GEMM plus our fused bias/activation/residual epilogue.
+"""Linear layers: GEMM plus our fused bias/activation/residual epilogue, forward and backward.
 
-GEMMs are BLAS sgemm calls on blocks, one block per Numba thread, each block's epilogue fused
-right after its GEMM (see gemm.py for why BLAS itself runs single-threaded). Everything elementwise (epilogues, activation backward, the
-deterministic bias-gradient reduction) is our own njit code.
+GEMMs: on a host with AMX (gemm_amx.available()), every product big enough (gemm_amx.worth) runs
+there, fp32-accurate from bfloat16 splits: the forward through _linear_fwd_amx (weight panels kept
+for read-only weights, packed per call for training's writable ones), the backward's dX = G @ W and
+dW = G.T @ X through gemm_amx.gemm. Elsewhere (and for small products: decoding, few rows) BLAS
+sgemm calls on blocks, one block per Numba thread, each block's epilogue fused right after its GEMM
+(see gemm.py for why BLAS itself runs single-threaded). Everything elementwise (epilogues,
+activation backward, the deterministic bias-gradient reduction) is our own njit code.
 
 Weights use the nn.Linear layout w (M, K): out (N, M) = act(x (N, K) @ w.T + b) + residual.
 """
@@ -234,47 +238,63 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
                           src)
 
 
-def _linear_fwd_amx(out, x, pb, b, act, residual, use_bias, use_residual, dst_kind, pa, tc, kb, T, cfg):
-    # linear_forward's contract on AMX (gemm_amx), the weight's panels pb packed already: x's panels
-    # are packed here (by the thread that multiplies them when there are at least as many as the
-    # weight's); the product goes to out (dst_kind 0: no epilogue, whole blocks) or to tc (1: padded
-    # scratch), then the epilogue over the rows (the same _epilogue_row as the BLAS path).
+DST_OUT, DST_TMP, DST_PRE = 0, 1, 2  # where the AMX forward's product goes (see _linear_fwd_amx)
+
+
+def _linear_fwd_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, keep_pre, pack_w, dst_kind, pa,
+                    tc, kb, T, cfg):
+    # linear_forward's contract on AMX (gemm_amx), and linear_forward_train's (keep_pre: pre = the
+    # product + b): w's panels pb are packed here where pack_w (a weight updated in place, as
+    # training's), else packed already; x's panels are packed by the thread that multiplies them
+    # when there are at least as many as the weight's. The product goes to out (DST_OUT: no
+    # epilogue, whole blocks), to tc (DST_TMP: padded scratch) or to pre (DST_PRE: keep_pre, whole
+    # blocks), then the epilogue over the rows (the same _epilogue_row as the BLAS path).
     N, M = out.shape
     K = x.shape[1]
-    dst = out if dst_kind == 0 else tc
+    if pack_w:
+        for p in prange(pb.shape[0]):
+            gemm_amx._pack_bt_rows(pb, w, p, K, M)
+    dst = out if dst_kind == DST_OUT else (pre if dst_kind == DST_PRE else tc)
     pack_rows = pa.shape[0] >= pb.shape[0]
     if not pack_rows:
         for p in prange(pa.shape[0]):
-            gemm_amx._pack_a_rows(pa, x, p, K, N)
-    gemm_amx.product_blocks(dst, x, pa, pb, pack_rows, kb, T, cfg)
-    if dst_kind != 0:
+            gemm_amx._pack_a_rows(pa.reshape(-1), p * pa.shape[1] * gemm_amx.CHUNK, x, p, K, N, 0, pa.shape[1])
+    gemm_amx.product_blocks(dst, x, pa, pb, pack_rows, False, kb, T, cfg)
+    if dst_kind != DST_OUT:
+        src = SRC_PRE if dst_kind == DST_PRE else SRC_TMP
         for i in prange(N):
-            _epilogue_row(out, out, tc, i, i, 0, M, b, act, residual, use_bias, use_residual, False, SRC_TMP)
+            _epilogue_row(out, pre, dst, i, i, 0, M, b, act, residual, use_bias, use_residual, keep_pre, src)
 
 
 if gemm_amx.HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
     _U16_3, _U8_1 = array(numba.types.uint16, 3), array(numba.types.uint8, 1)
-    _linear_fwd_amx = kernel((F2, R2, _U16_3, R1, I64, R2, BOOL, BOOL, I64, _U16_3, F2, I64, I64, _U8_1), cost=5.0)(
+    _linear_fwd_amx = kernel((F2, F2, R2, R2, _U16_3, R1, I64, R2, BOOL, BOOL, BOOL, BOOL, I64, _U16_3, F2, I64, I64,
+                              _U8_1), cost=5.0)(
         njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)(_linear_fwd_amx))
 else:
     _linear_fwd_amx = None
 
 
-def _amx_forward(out2, x2, w, b, code, res2, use_bias, use_res):
-    """linear_forward on AMX, out2 (N, M) = act(x2 (N, K) @ w.T + b) [+ res2], w read-only; the caller
-    checked gemm_amx.available() and gemm_amx.worth. w's panels are kept (gemm_amx.packed_weight;
-    packed for this call only when the cache cannot hold them)."""
+def _on_amx(R, C, K):
+    """Whether an (R x K) @ (K x C) product of a linear layer runs on AMX (gemm_amx: this host and
+    process, and a product big enough to pay for padding and packing)."""
+    return gemm_amx.worth(R, C, K) and gemm_amx.available()
+
+
+def _amx_forward(out2, pre2, x2, w, b, code, res2, use_bias, use_res, keep_pre):
+    """linear_forward (keep_pre False; pre2 unused) or linear_forward_train on AMX, out2 (N, M) =
+    act(x2 (N, K) @ w.T + b) [+ res2]; the caller checked _on_amx. A read-only w's panels are kept
+    (gemm_amx.packed_weight); a writable one's (or one the cache cannot hold) are packed for this
+    call, inside the kernel."""
     N, M = out2.shape
     K = x2.shape[1]
     aligned = N % 32 == 0 and M % 32 == 0
     plain = not use_bias and code == ACT_NONE and not use_res
-    kind = 0 if aligned and plain else 1
-    pa, pb, tc = gemm_amx.panels(N, M, K, kind == 1)
+    kind = (DST_PRE if keep_pre else (DST_OUT if plain else DST_TMP)) if aligned else DST_TMP
+    pa, pb, tc = gemm_amx.panels(N, M, K, kind == DST_TMP)
     kept = gemm_amx.packed_weight(w)
-    if kept is None:
-        gemm_amx._pack_weight(pb, w, np.empty((K, M), np.float32))
-    _linear_fwd_amx(out2, x2, pb if kept is None else kept, b, code, res2, use_bias, use_res, kind, pa, tc,
-                    gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config())
+    _linear_fwd_amx(out2, pre2, x2, w, pb if kept is None else kept, b, code, res2, use_bias, use_res, keep_pre,
+                    kept is None, kind, pa, tc, gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config())
 
 
 def resolve_blocks(N, M, rows, cols):
@@ -329,11 +349,12 @@ def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, c
     sgemm; threads, the Numba threads for this call. Blocks and skinny_max_rows may change the last
     bits (other sgemm call shapes), threads never does.
 
-    On a host with AMX (gemm_amx.available()), a read-only weight (an inference model's: Model binds
-    read-only views) in a product big enough (gemm_amx.worth) runs there, fp32-accurate from
-    bfloat16 splits, its packed panels kept (gemm_amx.packed_weight); unless rows or cols is given:
-    blocks name a BLAS schedule, which then runs as given (so the tuner, whose "auto" blocks are None
-    here, compares the two). Writable weights (training's, updated in place) stay on BLAS."""
+    On a host with AMX (gemm_amx.available()), a product big enough (gemm_amx.worth) runs there,
+    fp32-accurate from bfloat16 splits: a read-only weight's packed panels are kept (an inference
+    model's: Model binds read-only views; gemm_amx.packed_weight), a writable one's (training's,
+    updated in place) packed at every call; unless rows or cols is given: blocks name a BLAS
+    schedule, which then runs as given (so the tuner, whose "auto" blocks are None here, compares
+    the two)."""
     op = "linear_forward"
     N, M, K = _check_forward(op, out, None, x, w, b, residual)
     code = _act_code(op, act)
@@ -347,9 +368,9 @@ def linear_forward(out, x, w, b=None, act="none", residual=None, *, rows=None, c
     out2, x2 = out.reshape(N, M), x.reshape(N, K)
     use_bias, use_res = b is not None, residual is not None
     res2 = residual.reshape(N, M) if use_res else out2
-    if not blas_schedule and not w.flags.writeable and gemm_amx.worth(N, M, K) and gemm_amx.available():
+    if not blas_schedule and _on_amx(N, M, K):
         with num_threads(threads):
-            _amx_forward(out2, x2, w, b if use_bias else w[0], code, res2, use_bias, use_res)
+            _amx_forward(out2, out2, x2, w, b if use_bias else w[0], code, res2, use_bias, use_res, False)
         return
     pin_blas_to_one_thread()
     with num_threads(threads):
@@ -478,11 +499,15 @@ def linear_forward_train(out, pre, x, w, b=None, act="none", residual=None):
     code = _act_code(op, act)
     if N == 0 or M == 0:
         return
-    pre2 = pre.reshape(N, M)
+    out2, pre2, x2 = out.reshape(N, M), pre.reshape(N, M), x.reshape(N, K)
+    res2 = residual.reshape(N, M) if use_res else pre2
+    bias = b if use_bias else w[0]
+    if _on_amx(N, M, K):  # as linear_forward (the same bits)
+        _amx_forward(out2, pre2, x2, w, bias, code, res2, use_bias, use_res, True)
+        return
     rows, cols = auto_blocks(N, M)  # linear_forward's default blocks (the same bits)
     pin_blas_to_one_thread()
-    _linear_fwd(out.reshape(N, M), pre2, x.reshape(N, K), w, b if use_bias else w[0], code,
-                residual.reshape(N, M) if use_res else pre2, use_bias, use_res, True, rows, cols, SKINNY_MAX_ROWS)
+    _linear_fwd(out2, pre2, x2, w, bias, code, res2, use_bias, use_res, True, rows, cols, SKINNY_MAX_ROWS)
 
 
 def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
@@ -536,7 +561,13 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
     if K == 0:  # dx (..., 0) and dw (M, 0) have no elements
         return
     pin_blas_to_one_thread()
-    if use_dx:  # blocks by shape, as the forward's (gemm.auto_blocks)
-        matmul_nn(dx.reshape(N, K), g2, w, *auto_blocks(N, K))  # (N, M) @ (M, K)
+    if use_dx:
+        if _on_amx(N, K, M):
+            gemm_amx.gemm(dx.reshape(N, K), g2, w)  # (N, M) @ (M, K)
+        else:  # blocks by shape, as the forward's (gemm.auto_blocks)
+            matmul_nn(dx.reshape(N, K), g2, w, *auto_blocks(N, K))
     if use_dw:
-        matmul_tn(dw, g2, x2, tn_rows(M))  # (M, N) @ (N, K)
+        if _on_amx(M, K, N):
+            gemm_amx.gemm(dw, g2, x2, a_trans=True)  # (N, M).T @ (N, K)
+        else:
+            matmul_tn(dw, g2, x2, tn_rows(M))

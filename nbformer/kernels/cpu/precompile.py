@@ -355,8 +355,8 @@ def _attention_backward_items(graph, node, threads=None) -> list:
 
 def kernels_for(graph, frozen_weights=True) -> list:
     """Kernel keys a graph's CPU run needs (with the optimizer / sampler that run beside it);
-    frozen_weights: its parameters are read-only (an inference model's), so its linear layers may
-    run on AMX (linear.linear_forward)."""
+    frozen_weights: its parameters are read-only (an inference model's), so the linear layers that
+    run on AMX keep their packed weights (gemm_amx.packed_weight)."""
     keys = []
     backward = decoding = False
     for node in graph.nodes:
@@ -369,6 +369,8 @@ def kernels_for(graph, frozen_weights=True) -> list:
                 keys += ["attention_decode._attention_decode", "attention_decode._decode_item"]
             if _tiled_attention(graph, node):
                 keys += OPS[("attention", "forward")]
+        elif node.op == "linear":
+            keys += _linear_kernels(graph, node, frozen_weights)
         else:
             keys += OPS.get((node.op, node.direction), [])
         if node.op == "attention" and node.direction == "backward":
@@ -379,21 +381,45 @@ def kernels_for(graph, frozen_weights=True) -> list:
         keys += _TRAINING
     if decoding or ("logits" in graph.outputs and not backward):
         keys += _DECODING
-    if frozen_weights:
-        keys += _amx_kernels(keys, backward)
     return list(dict.fromkeys(keys))
 
 
-def _amx_kernels(keys, backward) -> list:
-    """The AMX GEMM's kernels, where this host and process run them (gemm_amx.available()) and an
-    inference graph has linear layers: the forward and the weight packer."""
+def _linear_kernels(graph, node, frozen_weights) -> list:
+    """The kernels a linear node's launcher runs for its shapes: each of its products (the forward's;
+    the backward's dX = G @ W and dW = G.T @ X) on AMX where linear._on_amx takes it, on BLAS
+    otherwise, both where the shapes are unknown. frozen_weights: read-only weights, whose packed
+    panels gemm_amx keeps (its packer runs as a kernel of its own)."""
     from . import gemm_amx
 
-    if not gemm_amx.available():
-        return []
-    if "linear._linear_fwd" in keys and not backward:  # (training's linear layers stay on BLAS)
-        return ["linear._linear_fwd_amx", "gemm_amx._pack_weight"]
-    return []
+    x = graph.tensors.get(node.inputs.get("x"))
+    w = graph.tensors.get(node.inputs.get("w"))
+    dims = None
+    if x is not None and w is not None and len(w.shape) == 2 and len(x.shape) >= 1:
+        n = 1
+        for d in x.shape[:-1]:
+            n = n * d if isinstance(d, int) and isinstance(n, int) else None
+        if isinstance(n, int) and all(isinstance(d, int) for d in w.shape):
+            dims = (n,) + tuple(w.shape)
+
+    def on_amx(R, C, K):  # True / False, or None: the shapes are unknown (both)
+        if not gemm_amx.available():
+            return False
+        return None if dims is None else gemm_amx.worth(R, C, K)
+
+    N, M, K = dims if dims is not None else (None, None, None)
+    if node.direction == "forward":
+        amx = on_amx(N, M, K)
+        keys = (["linear._linear_fwd_amx"] + (["gemm_amx._pack_weight"] if frozen_weights else [])
+                if amx is not False else [])
+        return keys + (["linear._linear_fwd"] if amx is not True else [])
+    keys = ["linear._linear_backward_elementwise", "linear._backward_rows"]
+    products = [((M, K, N), "gemm.matmul_tn")]  # dW
+    if "dx" in node.outputs:
+        products.insert(0, ((N, K, M), "gemm.matmul_nn"))
+    for shape, blas in products:
+        amx = on_amx(*shape)
+        keys += (["gemm_amx._gemm"] if amx is not False else []) + ([blas] if amx is not True else [])
+    return keys
 
 
 # ---------------------------------------------------------------- ensuring they are compiled
