@@ -236,13 +236,15 @@ def test_nbformer_amx_0_turns_it_off():
 def test_linear_backward_on_amx_matches_float64(rng, small_on_amx, monkeypatch, N, K, M, act, use_b):
     """linear_backward's products on AMX (dX = G @ W; dW = G.T @ X, G packed through the register
     transposes), ragged shapes: the float64 reference within twice sgemm's error, db exact to fp32
-    rounding, and the same bits for 1 and 2 threads."""
+    rounding, the same bits for 1 and 2 threads, and as gemm_amx.gemm's (the same blocks)."""
     import numba
 
+    from nbformer.kernels.cpu import linear
+
     calls = []
-    real = gemm_amx.gemm
-    monkeypatch.setattr(gemm_amx, "gemm", lambda out, a, b, a_trans=False: calls.append(a_trans) or real(out, a, b,
-                                                                                                        a_trans))
+    real = linear._amx_product
+    monkeypatch.setattr(linear, "_amx_product", lambda out, a, b, a_trans: calls.append(a_trans) or real(out, a, b,
+                                                                                                       a_trans))
 
     from nbformer.kernels.cpu.linear import activate_grad, ACT_CODES, linear_backward
 
@@ -275,3 +277,9 @@ def test_linear_backward_on_amx_matches_float64(rng, small_on_amx, monkeypatch, 
         for got, want in zip(other, runs[0]):
             if want is not None:
                 np.testing.assert_array_equal(got, want)
+    if act == "none":  # (G = dout exactly)
+        plain_dw, plain_dx = np.empty((M, K), np.float32), np.empty((N, K), np.float32)
+        gemm_amx.gemm(plain_dw, dout, x, a_trans=True)
+        gemm_amx.gemm(plain_dx, dout, w)
+        np.testing.assert_array_equal(plain_dw, dw)
+        np.testing.assert_array_equal(plain_dx, dx)

@@ -265,13 +265,13 @@ def test_linear_layers_list_amx_or_blas_kernels_by_the_shapes_of_their_products(
 
     monkeypatch.setattr(gemm_amx, "available", lambda: True)  # listing only: nothing is compiled or run
     cfg = ModelConfig(arch="decoder", vocab_size=512, d_model=128, n_heads=4, n_layers=1, d_ff=256, max_positions=128)
-    amx = {"linear._linear_fwd_amx", "gemm_amx._gemm"}
+    amx = {"linear._linear_amx"}
     blas = {"linear._linear_fwd", "gemm.matmul_nn", "gemm.matmul_tn"}
     big = set(P.kernels_for(build_train(cfg, 8, 128)[0], frozen_weights=False))
     assert amx <= big and not blas & big and "gemm_amx._pack_weight" not in big
     small = set(P.kernels_for(build_train(cfg, 1, 4)[0], frozen_weights=False))
     assert blas <= small and not amx & small
     infer = set(P.kernels_for(build_forward(cfg, 1, 128)))
-    assert {"linear._linear_fwd_amx", "gemm_amx._pack_weight"} <= infer and "linear._linear_fwd" not in infer
+    assert {"linear._linear_amx", "gemm_amx._pack_weight"} <= infer and "linear._linear_fwd" not in infer
     monkeypatch.setattr(gemm_amx, "available", lambda: False)
     assert not amx & set(P.kernels_for(build_train(cfg, 8, 128)[0], frozen_weights=False))

@@ -135,7 +135,10 @@ def _put(dst, off, x):
     dst[2048 + off] = l
 
 
-@njit(inline="always")
+# The packers are ordinary (not IR-inlined) functions: Numba types and lowers each once per kernel
+# instead of copying it into every parallel loop that packs (the GEMM packs A in two places, in two
+# layouts): 8.9 -> ? s of compile for gemm_amx._gemm; LLVM still sees their bodies.
+@njit
 def _pack_a_rows(dst, base, a, p, K, R, kc0, kc1):
     # chunks kc0 <= kc < kc1 of panel p of A = a (R, K), chunk kc at dst[base + (kc - kc0) CHUNK:]
     # (dst flat uint16): tile row rr of a chunk holds A[32p + rr, 32kc : 32kc + 32]
@@ -153,7 +156,7 @@ def _pack_a_rows(dst, base, a, p, K, R, kc0, kc1):
                         _put(dst, off + half * 16 + j, a[r, k + j] if r < R and k + j < K else np.float32(0.0))
 
 
-@njit(inline="always")
+@njit
 def _pack_b_rows(pb, b, p, K, C):
     # panel p of B = b (K, C), VNNI: tile row kp of chunk kc holds the pairs b[32kc + 2kp + e, 32p + c]
     nk = pb.shape[1]
@@ -172,7 +175,7 @@ def _pack_b_rows(pb, b, p, K, C):
                         _put(dst, off + j, b[kk, c] if kk < K and c < C else np.float32(0.0))
 
 
-@njit(inline="always")
+@njit
 def _pack_at_rows(dst, base, a, p, K, R, kc0, kc1):
     # chunks kc0 <= kc < kc1 of panel p of A = a.T (a (K, R): training's dY, rows = tokens), placed
     # and laid out as _pack_a_rows': tile row rr of chunk kc holds a[32kc : 32kc + 32, 32p + rr];
@@ -198,7 +201,7 @@ def _pack_at_rows(dst, base, a, p, K, R, kc0, kc1):
                         _put(dst, o + 32 * i + j, a[k, r] if r < R and k < K else np.float32(0.0))
 
 
-@njit(inline="always")
+@njit
 def _pack_bt_rows(pb, w, p, K, C):
     # panel p of B = w.T (w (C, K), nn.Linear's weight), VNNI as _pack_b_rows': tile row kp of chunk
     # kc holds the pairs w[32p + c, 32kc + 2kp + e]; whole 32 x 16 blocks through two register
@@ -223,7 +226,7 @@ def _pack_bt_rows(pb, w, p, K, C):
                         _put(dst, half * 512 + 32 * kp + j, w[c, k] if c < C and k < K else np.float32(0.0))
 
 
-@njit(inline="always")
+@njit
 def pack_a(dst, base, a, p, a_trans, kc0, kc1):
     """Chunks kc0 <= kc < kc1 of A panel p, A = a (R, K), or a.T (a (K, R)) where a_trans, chunk kc
     at dst[base + (kc - kc0) CHUNK:] (dst flat uint16)."""

@@ -1,9 +1,9 @@
 """Linear layers: GEMM plus our fused bias/activation/residual epilogue, forward and backward.
 
 GEMMs: on a host with AMX (gemm_amx.available()), every product big enough (gemm_amx.worth) runs
-there, fp32-accurate from bfloat16 splits: the forward through _linear_fwd_amx (weight panels kept
-for read-only weights, packed per call for training's writable ones), the backward's dX = G @ W and
-dW = G.T @ X through gemm_amx.gemm. Elsewhere (and for small products: decoding, few rows) BLAS
+there, fp32-accurate from bfloat16 splits, all through one kernel (_linear_amx): the forward
+(weight panels kept for read-only weights, packed per call for training's writable ones) and the
+backward's dX = G @ W and dW = G.T @ X. Elsewhere (and for small products: decoding, few rows) BLAS
 sgemm calls on blocks, one block per Numba thread, each block's epilogue fused right after its GEMM
 (see gemm.py for why BLAS itself runs single-threaded). Everything elementwise (epilogues,
 activation backward, the deterministic bias-gradient reduction) is our own njit code.
@@ -238,41 +238,47 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
                           src)
 
 
-DST_OUT, DST_TMP, DST_PRE = 0, 1, 2  # where the AMX forward's product goes (see _linear_fwd_amx)
+DST_OUT, DST_TMP, DST_PRE = 0, 1, 2  # where the AMX product goes (see _linear_amx)
+B_PACKED, B_FROM_WT, B_FROM_ROWS = 0, 1, 2  # how _linear_amx gets B's panels
 
 
-def _linear_fwd_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, keep_pre, pack_w, dst_kind, pa,
-                    tc, kb, T, cfg):
-    # linear_forward's contract on AMX (gemm_amx), and linear_forward_train's (keep_pre: pre = the
-    # product + b): w's panels pb are packed here where pack_w (a weight updated in place, as
-    # training's), else packed already; x's panels are packed by the thread that multiplies them
-    # when there are at least as many as the weight's. The product goes to out (DST_OUT: no
-    # epilogue, whole blocks), to tc (DST_TMP: padded scratch) or to pre (DST_PRE: keep_pre, whole
-    # blocks), then the epilogue over the rows (the same _epilogue_row as the BLAS path).
-    N, M = out.shape
-    K = x.shape[1]
-    if pack_w:
+def _linear_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, keep_pre, b_mode, a_trans, dst_kind,
+                pa, tc, kb, T, cfg):
+    # Every product of a linear layer on AMX (gemm_amx), in one kernel (training compiles one):
+    #   out (R, C) = act(A @ B + b) [+ residual], A = x (R, K), or x.T (x (K, R)) where a_trans;
+    #   B = w.T (w (C, K), nn.Linear's weight) or w itself (w (K, C), b_mode B_FROM_ROWS).
+    # The forward: B = w.T, its panels pb kept (B_PACKED) or packed here (B_FROM_WT: a weight updated
+    # in place, as training's), keep_pre: pre = A @ B + b. The backward: dX = G @ W and dW = G.T @ X
+    # (a_trans), B_FROM_ROWS, no epilogue. A's panels are packed by the thread that multiplies them
+    # when there are at least as many as B's. The product goes to out (DST_OUT: no epilogue, whole
+    # blocks), to tc (DST_TMP: padded scratch) or to pre (DST_PRE: keep_pre, whole blocks), then the
+    # epilogue over the rows (the same _epilogue_row as the BLAS path; a plain copy from tc).
+    R, C = out.shape
+    if b_mode == B_FROM_WT:
         for p in prange(pb.shape[0]):
-            gemm_amx._pack_bt_rows(pb, w, p, K, M)
+            gemm_amx._pack_bt_rows(pb, w, p, w.shape[1], C)
+    elif b_mode == B_FROM_ROWS:
+        for p in prange(pb.shape[0]):
+            gemm_amx._pack_b_rows(pb, w, p, w.shape[0], C)
     dst = out if dst_kind == DST_OUT else (pre if dst_kind == DST_PRE else tc)
     pack_rows = pa.shape[0] >= pb.shape[0]
     if not pack_rows:
         for p in prange(pa.shape[0]):
-            gemm_amx._pack_a_rows(pa.reshape(-1), p * pa.shape[1] * gemm_amx.CHUNK, x, p, K, N, 0, pa.shape[1])
-    gemm_amx.product_blocks(dst, x, pa, pb, pack_rows, False, kb, T, cfg)
+            gemm_amx.pack_a(pa.reshape(-1), p * pa.shape[1] * gemm_amx.CHUNK, x, p, a_trans, 0, pa.shape[1])
+    gemm_amx.product_blocks(dst, x, pa, pb, pack_rows, a_trans, kb, T, cfg)
     if dst_kind != DST_OUT:
         src = SRC_PRE if dst_kind == DST_PRE else SRC_TMP
-        for i in prange(N):
-            _epilogue_row(out, pre, dst, i, i, 0, M, b, act, residual, use_bias, use_residual, keep_pre, src)
+        for i in prange(R):
+            _epilogue_row(out, pre, dst, i, i, 0, C, b, act, residual, use_bias, use_residual, keep_pre, src)
 
 
 if gemm_amx.HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
     _U16_3, _U8_1 = array(numba.types.uint16, 3), array(numba.types.uint8, 1)
-    _linear_fwd_amx = kernel((F2, F2, R2, R2, _U16_3, R1, I64, R2, BOOL, BOOL, BOOL, BOOL, I64, _U16_3, F2, I64, I64,
-                              _U8_1), cost=5.0)(
-        njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)(_linear_fwd_amx))
+    _linear_amx = kernel((F2, F2, R2, R2, _U16_3, R1, I64, R2, BOOL, BOOL, BOOL, I64, BOOL, I64, _U16_3, F2, I64, I64,
+                          _U8_1), cost=5.0)(
+        njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)(_linear_amx))
 else:
-    _linear_fwd_amx = None
+    _linear_amx = None
 
 
 def _on_amx(R, C, K):
@@ -293,8 +299,20 @@ def _amx_forward(out2, pre2, x2, w, b, code, res2, use_bias, use_res, keep_pre):
     kind = (DST_PRE if keep_pre else (DST_OUT if plain else DST_TMP)) if aligned else DST_TMP
     pa, pb, tc = gemm_amx.panels(N, M, K, kind == DST_TMP)
     kept = gemm_amx.packed_weight(w)
-    _linear_fwd_amx(out2, pre2, x2, w, pb if kept is None else kept, b, code, res2, use_bias, use_res, keep_pre,
-                    kept is None, kind, pa, tc, gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config())
+    _linear_amx(out2, pre2, x2, w, pb if kept is None else kept, b, code, res2, use_bias, use_res, keep_pre,
+                B_FROM_WT if kept is None else B_PACKED, False, kind, pa, tc, gemm_amx.K_BLOCK,
+                numba.get_num_threads(), gemm_amx.config())
+
+
+def _amx_product(out, a, b, a_trans):
+    """out (R, C) = a (R, K) @ b (K, C), or a.T @ b (a (K, R)) where a_trans, on AMX (the backward's
+    dX = G @ W and dW = G.T @ X): _linear_amx without an epilogue; the caller checked _on_amx."""
+    R, C = out.shape
+    K = b.shape[0]
+    kind = DST_OUT if R % 32 == 0 and C % 32 == 0 else DST_TMP
+    pa, pb, tc = gemm_amx.panels(R, C, K, kind == DST_TMP)
+    _linear_amx(out, out, a, b, pb, b[0], ACT_NONE, out, False, False, False, B_FROM_ROWS, a_trans, kind, pa, tc,
+                gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config())
 
 
 def resolve_blocks(N, M, rows, cols):
@@ -563,11 +581,11 @@ def linear_backward(dx, dw, db, dout, x, w, pre=None, act="none", scratch=None):
     pin_blas_to_one_thread()
     if use_dx:
         if _on_amx(N, K, M):
-            gemm_amx.gemm(dx.reshape(N, K), g2, w)  # (N, M) @ (M, K)
+            _amx_product(dx.reshape(N, K), g2, w, False)  # (N, M) @ (M, K)
         else:  # blocks by shape, as the forward's (gemm.auto_blocks)
             matmul_nn(dx.reshape(N, K), g2, w, *auto_blocks(N, K))
     if use_dw:
         if _on_amx(M, K, N):
-            gemm_amx.gemm(dw, g2, x2, a_trans=True)  # (N, M).T @ (N, K)
+            _amx_product(dw, g2, x2, True)  # (N, M).T @ (N, K)
         else:
             matmul_tn(dw, g2, x2, tn_rows(M))

@@ -4,7 +4,8 @@ Per row i with target t (eps = label_smoothing, V classes, lse = logsumexp(logit
     loss_i = (1 - eps) * (lse - logits[i, t]) + eps * (lse - mean_j logits[i, j]),  0 if t == ignore_index
     dlogits[i] = dloss_i * (softmax(logits[i]) - (1 - eps) * onehot(t) - eps / V), 0 if ignored
 torch's reduction='mean' is sum(loss_i) / n_valid: cross_entropy_mean.
-Row sums are float64; rows are independent, so every result is bit-identical for any thread count.
+Row sums are float64 (the exp sum: of float32 partial sums over 256 classes); rows are independent,
+so every result is bit-identical for any thread count.
 """
 import math
 
@@ -20,6 +21,8 @@ from .precompile import BOOL, F1, F2, F64, I64, R1, R2, RI1, kernel
 
 _FM = {"contract", "afn", "reassoc", "nsz", "arcp"}  # no nnan/ninf: -inf logits stay meaningful
 _LOG2E = np.float32(1.4426950408889634)
+_SPAN = 256  # terms of the exp sum added in float32 (16-wide vectors) before the float64 sum: a float64
+# accumulator halved the vector width and made the forward 1.6x slower (2.9 vs 1.8 ms, 1024 x 8192)
 
 
 @njit(inline="always", fastmath=_FM)
@@ -50,8 +53,17 @@ def _cross_entropy_forward(losses, lse, logits, targets, eps, ignore_index):
         row = logits[i]
         m = _row_max(row)
         s = 0.0
-        for j in range(V):
-            s += _exp2((row[j] - m) * _LOG2E)
+        j = 0
+        while j < V:  # float32 sums of 256 terms (<= 1 each: relative error < 2^-16), added in float64
+            p = np.float32(0.0)
+            if j + _SPAN <= V:  # (a constant trip count: the loop vectorises)
+                for jj in range(j, j + _SPAN):
+                    p += _exp2((row[jj] - m) * _LOG2E)
+            else:
+                for jj in range(j, V):
+                    p += _exp2((row[jj] - m) * _LOG2E)
+            s += p
+            j += _SPAN
         sx = 0.0
         if eps != 0.0:
             for j in range(V):

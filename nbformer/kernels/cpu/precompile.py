@@ -409,7 +409,7 @@ def _linear_kernels(graph, node, frozen_weights) -> list:
     N, M, K = dims if dims is not None else (None, None, None)
     if node.direction == "forward":
         amx = on_amx(N, M, K)
-        keys = (["linear._linear_fwd_amx"] + (["gemm_amx._pack_weight"] if frozen_weights else [])
+        keys = (["linear._linear_amx"] + (["gemm_amx._pack_weight"] if frozen_weights else [])
                 if amx is not False else [])
         return keys + (["linear._linear_fwd"] if amx is not True else [])
     keys = ["linear._linear_backward_elementwise", "linear._backward_rows"]
@@ -418,7 +418,7 @@ def _linear_kernels(graph, node, frozen_weights) -> list:
         products.insert(0, ((N, K, M), "gemm.matmul_nn"))
     for shape, blas in products:
         amx = on_amx(*shape)
-        keys += (["gemm_amx._gemm"] if amx is not False else []) + ([blas] if amx is not True else [])
+        keys += (["linear._linear_amx"] if amx is not False else []) + ([blas] if amx is not True else [])
     return keys
 
 
