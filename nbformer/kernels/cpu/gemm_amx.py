@@ -157,19 +157,19 @@ def _pack_a_rows(dst, base, a, p, K, R, kc0, kc1):
 
 
 @njit
-def _pack_b_rows(pb, b, p, K, C):
-    # panel p of B = b (K, C), VNNI: tile row kp of chunk kc holds the pairs b[32kc + 2kp + e, 32p + c]
-    nk = pb.shape[1]
-    for kc in range(nk):
+def _pack_b_rows(dst, base, b, p, K, C, kc0, kc1):
+    # chunks kc0 <= kc < kc1 of panel p of B = b (K, C), chunk kc at dst[base + (kc - kc0) CHUNK:]
+    # (dst flat uint16), VNNI: tile row kp of a chunk holds the pairs b[32kc + 2kp + e, 32p + c]
+    for kc in range(kc0, kc1):
+        o = base + (kc - kc0) * CHUNK
         for kp in range(16):
             k = kc * 32 + 2 * kp
             for half in range(2):
                 c0 = p * 32 + half * 16
-                off = half * 512 + kp * 32
+                off = o + half * 512 + kp * 32
                 if k + 1 < K and c0 + 16 <= C:
-                    split_pairs16(b, k * C + c0, (k + 1) * C + c0, pb, (p * nk + kc) * CHUNK + off)
+                    split_pairs16(b, k * C + c0, (k + 1) * C + c0, dst, off)
                 else:
-                    dst = pb[p, kc]
                     for j in range(32):
                         kk, c = k + (j % 2), c0 + j // 2
                         _put(dst, off + j, b[kk, c] if kk < K and c < C else np.float32(0.0))
@@ -202,28 +202,40 @@ def _pack_at_rows(dst, base, a, p, K, R, kc0, kc1):
 
 
 @njit
-def _pack_bt_rows(pb, w, p, K, C):
-    # panel p of B = w.T (w (C, K), nn.Linear's weight), VNNI as _pack_b_rows': tile row kp of chunk
-    # kc holds the pairs w[32p + c, 32kc + 2kp + e]; whole 32 x 16 blocks through two register
-    # transposes into t (t[16k + c] = w[c0 + c, k0 + k]), ragged edges element by element
-    nk = pb.shape[1]
+def _pack_bt_rows(dst, base, w, p, K, C, kc0, kc1):
+    # chunks kc0 <= kc < kc1 of panel p of B = w.T (w (C, K), nn.Linear's weight), placed and laid
+    # out as _pack_b_rows': tile row kp of chunk kc holds the pairs w[32p + c, 32kc + 2kp + e];
+    # whole 32 x 16 blocks through two register transposes into t (t[16k + c] = w[c0 + c, k0 + k]),
+    # ragged edges element by element
     t = np.empty(512, np.float32)
-    for kc in range(nk):
+    for kc in range(kc0, kc1):
         k0 = kc * 32
         for half in range(2):
             c0 = p * 32 + half * 16
-            o = (p * nk + kc) * CHUNK + half * 512
+            o = base + (kc - kc0) * CHUNK + half * 512
             if c0 + 16 <= C and k0 + 32 <= K:
                 transpose16(w, c0 * K + k0, K, t, 0, 16)
                 transpose16(w, c0 * K + k0 + 16, K, t, 256, 16)
                 for kp in range(16):
-                    split_pairs16(t, 32 * kp, 32 * kp + 16, pb, o + 32 * kp)
+                    split_pairs16(t, 32 * kp, 32 * kp + 16, dst, o + 32 * kp)
             else:
-                dst = pb[p, kc]
                 for kp in range(16):
                     for j in range(32):
                         k, c = k0 + 2 * kp + (j % 2), c0 + j // 2
-                        _put(dst, half * 512 + 32 * kp + j, w[c, k] if c < C and k < K else np.float32(0.0))
+                        _put(dst, o + 32 * kp + j, w[c, k] if c < C and k < K else np.float32(0.0))
+
+
+B_PACKED, B_FROM_WT, B_FROM_ROWS = 0, 1, 2  # B's panels: packed already; from w.T (w (C, K)); from b (K, C)
+
+
+@njit
+def pack_b(dst, base, b, p, b_mode, kc0, kc1):
+    """Chunks kc0 <= kc < kc1 of B panel p, B = b.T (b (C, K), B_FROM_WT) or b (K, C) (B_FROM_ROWS),
+    chunk kc at dst[base + (kc - kc0) CHUNK:] (dst flat uint16)."""
+    if b_mode == B_FROM_WT:
+        _pack_bt_rows(dst, base, b, p, b.shape[1], b.shape[0], kc0, kc1)
+    else:
+        _pack_b_rows(dst, base, b, p, b.shape[0], b.shape[1], kc0, kc1)
 
 
 @njit
@@ -246,42 +258,56 @@ def thread_panels(t, T, npa, npb, by_rows):
 
 
 @njit(inline="always")
-def product_blocks(dst, a, pa, pb, pack_rows, a_trans, kb, T, cfg):
-    """dst (32 npa, 32 npb) = the product of A's panels pa and B's panels pb (npa, npb: their
-    counts), in 32 x 32 blocks over T threads, K in steps of kb chunks: every block of a step
-    accumulates onto dst's partial sums (exact, so the bits do not depend on kb or T).
+def product_blocks(dst, a, pa, b, pb, a_trans, b_mode, kb, T, cfg):
+    """dst (32 npa, 32 npb) = A @ B in 32 x 32 blocks over T threads, A = a (R, K) or a.T (a (K, R))
+    where a_trans, B = b.T or b (b_mode, pack_b; B_PACKED: pb holds B's panels already); pa, pb
+    room for the panels (npa, nk, CHUNK), (npb, nk, CHUNK); K in steps of kb chunks: every block of
+    a step accumulates onto dst's partial sums (exact, so the bits do not depend on kb or T).
 
-    pack_rows: pa is still to be packed from a (pack_a: a (R, K), or (K, R) where a_trans); each
-    thread then packs the A panels it multiplies, by every B panel (split by rows: the packed rows
-    never cross to another core's cache; splitting the B panels instead, each thread read A panels
-    another core had just written, 5-13 % slower at MiniLM's 1344 x 1536 x 384 and 1344 x 384 x
-    1536), one group's step of K at a time into a buffer of the thread's, just before its products:
-    the packed chunks never leave L2 (packing a thread's whole share into pa first sent an LM head's
-    backward, 24 MB of panels a thread, through memory and back). Otherwise (pa packed already) the B
-    panels are split when there are at least as many of them as A panels, or 2 per thread: few rows
-    and a wide weight (an LM head) then stream each weight panel through one core only."""
+    With at least as many A panels as B panels the A panels are split between the threads (the rows:
+    the packed rows never cross to another core's cache; splitting the B panels instead, each thread
+    read A panels another core had just written, 5-13 % slower at MiniLM's 1344 x 1536 x 384 and
+    1344 x 384 x 1536); each thread packs its own, one group's step of K at a time into a buffer of
+    its own just before their products, so the packed chunks never leave L2 (packing a thread's
+    whole share first sent an LM head's backward, 24 MB of panels a thread, through memory and
+    back); B's panels are packed first, by all threads, into pb. With fewer (few rows, a wide weight:
+    an LM head) the B panels are split: A's are packed first into pa, and each thread packs its B
+    panels' steps into its own buffer just before their products (again per group of A panels)."""
     npa, nk, npb = pa.shape[0], pa.shape[1], pb.shape[0]
     ld = dst.shape[1]
-    group = max(1, GROUP_BYTES // (min(nk, kb) * CHUNK * 2))
-    by_rows = pack_rows or not (npb >= 2 * T or npb >= npa)
+    by_rows = npa >= npb
+    if by_rows and b_mode != B_PACKED:
+        for p in prange(npb):
+            pack_b(pb.reshape(-1), p * nk * CHUNK, b, p, b_mode, 0, nk)
+    if not by_rows:
+        for p in prange(npa):
+            pack_a(pa.reshape(-1), p * nk * CHUNK, a, p, a_trans, 0, nk)
+    own_b = not by_rows and b_mode != B_PACKED
+    step = min(nk, kb)
+    group = max(1, GROUP_BYTES // (step * CHUNK * 2))
     for t in prange(T):
         a0, a1, b0, b1 = thread_panels(t, T, npa, npb, by_rows)
-        # (the buffer: group panels x one step of K chunks, panel-major; pa's own layout otherwise)
-        own = aligned(group * min(nk, kb) * CHUNK if pack_rows else 1, np.uint16)
-        src = own if pack_rows else pa.reshape(-1)
+        # the thread's buffer: group A panels x one step of K chunks, panel-major (by rows), or one
+        # B panel's step (own_b)
+        own = aligned(group * step * CHUNK if by_rows else (step * CHUNK if own_b else 1), np.uint16)
+        asrc = own if by_rows else pa.reshape(-1)
+        bsrc = own if own_b else pb.reshape(-1)
         amx_config(cfg)
         for k0 in range(0, nk, kb):
             kn = min(kb, nk - k0)
             for g0 in range(a0, a1, group):
                 g1 = min(a1, g0 + group)
-                if pack_rows:
+                if by_rows:
                     for p in range(g0, g1):
                         pack_a(own, (p - g0) * kn * CHUNK, a, p, a_trans, k0, k0 + kn)
                 for ib in range(b0, b1):
+                    if own_b:
+                        pack_b(own, 0, b, ib, b_mode, k0, k0 + kn)
+                    bo = 0 if own_b else (ib * nk + k0) * CHUNK
                     for ia in range(g0, g1):
                         o = ia * 32 * ld + ib * 32
-                        ao = (ia - g0) * kn * CHUNK if pack_rows else (ia * nk + k0) * CHUNK
-                        amx_block32(dst, o, ld, dst, o, ld, src, ao, pb, (ib * nk + k0) * CHUNK, kn, k0 > 0)
+                        ao = (ia - g0) * kn * CHUNK if by_rows else (ia * nk + k0) * CHUNK
+                        amx_block32(dst, o, ld, dst, o, ld, asrc, ao, bsrc, bo, kn, k0 > 0)
         amx_release()
 
 
@@ -289,16 +315,9 @@ def _gemm(out, a, b, pa, pb, tc, kb, T, cfg, a_trans):
     # out (R, C) = a (R, K) @ b (K, C), or a.T @ b (a (K, R)) where a_trans, both packed here;
     # through tc when out is not whole blocks
     R, C = out.shape
-    K = b.shape[0]
-    for p in prange(pb.shape[0]):
-        _pack_b_rows(pb, b, p, K, C)
-    pack_rows = pa.shape[0] >= pb.shape[0]
-    if not pack_rows:
-        for p in prange(pa.shape[0]):
-            pack_a(pa.reshape(-1), p * pa.shape[1] * CHUNK, a, p, a_trans, 0, pa.shape[1])
     direct = R % 32 == 0 and C % 32 == 0
     dst = out if direct else tc
-    product_blocks(dst, a, pa, pb, pack_rows, a_trans, kb, T, cfg)
+    product_blocks(dst, a, pa, b, pb, a_trans, B_FROM_ROWS, kb, T, cfg)
     if not direct:
         for r in prange(R):
             out[r, :] = tc[r, :C]
@@ -367,7 +386,7 @@ _packed_lock = threading.Lock()
 def _pack_weight(pb, w):
     # pb: panels of B = w.T, w (C, K) in nn.Linear layout
     for p in prange(pb.shape[0]):
-        _pack_bt_rows(pb, w, p, w.shape[1], w.shape[0])
+        pack_b(pb.reshape(-1), p * pb.shape[1] * CHUNK, w, p, B_FROM_WT, 0, pb.shape[1])
 
 
 _pack_weight = (kernel((_U16_3, R2), cost=1.5)(njit(parallel=True, nogil=True, cache=True)(_pack_weight))

@@ -239,7 +239,7 @@ def _linear_fwd(out, pre, x, w, b, act, residual, use_bias, use_residual, keep_p
 
 
 DST_OUT, DST_TMP, DST_PRE = 0, 1, 2  # where the AMX product goes (see _linear_amx)
-B_PACKED, B_FROM_WT, B_FROM_ROWS = 0, 1, 2  # how _linear_amx gets B's panels
+B_PACKED, B_FROM_WT, B_FROM_ROWS = gemm_amx.B_PACKED, gemm_amx.B_FROM_WT, gemm_amx.B_FROM_ROWS
 
 
 def _linear_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, keep_pre, b_mode, a_trans, dst_kind,
@@ -249,23 +249,13 @@ def _linear_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, ke
     #   B = w.T (w (C, K), nn.Linear's weight) or w itself (w (K, C), b_mode B_FROM_ROWS).
     # The forward: B = w.T, its panels pb kept (B_PACKED) or packed here (B_FROM_WT: a weight updated
     # in place, as training's), keep_pre: pre = A @ B + b. The backward: dX = G @ W and dW = G.T @ X
-    # (a_trans), B_FROM_ROWS, no epilogue. A's panels are packed by the thread that multiplies them
-    # when there are at least as many as B's. The product goes to out (DST_OUT: no epilogue, whole
-    # blocks), to tc (DST_TMP: padded scratch) or to pre (DST_PRE: keep_pre, whole blocks), then the
-    # epilogue over the rows (the same _epilogue_row as the BLAS path; a plain copy from tc).
+    # (a_trans), B_FROM_ROWS, no epilogue. Panels are packed as gemm_amx.product_blocks says. The
+    # product goes to out (DST_OUT: no epilogue, whole blocks), to tc (DST_TMP: padded scratch) or
+    # to pre (DST_PRE: keep_pre, whole blocks), then the epilogue over the rows (the same
+    # _epilogue_row as the BLAS path; a plain copy from tc).
     R, C = out.shape
-    if b_mode == B_FROM_WT:
-        for p in prange(pb.shape[0]):
-            gemm_amx._pack_bt_rows(pb, w, p, w.shape[1], C)
-    elif b_mode == B_FROM_ROWS:
-        for p in prange(pb.shape[0]):
-            gemm_amx._pack_b_rows(pb, w, p, w.shape[0], C)
     dst = out if dst_kind == DST_OUT else (pre if dst_kind == DST_PRE else tc)
-    pack_rows = pa.shape[0] >= pb.shape[0]
-    if not pack_rows:
-        for p in prange(pa.shape[0]):
-            gemm_amx.pack_a(pa.reshape(-1), p * pa.shape[1] * gemm_amx.CHUNK, x, p, a_trans, 0, pa.shape[1])
-    gemm_amx.product_blocks(dst, x, pa, pb, pack_rows, a_trans, kb, T, cfg)
+    gemm_amx.product_blocks(dst, x, pa, w, pb, a_trans, b_mode, kb, T, cfg)
     if dst_kind != DST_OUT:
         src = SRC_PRE if dst_kind == DST_PRE else SRC_TMP
         for i in prange(R):
