@@ -120,10 +120,19 @@ class Device:
 
     # allocation -------------------------------------------------------------
     def empty(self, shape, dtype=np.float32):
-        return np.empty(shape, dtype=dtype)
+        """On a 64-byte boundary (NumPy's large allocations sit 16 bytes past one): the memory
+        planner's buffers then start on cache lines, as its offsets intend, and outputs are
+        eligible for the AMX GEMM's streaming stores (gemm_amx.streams)."""
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = np.empty(n + 64, np.uint8)
+        off = (-raw.ctypes.data) % 64
+        return raw[off:off + n].view(dtype).reshape(shape)
 
     def zeros(self, shape, dtype=np.float32):
-        return np.zeros(shape, dtype=dtype)
+        a = self.empty(shape, dtype)
+        a.fill(0)
+        return a
 
     def view(self, buf, offset: int, shape):
         """A shaped window of a flat buffer: buf[offset : offset + prod(shape)].reshape(shape)."""

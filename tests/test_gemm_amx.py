@@ -77,10 +77,38 @@ def test_gemm_bits_do_not_depend_on_threads_or_k_blocks(rng):
                     out = np.empty((R, C), np.float32)
                     pa, pb, tc = gemm_amx.panels(R, C, K, True)
                     gemm_amx._gemm(out, f32(a.T) if a_trans else a, b, pa, pb, tc, kb, threads, gemm_amx.config(),
-                                   a_trans)
+                                   a_trans, False)
                     outs.append(out)
         for o in outs[1:]:
             np.testing.assert_array_equal(outs[0], o)
+
+
+def _aligned_empty(shape):
+    raw = np.empty(int(np.prod(shape)) + 16, np.float32)
+    off = (-raw.ctypes.data % 64) // 4
+    return raw[off:off + int(np.prod(shape))].reshape(shape)
+
+
+@pytest.mark.parametrize("R,C,K", [(64, 96, 40), (96, 64, 1100)])
+def test_streamed_output_has_the_bits_of_the_cached_one(rng, monkeypatch, R, C, K):
+    """Outputs from STREAM_BYTES on (lowered here) leave through non-temporal stores: the same bits,
+    with one K step or several (the last step only is streamed), B panels split or rows split; an
+    output whose rows are not 64-byte aligned is never streamed."""
+    monkeypatch.setattr(gemm_amx, "STREAM_BYTES", 0)
+    a, b = f32(rng.normal(size=(R, K))), f32(rng.normal(size=(K, C)))
+    want = np.empty((R, C), np.float32)
+    pa, pb, tc = gemm_amx.panels(R, C, K, True)
+    gemm_amx._gemm(want, a, b, pa, pb, tc, 16, 2, gemm_amx.config(), False, False)
+    got = _aligned_empty((R, C))
+    got.fill(np.nan)
+    assert gemm_amx.streams(got)
+    gemm_amx.gemm(got, a, b)
+    np.testing.assert_array_equal(got, want)
+    skewed = np.empty(R * C + 1, np.float32)
+    view = skewed[1:].reshape(R, C) if skewed.ctypes.data % 64 == 0 else skewed[:R * C].reshape(R, C)
+    if view.ctypes.data % 64:
+        assert not gemm_amx.streams(view)
+    assert not gemm_amx.streams(np.empty((R, C + 1), np.float32)[:, :C])
 
 
 def test_gemm_exact_on_bfloat16_representable_inputs():

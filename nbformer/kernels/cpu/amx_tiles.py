@@ -193,6 +193,53 @@ def amx_block32(typingctx, C, c_off, ldc, C_in, ci_off, ldc_in, PA, pa_off, PB, 
 
 
 @intrinsic
+def stream_block32(typingctx, dst, d_off, ld, src, s_off):
+    """dst[d_off + r*ld + c] = src[s_off + 32 r + c] for r, c < 32 (float32 arrays, offsets and ld
+    in elements) with non-temporal stores: a product's block goes to memory without first reading
+    the line it overwrites (for outputs far bigger than the caches: an LM head's logits). The caller
+    keeps both in bounds, dst[d_off] and every row 64-byte aligned, and runs store_fence before
+    another thread reads dst."""
+    for a in (dst, src):
+        if not (isinstance(a, types.Array) and a.dtype == types.float32):
+            return None
+    sig = types.void(dst, d_off, ld, src, s_off)
+
+    def codegen(context, builder, signature, args):
+        sty = signature.args
+        f32 = ir.FloatType()
+        vp = ir.VectorType(f32, 16).as_pointer()
+
+        def base(i, i_off):
+            data = context.make_array(sty[i])(context, builder, args[i]).data
+            return builder.gep(data, [context.cast(builder, args[i_off], sty[i_off], types.int64)])
+
+        d, s_ = base(0, 1), base(3, 4)
+        ld64 = context.cast(builder, args[2], sty[2], types.int64)
+        nt = builder.module.add_metadata([ir.Constant(_I32, 1)])
+        for r in range(32):
+            row = builder.gep(d, [builder.mul(ld64, ir.Constant(_I64, r))])
+            for h in range(2):
+                v = builder.load(builder.bitcast(builder.gep(s_, [ir.Constant(_I64, 32 * r + 16 * h)]), vp), align=4)
+                st = builder.store(v, builder.bitcast(builder.gep(row, [ir.Constant(_I64, 16 * h)]), vp), align=64)
+                st.set_metadata("nontemporal", nt)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """sfence: this thread's non-temporal stores are visible before any later store (the parallel
+    region's end then publishes them)."""
+
+    def codegen(context, builder, signature, args):
+        builder.call(_declare(builder.module, "llvm.x86.sse.sfence", []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
 def f32_bits(typingctx, x):
     """The IEEE bits of a float32 as a uint32."""
     if x != types.float32:

@@ -36,7 +36,8 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit, prange, types
 
-from .amx_tiles import CHUNK, aligned, amx_block32, amx_config, amx_release, bits_f32, config_bytes, f32_bits
+from .amx_tiles import (CHUNK, aligned, amx_block32, amx_config, amx_release, bits_f32, config_bytes, f32_bits,
+                        store_fence, stream_block32)
 from .bf16_split import split16, split_pairs16
 from .precompile import BOOL, F2, I64, R2, array, kernel
 from .transpose16 import transpose16
@@ -258,7 +259,7 @@ def thread_panels(t, T, npa, npb, by_rows):
 
 
 @njit(inline="always")
-def product_blocks(dst, a, pa, b, pb, a_trans, b_mode, kb, T, cfg):
+def product_blocks(dst, a, pa, b, pb, a_trans, b_mode, kb, T, cfg, stream):
     """dst (32 npa, 32 npb) = A @ B in 32 x 32 blocks over T threads, A = a (R, K) or a.T (a (K, R))
     where a_trans, B = b.T or b (b_mode, pack_b; B_PACKED: pb holds B's panels already); pa, pb
     room for the panels (npa, nk, CHUNK), (npb, nk, CHUNK); K in steps of kb chunks: every block of
@@ -272,7 +273,11 @@ def product_blocks(dst, a, pa, b, pb, a_trans, b_mode, kb, T, cfg):
     whole share first sent an LM head's backward, 24 MB of panels a thread, through memory and
     back); B's panels are packed first, by all threads, into pb. With fewer (few rows, a wide weight:
     an LM head) the B panels are split: A's are packed first into pa, and each thread packs its B
-    panels' steps into its own buffer just before their products (again per group of A panels)."""
+    panels' steps into its own buffer just before their products (again per group of A panels).
+
+    stream (streams(dst)): the blocks' last K step goes through an L1 block of the thread's to dst
+    with non-temporal stores (an output far bigger than the caches, which a plain store first reads
+    from memory: an LM head's 32 MB of logits took 3.6 ms more written than kept in cache)."""
     npa, nk, npb = pa.shape[0], pa.shape[1], pb.shape[0]
     ld = dst.shape[1]
     by_rows = npa >= npb
@@ -292,6 +297,7 @@ def product_blocks(dst, a, pa, b, pb, a_trans, b_mode, kb, T, cfg):
         own = aligned(group * step * CHUNK if by_rows else (step * CHUNK if own_b else 1), np.uint16)
         asrc = own if by_rows else pa.reshape(-1)
         bsrc = own if own_b else pb.reshape(-1)
+        cblk = aligned(1024 if stream else 1, np.float32)
         amx_config(cfg)
         for k0 in range(0, nk, kb):
             kn = min(kb, nk - k0)
@@ -307,17 +313,33 @@ def product_blocks(dst, a, pa, b, pb, a_trans, b_mode, kb, T, cfg):
                     for ia in range(g0, g1):
                         o = ia * 32 * ld + ib * 32
                         ao = (ia - g0) * kn * CHUNK if by_rows else (ia * nk + k0) * CHUNK
-                        amx_block32(dst, o, ld, dst, o, ld, asrc, ao, bsrc, bo, kn, k0 > 0)
+                        if stream and k0 + kn >= nk:
+                            amx_block32(cblk, 0, 32, dst, o, ld, asrc, ao, bsrc, bo, kn, k0 > 0)
+                            stream_block32(dst, o, ld, cblk, 0)
+                        else:
+                            amx_block32(dst, o, ld, dst, o, ld, asrc, ao, bsrc, bo, kn, k0 > 0)
+        if stream:
+            store_fence()
         amx_release()
 
 
-def _gemm(out, a, b, pa, pb, tc, kb, T, cfg, a_trans):
+STREAM_BYTES = 8 << 20  # outputs from this size on are written with non-temporal stores (2x the cores' L2)
+
+
+def streams(dst):
+    """Whether product_blocks writes dst (its whole blocks) with non-temporal stores: big enough,
+    and every row 64-byte aligned (the stores require it)."""
+    return (dst.nbytes >= STREAM_BYTES and dst.ctypes.data % 64 == 0 and dst.strides[0] % 64 == 0
+            and dst.shape[0] % 32 == 0 and dst.shape[1] % 32 == 0)
+
+
+def _gemm(out, a, b, pa, pb, tc, kb, T, cfg, a_trans, stream):
     # out (R, C) = a (R, K) @ b (K, C), or a.T @ b (a (K, R)) where a_trans, both packed here;
-    # through tc when out is not whole blocks
+    # through tc when out is not whole blocks; stream: streams(out)
     R, C = out.shape
     direct = R % 32 == 0 and C % 32 == 0
     dst = out if direct else tc
-    product_blocks(dst, a, pa, b, pb, a_trans, B_FROM_ROWS, kb, T, cfg)
+    product_blocks(dst, a, pa, b, pb, a_trans, B_FROM_ROWS, kb, T, cfg, stream and direct)
     if not direct:
         for r in prange(R):
             out[r, :] = tc[r, :C]
@@ -325,7 +347,7 @@ def _gemm(out, a, b, pa, pb, tc, kb, T, cfg, a_trans):
 
 if HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
     _U16_3, _U8_1 = array(types.uint16, 3), array(types.uint8, 1)
-    _gemm = kernel((F2, R2, R2, _U16_3, _U16_3, F2, I64, I64, _U8_1, BOOL), cost=3.0)(
+    _gemm = kernel((F2, R2, R2, _U16_3, _U16_3, F2, I64, I64, _U8_1, BOOL, BOOL), cost=3.0)(
         njit(parallel=True, cache=True, nogil=True)(_gemm))
 else:
     _gemm = None
@@ -372,7 +394,7 @@ def gemm(out, a, b, a_trans=False):
     R, C = out.shape
     K = b.shape[0]
     pa, pb, tc = panels(R, C, K, R % 32 != 0 or C % 32 != 0)
-    _gemm(out, a, b, pa, pb, tc, K_BLOCK, get_num_threads(), _CFG, bool(a_trans))
+    _gemm(out, a, b, pa, pb, tc, K_BLOCK, get_num_threads(), _CFG, bool(a_trans), streams(out))
 
 
 # ---------------------------------------------------------------- packed weights of inference

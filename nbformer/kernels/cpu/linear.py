@@ -243,7 +243,7 @@ B_PACKED, B_FROM_WT, B_FROM_ROWS = gemm_amx.B_PACKED, gemm_amx.B_FROM_WT, gemm_a
 
 
 def _linear_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, keep_pre, b_mode, a_trans, dst_kind,
-                pa, tc, kb, T, cfg):
+                pa, tc, kb, T, cfg, stream):
     # Every product of a linear layer on AMX (gemm_amx), in one kernel (training compiles one):
     #   out (R, C) = act(A @ B + b) [+ residual], A = x (R, K), or x.T (x (K, R)) where a_trans;
     #   B = w.T (w (C, K), nn.Linear's weight) or w itself (w (K, C), b_mode B_FROM_ROWS).
@@ -252,10 +252,10 @@ def _linear_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, ke
     # (a_trans), B_FROM_ROWS, no epilogue. Panels are packed as gemm_amx.product_blocks says. The
     # product goes to out (DST_OUT: no epilogue, whole blocks), to tc (DST_TMP: padded scratch) or
     # to pre (DST_PRE: keep_pre, whole blocks), then the epilogue over the rows (the same
-    # _epilogue_row as the BLAS path; a plain copy from tc).
+    # _epilogue_row as the BLAS path; a plain copy from tc). stream: gemm_amx.streams(out) (DST_OUT).
     R, C = out.shape
     dst = out if dst_kind == DST_OUT else (pre if dst_kind == DST_PRE else tc)
-    gemm_amx.product_blocks(dst, x, pa, w, pb, a_trans, b_mode, kb, T, cfg)
+    gemm_amx.product_blocks(dst, x, pa, w, pb, a_trans, b_mode, kb, T, cfg, stream and dst_kind == DST_OUT)
     if dst_kind != DST_OUT:
         src = SRC_PRE if dst_kind == DST_PRE else SRC_TMP
         for i in prange(R):
@@ -265,7 +265,7 @@ def _linear_amx(out, pre, x, w, pb, b, act, residual, use_bias, use_residual, ke
 if gemm_amx.HOST_HAS_AMX:  # (tile instructions do not compile for other hosts)
     _U16_3, _U8_1 = array(numba.types.uint16, 3), array(numba.types.uint8, 1)
     _linear_amx = kernel((F2, F2, R2, R2, _U16_3, R1, I64, R2, BOOL, BOOL, BOOL, I64, BOOL, I64, _U16_3, F2, I64, I64,
-                          _U8_1), cost=5.0)(
+                          _U8_1, BOOL), cost=5.0)(
         njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath=_FM)(_linear_amx))
 else:
     _linear_amx = None
@@ -291,7 +291,7 @@ def _amx_forward(out2, pre2, x2, w, b, code, res2, use_bias, use_res, keep_pre):
     kept = gemm_amx.packed_weight(w)
     _linear_amx(out2, pre2, x2, w, pb if kept is None else kept, b, code, res2, use_bias, use_res, keep_pre,
                 B_FROM_WT if kept is None else B_PACKED, False, kind, pa, tc, gemm_amx.K_BLOCK,
-                numba.get_num_threads(), gemm_amx.config())
+                numba.get_num_threads(), gemm_amx.config(), kind == DST_OUT and gemm_amx.streams(out2))
 
 
 def _amx_product(out, a, b, a_trans):
@@ -302,7 +302,7 @@ def _amx_product(out, a, b, a_trans):
     kind = DST_OUT if R % 32 == 0 and C % 32 == 0 else DST_TMP
     pa, pb, tc = gemm_amx.panels(R, C, K, kind == DST_TMP)
     _linear_amx(out, out, a, b, pb, b[0], ACT_NONE, out, False, False, False, B_FROM_ROWS, a_trans, kind, pa, tc,
-                gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config())
+                gemm_amx.K_BLOCK, numba.get_num_threads(), gemm_amx.config(), kind == DST_OUT and gemm_amx.streams(out))
 
 
 def resolve_blocks(N, M, rows, cols):
