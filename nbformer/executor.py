@@ -36,7 +36,7 @@ class Executor:
         arrays (KV caches) are written by the run."""
         self.graph, self.dev = graph, get_device(device)
         from .kernels.cpu import precompile  # first run: the graph's missing kernels compile in parallel, with progress
-        # read-only parameters (an inference model's): its linear layers may run on AMX (linear_forward)
+        # read-only parameters (an inference model's): the AMX linear layers keep their packed weights
         frozen = all(not bound[n].flags.writeable for n, t in graph.tensors.items()
                      if t.kind == "param" and isinstance(bound.get(n), np.ndarray))
         precompile.ensure_compiled(graph, self.dev.kind, frozen_weights=frozen)

@@ -15,7 +15,8 @@ from nbformer.kernels.cpu.dropout import dropout_backward, dropout_forward
 from nbformer.kernels.cpu.embedding import embedding_backward, embedding_forward
 from nbformer.kernels.cpu.layernorm import layernorm_backward, layernorm_forward
 from nbformer.kernels.cpu.linear import linear_backward, linear_forward, linear_forward_train
-from nbformer.kernels.cpu.loss import cross_entropy_backward, cross_entropy_forward, cross_entropy_mean
+from nbformer.kernels.cpu.loss import (cross_entropy_backward, cross_entropy_forward, cross_entropy_fused,
+                                      cross_entropy_mean)
 from nbformer.kernels.cpu.optim import (adam_step, clip_grad_norm_, cosine_lr, global_grad_norm, noam_lr,
                                         scale_)
 
@@ -399,6 +400,37 @@ def test_cross_entropy_in_place_gives_the_same_bits_with_ignored_rows_and_ragged
     cross_entropy_backward(logits, logits, lse, t, 0.1, -100, 1.0 / 41)
     np.testing.assert_array_equal(logits, apart)
     assert not logits[::5].any()
+
+
+@pytest.mark.parametrize("V,eps", [(1, 0.0), (67, 0.1), (1000, 0.0), (8192, 0.2)])
+def test_cross_entropy_fused_gives_the_forward_and_backward_bits(rng, V, eps):
+    """The training graph's fused loss node: losses, lse and dlogits bit for bit those of
+    cross_entropy_forward then cross_entropy_backward, in place and into a separate buffer (logits
+    then intact), ignored rows zeroed."""
+    N = 37
+    logits, t = _ce_case(rng, N, V, 0.0)
+    t[::4] = -100
+    want_l, want_lse = np.empty(N, np.float32), np.empty(N, np.float32)
+    cross_entropy_forward(want_l, want_lse, logits, t, eps, -100)
+    want_d = np.empty_like(logits)
+    cross_entropy_backward(want_d, logits, want_lse, t, eps, -100, 1.0 / N)
+    kept = logits.copy()
+    for in_place in (False, True):
+        x = logits.copy()
+        d = x if in_place else np.full_like(x, np.nan)
+        got_l, got_lse = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
+        cross_entropy_fused(got_l, got_lse, d, x, t, eps, -100, 1.0 / N)
+        np.testing.assert_array_equal(got_l, want_l)
+        np.testing.assert_array_equal(got_lse, want_lse)
+        np.testing.assert_array_equal(d, want_d)
+        if not in_place:
+            np.testing.assert_array_equal(x, kept)
+    with pytest.raises(GraphError, match="dloss.*scalar"):
+        cross_entropy_fused(got_l, got_lse, d, x, t, eps, -100, np.ones(N, np.float32))
+    with pytest.raises(GraphError, match="targets"):
+        bad = t.copy()
+        bad[0] = V
+        cross_entropy_fused(got_l, got_lse, d, x, bad, eps, -100, 1.0)
 
 
 def test_cross_entropy_backward_rejects_a_partly_overlapping_output(rng):

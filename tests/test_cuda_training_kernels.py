@@ -176,6 +176,18 @@ def test_cross_entropy(rng, N, V, eps):
     assert nv == n and mean == cpu_loss.cross_entropy_mean(losses, t)[0]
 
 
+def test_cross_entropy_fused_is_the_forward_then_the_backward(rng):
+    """The training graph's fused loss node on the device: the two kernels' results, in place."""
+    logits, t = _ce_case(rng, 9, 40, 0.25)
+    want = _ce(logits, t, 0.1, dloss=0.25)
+    N = logits.shape[0]
+    losses, lse = cuda.device_array(N, np.float32), cuda.device_array(N, np.float32)
+    xd = dev(logits)
+    loss.cross_entropy_fused(losses, lse, xd, xd, t, 0.1, -100, 0.25)
+    for got, w, what in zip((host(losses), host(lse), host(xd)), want, ("losses", "lse", "dlogits")):
+        np.testing.assert_array_equal(got, w, err_msg=what)
+
+
 @pytest.mark.parametrize("lanes", [1, 4, 16])
 def test_cross_entropy_lane_layouts_and_determinism(rng, lanes):
     logits, t = _ce_case(rng, 9, 37, 0.2)

@@ -67,14 +67,36 @@ def test_embed_graph_plans_and_aliases_normalize():
 
 def test_training_graph_writes_the_logits_gradient_over_the_logits():
     """The largest activation of a language model's step (B x T x V logits) is not doubled: the
-    cross-entropy backward writes its gradient in place (the planner's alias), and the plan still
-    never overlaps two live tensors."""
+    cross-entropy, forward and backward fused into one node (fuse_cross_entropy), writes its
+    gradient in place (the planner's alias), and the plan still never overlaps two live tensors."""
     from nbformer.graph.build import build_train
 
     g, _ = build_train(GPT, 2, 16)
     plan = check_plan(g)
-    node = next(n for n in g.nodes if n.op == "cross_entropy" and n.direction == "backward")
+    (node,) = [n for n in g.nodes if n.op == "cross_entropy"]  # (no backward node of its own)
+    assert node.direction == "forward" and {"dloss", "logits", "targets"} <= set(node.inputs)
     assert plan.alias[node.outputs["dlogits"]] == plan.alias[node.inputs["logits"]]
+
+
+def test_the_loss_stays_unfused_where_the_logits_have_another_reader(monkeypatch):
+    """fuse_cross_entropy merges the loss's two nodes only where nothing else reads the logits (the
+    fused node overwrites them with their gradient)."""
+    from nbformer.graph import build
+
+    fuse = build.fuse_cross_entropy
+    monkeypatch.setattr(build, "fuse_cross_entropy", lambda g: None)
+    for extra_reader in (False, True):
+        g, _ = build.build_train(GPT, 2, 16)
+        (f,) = [n for n in g.nodes if n.op == "cross_entropy" and n.direction == "forward"]
+        if extra_reader:
+            logits = f.inputs["logits"]
+            g.tensor("logits.twice", g.tensors[logits].shape)
+            g.node("add", {"a": logits, "b": logits}, {"out": "logits.twice"})
+        fuse(g)
+        loss_nodes = [n for n in g.nodes if n.op == "cross_entropy"]
+        assert len(loss_nodes) == (2 if extra_reader else 1)
+        assert ("dlogits" in f.outputs) == (not extra_reader)
+        check_plan(g)
 
 
 def test_schedule_rejects_cycles_and_double_writers():

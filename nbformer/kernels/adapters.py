@@ -161,9 +161,15 @@ def install(kind: str):
         K.get("dropout", "dropout_forward")(out, x, p, node_seed(seed, stream), 0)
 
     @op("cross_entropy", "loss", "cross_entropy_forward")
-    def _cross_entropy(losses, lse, logits, targets, label_smoothing, ignore_index, vocab, **tuned):
-        K.get("loss", "cross_entropy_forward")(losses.reshape(-1), lse.reshape(-1), logits.reshape(-1, vocab),
-                                               targets.reshape(-1), label_smoothing, ignore_index, **tuned)
+    def _cross_entropy(losses, lse, logits, targets, label_smoothing, ignore_index, vocab, dlogits=None, dloss=None,
+                       **tuned):
+        if dlogits is None:
+            K.get("loss", "cross_entropy_forward")(losses.reshape(-1), lse.reshape(-1), logits.reshape(-1, vocab),
+                                                   targets.reshape(-1), label_smoothing, ignore_index, **tuned)
+        else:  # the training graph's loss with its backward (graph.build.fuse_cross_entropy)
+            K.get("loss", "cross_entropy_fused")(losses.reshape(-1), lse.reshape(-1), dlogits.reshape(-1, vocab),
+                                                 logits.reshape(-1, vocab), targets.reshape(-1), label_smoothing,
+                                                 ignore_index, float(dloss[0]), **tuned)
 
     # ------------------------------------------------------------ training: backward
     @op("embedding", "embedding", "embedding_backward", "backward")

@@ -259,7 +259,7 @@ def _linear_workload(case, seed, dev, launcher, kwargs_of):
     # the weight is cycled through copies spanning twice the LLC: each call reads it from memory,
     # as every layer of a model does (a hot weight made decoding GEMVs look 2-3x faster than in a model)
     wds = [dev.upload(w if i == 0 else w.copy()) for i in range(rotating_copies(w.nbytes, dev.kind))]
-    if dev.kind == "cpu":  # read-only, as a model binds them (so the CPU launcher takes the path a model does)
+    if dev.kind == "cpu":  # read-only, as a model binds them (the AMX path keeps their packs, as in a model)
         for wd in wds:
             wd.flags.writeable = False
     bd = None if b is None else dev.upload(b)
@@ -1037,6 +1037,8 @@ def _ce_inputs(case, seed):
 
 
 class CpuCrossEntropy(_CpuThreadsOnly):
+    """The loss's forward; its thread count also reaches a training graph's loss node, where the
+    backward runs fused into it (loss.cross_entropy_fused: the same rows, one more pass over each)."""
     name, device, op = "cross_entropy", "cpu", "cross_entropy"
     sources = ("nbformer.kernels.cpu.loss",)
     dims = ("N", "V")

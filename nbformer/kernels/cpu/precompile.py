@@ -371,6 +371,8 @@ def kernels_for(graph, frozen_weights=True) -> list:
                 keys += OPS[("attention", "forward")]
         elif node.op == "linear":
             keys += _linear_kernels(graph, node, frozen_weights)
+        elif node.op == "cross_entropy" and "dlogits" in node.outputs:  # the loss with its backward
+            keys.append("loss._cross_entropy_fused")
         else:
             keys += OPS.get((node.op, node.direction), [])
         if node.op == "attention" and node.direction == "backward":

@@ -211,6 +211,20 @@ def cross_entropy_backward(dlogits, logits, lse, targets, label_smoothing=0.0, i
         np.float32(eps / V), np.float32(1.0 - eps), ii)
 
 
+def cross_entropy_fused(losses, lse, dlogits, logits, targets, label_smoothing=0.0, ignore_index=-100, dloss=1.0,
+                        **tuned):
+    """cross_entropy_forward and then cross_entropy_backward with a scalar dloss (the training graph's
+    fused loss node; on the CPU one pass over the rows): here the two kernels, the targets checked
+    and uploaded once; tuned: the forward's tunables."""
+    op = "cross_entropy_fused"
+    V, lead = _logits(op, logits)
+    if np.ndim(dloss) != 0:
+        raise GraphError(f"{op}: 'dloss' must be a scalar (one scale for every row), got shape {np.shape(dloss)}")
+    tg = _targets(op, targets, lead, V, int(ignore_index))
+    cross_entropy_forward(losses, lse, logits, tg, label_smoothing, ignore_index, **tuned)
+    cross_entropy_backward(dlogits, logits, lse, tg, label_smoothing, ignore_index, float(dloss))
+
+
 def cross_entropy_mean(losses, targets, ignore_index=-100):
     """(mean over non-ignored rows as a Python float, n_valid); all rows ignored -> (0.0, 0).
 
