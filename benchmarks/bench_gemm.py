@@ -8,8 +8,12 @@ both models use:
   linear   nbformer linear_forward(out, x, w) with w (N, K) (nn.Linear layout, how nbformer keeps
            every weight); torch as its model computes it: F.linear(x, w) for nn.Linear layers (LM
            heads, BERT), torch.mm(x, w_kn) with w_kn (K, N) for GPT-2's Conv1D layers (addmm there);
-  dx       dx = g @ w (both: w (N_out, K) as stored): nbformer gemm.matmul_nn, torch.mm;
-  dW       dW = g.T @ x: nbformer gemm.matmul_tn, torch.mm(g.t(), x).
+  dx       dx = g @ w (both: w (N_out, K) as stored): nbformer linear_backward(dx, None, None, g, x, w)
+           (its dX product alone: AMX where linear._on_amx takes it, gemm.matmul_nn otherwise), torch.mm;
+  dW       dW = g.T @ x: nbformer linear_backward(None, dw, None, g, x, w) (AMX, or gemm.matmul_tn),
+           torch.mm(g.t(), x).
+On a host with AMX (gemm_amx.available()) the layers' products big enough run there (linear.py);
+the "calls" column names the path each row took.
 Shapes: the training benchmark's (B8 T128, d256, vocab 8192), GPT-2 124M prefill at T=256 and
 all-MiniLM-L6-v2 on a 64 x 21-token batch. ratio = torch time / nbformer time per interleaved round
 (> 1: nbformer faster).
@@ -85,8 +89,8 @@ def main(argv=None):
 
     import torch.nn.functional as F
 
-    from nbformer.kernels.cpu.gemm import auto_blocks, matmul_nn, matmul_tn, tn_rows
-    from nbformer.kernels.cpu.linear import linear_forward
+    from nbformer.kernels.cpu.gemm import auto_blocks
+    from nbformer.kernels.cpu.linear import _on_amx, linear_backward, linear_forward
 
     rng = np.random.default_rng(0)
     rows, raw, headline = [], {}, []
@@ -98,22 +102,24 @@ def main(argv=None):
             tw_kn = tw.t().contiguous()
             nb = lambda: linear_forward(out, x, w)  # noqa: E731
             tc = (lambda: F.linear(tx, tw)) if torch_call == "linear" else (lambda: torch.mm(tx, tw_kn))
-            blocks = f"{auto_blocks(M, N)}"
+            blocks = "AMX" if _on_amx(M, N, K) else f"{auto_blocks(M, N)}"
             call = f"linear_forward / {'F.linear' if torch_call == 'linear' else 'torch.mm (Conv1D)'}"
         elif kind == "dx":  # out (M, N) = g (M, K) @ w (K, N)
             g, w = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
             tg, tw = torch.from_numpy(g), torch.from_numpy(w)
-            blocks = auto_blocks(M, N)
-            nb = lambda: matmul_nn(out, g, w, *blocks)  # noqa: E731
+            x_like = np.empty((M, N), np.float32)  # (x's shape is dx's; its values are not read)
+            nb = lambda: linear_backward(out, None, None, g, x_like, w)  # noqa: E731
             tc = lambda: torch.mm(tg, tw)  # noqa: E731
-            call = "matmul_nn / torch.mm"
+            blocks = "AMX" if _on_amx(M, N, K) else f"{auto_blocks(M, N)}"
+            call = f"linear_backward dX ({'AMX' if _on_amx(M, N, K) else 'matmul_nn'}) / torch.mm"
         else:  # dW: out (M, N) = g (K, M).T @ x (K, N)
             g, x = rng.standard_normal((K, M), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
             tg, tx = torch.from_numpy(g), torch.from_numpy(x)
-            blocks = tn_rows(M)
-            nb = lambda: matmul_tn(out, g, x, blocks)  # noqa: E731
+            w_like = np.empty((M, N), np.float32)  # (w's shape is dW's; its values are not read)
+            nb = lambda: linear_backward(None, out, None, g, x, w_like)  # noqa: E731
             tc = lambda: torch.mm(tg.t(), tx)  # noqa: E731
-            call = "matmul_tn / torch.mm(g.t(), x)"
+            blocks = "AMX" if _on_amx(M, N, K) else "tn_rows"
+            call = f"linear_backward dW ({'AMX' if _on_amx(M, N, K) else 'matmul_tn'}) / torch.mm(g.t(), x)"
         res = _per_call(timeit_pair(_as_blocks({"nbformer": nb, "torch": tc}), warmup=args.warmup,
                                     repeat=args.repeat))
         ref = tc().numpy()
@@ -130,8 +136,10 @@ def main(argv=None):
             print(f"WARNING: {name}: results differ by {err:.1e} (relative to the largest)", file=sys.stderr)
     notes = [f"median of the interleaved rounds, each a block of ~{BLOCK_S:g} s of back-to-back calls per side; "
              "ratio per round: torch time / nbformer time, median [min..max]",
-             "nbformer: one OpenBLAS sgemm call per block (single-threaded), the blocks (gemm.auto_blocks: rows, "
-             "cols; gemm.tn_rows: rows) over the Numba threads; torch: its intra-op pool"]
+             "nbformer: blocks 'AMX': the AMX GEMM (gemm_amx: fp32 from three bfloat16 parts, 32 x 32 blocks over "
+             "the Numba threads, operands packed per thread); otherwise one OpenBLAS sgemm call per block "
+             "(single-threaded), the blocks (gemm.auto_blocks: rows, cols; gemm.tn_rows: rows) over the Numba "
+             "threads; torch: its intra-op pool"]
     md = write_results("gemm", "GEMMs at the models' shapes (nbformer / torch)",
                        ["shape", "calls (nbformer / torch)", "nbformer GFLOP/s", "torch GFLOP/s", "ratio per round",
                         "blocks", "max rel diff"], rows, notes,
