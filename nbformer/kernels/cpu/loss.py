@@ -181,16 +181,20 @@ def _check_gradient(op, dlogits, logits):
     return d2, x2, in_place
 
 
+def _check_forward(op, losses, lse, logits, targets, label_smoothing, ignore_index):
+    """The forward's arguments checked: (V, eps, flat int64 targets)."""
+    V, lead = _check_logits(op, logits)
+    _check(op, "losses", losses, lead)
+    _check(op, "lse", lse, lead)
+    return V, _smoothing(op, label_smoothing), _targets(op, targets, lead, V, int(ignore_index))
+
+
 def cross_entropy_forward(losses, lse, logits, targets, label_smoothing=0.0, ignore_index=-100, *, threads=None):
     """logits (..., V) float32, targets (...) int -> losses (...) per row (0 where ignored) and
     lse (...) = logsumexp of each row (saved for backward). torch reduction='none' semantics.
     threads: Numba threads for this call (None: unchanged); rows are independent, so never a bit."""
     op = "cross_entropy_forward"
-    V, lead = _check_logits(op, logits)
-    _check(op, "losses", losses, lead)
-    _check(op, "lse", lse, lead)
-    eps = _smoothing(op, label_smoothing)
-    t = _targets(op, targets, lead, V, int(ignore_index))
+    V, eps, t = _check_forward(op, losses, lse, logits, targets, label_smoothing, ignore_index)
     threads = check_threads(op, threads)
     with num_threads(threads):
         _cross_entropy_forward(losses.reshape(-1), lse.reshape(-1), logits.reshape(-1, V), t, eps, int(ignore_index))
@@ -225,11 +229,7 @@ def cross_entropy_fused(losses, lse, dlogits, logits, targets, label_smoothing=0
     the rows (a training step's loss, whose gradient is known before the forward: 1 / n_valid):
     the same losses, lse and dlogits, bit for bit. dlogits may be logits itself (in place)."""
     op = "cross_entropy_fused"
-    V, lead = _check_logits(op, logits)
-    _check(op, "losses", losses, lead)
-    _check(op, "lse", lse, lead)
-    eps = _smoothing(op, label_smoothing)
-    t = _targets(op, targets, lead, V, int(ignore_index))
+    V, eps, t = _check_forward(op, losses, lse, logits, targets, label_smoothing, ignore_index)
     if np.ndim(dloss) != 0:
         raise GraphError(f"{op}: 'dloss' must be a scalar (one scale for every row), got shape {np.shape(dloss)}")
     threads = check_threads(op, threads)
