@@ -138,7 +138,7 @@ def _put(dst, off, x):
 
 # The packers are ordinary (not IR-inlined) functions: Numba types and lowers each once per kernel
 # instead of copying it into every parallel loop that packs (the GEMM packs A in two places, in two
-# layouts): 8.9 -> ? s of compile for gemm_amx._gemm; LLVM still sees their bodies.
+# layouts): gemm_amx._gemm compiled in 6.8 CPU s instead of 8.9; LLVM still sees their bodies.
 @njit
 def _pack_a_rows(dst, base, a, p, K, R, kc0, kc1):
     # chunks kc0 <= kc < kc1 of panel p of A = a (R, K), chunk kc at dst[base + (kc - kc0) CHUNK:]
